@@ -1,0 +1,195 @@
+"""HTTP routes. Thin: they check input, call the task manager and the backbone, and shape answers."""
+
+from __future__ import annotations
+
+import secrets
+from dataclasses import dataclass
+from typing import Annotated
+
+import anyio
+import torch
+from fastapi import APIRouter, Depends, Path, Query, Request, Response
+from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
+from pydantic import SecretStr
+from starlette.datastructures import UploadFile
+from starlette.formparsers import MultiPartException
+
+from service.backbone import Backbone
+from service.bundle import BundleError
+from service.config import Settings
+from service.errors import ServiceError
+from service.images import decode_image
+from service.metrics import Metrics
+from service.registry import TASK_NAME_PATTERN
+from service.schemas import (
+    ClassifyResponse,
+    ImageResult,
+    Prediction,
+    Readiness,
+    TaskDetail,
+    TaskList,
+    TaskSummary,
+)
+from service.tasks import TaskManager
+
+
+@dataclass
+class AppState:
+    settings: Settings
+    backbone: Backbone
+    tasks: TaskManager
+    metrics: Metrics
+    # Model work runs in worker threads, one at a time per kind, so the event loop stays free and
+    # activation of a large task never starves classification of both cores' worth of threads.
+    inference_limiter: anyio.CapacityLimiter
+    activation_limiter: anyio.CapacityLimiter
+
+    def refresh_task_gauges(self) -> None:
+        self.metrics.cached_tasks.set(len(self.tasks.all()))
+        self.metrics.active_version.clear()
+        for task in self.tasks.all():
+            self.metrics.active_version.labels(task.name).set(task.version)
+
+
+def get_state(request: Request) -> AppState:
+    return request.app.state.promptserve
+
+
+State = Annotated[AppState, Depends(get_state)]
+TaskName = Annotated[str, Path(pattern=TASK_NAME_PATTERN, description="task name")]
+bearer = HTTPBearer(auto_error=False, description="Bearer token from PROMPTSERVE_ADMIN_TOKEN / _CLASSIFY_TOKEN")
+Credentials = Annotated[HTTPAuthorizationCredentials | None, Depends(bearer)]
+
+
+def _token_matches(credentials: HTTPAuthorizationCredentials | None, *tokens: SecretStr | None) -> bool:
+    given = credentials.credentials.encode() if credentials else b""
+    return any(t is not None and secrets.compare_digest(given, t.get_secret_value().encode()) for t in tokens)
+
+
+def _demand(credentials: HTTPAuthorizationCredentials | None, accepted: tuple[SecretStr | None, ...]) -> None:
+    if credentials is None:
+        raise ServiceError(401, "missing_token", "this endpoint needs 'Authorization: Bearer <token>'",
+                           headers={"WWW-Authenticate": "Bearer"})
+    if not _token_matches(credentials, *accepted):
+        raise ServiceError(403, "bad_token", "the bearer token is not valid for this endpoint")
+
+
+def require_admin(state: State, credentials: Credentials) -> None:
+    if state.settings.admin_token is None:
+        raise ServiceError(403, "admin_disabled",
+                           "uploads and deletes are disabled: start the service with PROMPTSERVE_ADMIN_TOKEN set")
+    _demand(credentials, (state.settings.admin_token,))
+
+
+def require_classify(state: State, credentials: Credentials) -> None:
+    if state.settings.classify_token is not None:
+        _demand(credentials, (state.settings.classify_token, state.settings.admin_token))
+
+
+router = APIRouter()
+AdminOnly = [Depends(require_admin)]
+ClassifyAccess = [Depends(require_classify)]
+
+BUNDLE_BODY = {"requestBody": {"required": True, "content": {"application/octet-stream": {
+    "schema": {"type": "string", "format": "binary"}}}}}
+IMAGES_BODY = {"requestBody": {"required": True, "content": {"multipart/form-data": {"schema": {
+    "type": "object", "required": ["images"],
+    "properties": {"images": {"type": "array", "items": {"type": "string", "format": "binary"}}}}}}}}
+
+
+@router.get("/healthz", tags=["health"], summary="Liveness")
+async def healthz() -> dict[str, str]:
+    return {"status": "ok"}
+
+
+@router.get("/readyz", tags=["health"], summary="Readiness: backbone loaded and tasks restored")
+async def readyz(state: State) -> Readiness:
+    return Readiness(ready=True, tasks=len(state.tasks.all()), failed_tasks=state.tasks.restore_failures,
+                     backbone=state.backbone.describe())
+
+
+@router.get("/v1/tasks", tags=["tasks"], summary="List active tasks")
+async def list_tasks(state: State) -> TaskList:
+    return TaskList(tasks=[TaskSummary(name=t.name, method=t.manifest.method, version=t.version,
+                                       num_classes=len(t.manifest.classnames)) for t in state.tasks.all()])
+
+
+@router.get("/v1/tasks/{task}", tags=["tasks"], summary="Describe a task's active version")
+async def get_task(task: TaskName, state: State) -> TaskDetail:
+    return TaskDetail.of(state.tasks.get(task))
+
+
+@router.post("/v1/tasks/{task}/versions", tags=["tasks"], status_code=201, dependencies=AdminOnly,
+             openapi_extra=BUNDLE_BODY, summary="Upload a bundle as the task's new active version")
+async def upload_bundle(task: TaskName, request: Request, state: State) -> TaskDetail:
+    """The raw bundle file is the body. It becomes active only after its text features are cached; on
+    any error the previous version keeps serving."""
+    content_type = request.headers.get("content-type", "application/octet-stream").split(";")[0].strip()
+    if content_type != "application/octet-stream":
+        raise ServiceError(415, "bad_content_type",
+                           f"send the bundle file as the raw body with Content-Type application/octet-stream, "
+                           f"not {content_type}")
+    data = await request.body()
+    if not data:
+        raise ServiceError(422, "empty_bundle", "the request body is empty: send the bundle file")
+    try:
+        active = await anyio.to_thread.run_sync(state.tasks.publish, task, data,
+                                                limiter=state.activation_limiter)
+    except BundleError as exc:
+        raise ServiceError(422, "invalid_bundle", str(exc)) from exc
+    state.refresh_task_gauges()
+    return TaskDetail.of(active)
+
+
+@router.delete("/v1/tasks/{task}", tags=["tasks"], status_code=204, dependencies=AdminOnly,
+               summary="Delete a task and all its versions")
+async def delete_task(task: TaskName, state: State) -> Response:
+    await anyio.to_thread.run_sync(state.tasks.delete, task)
+    state.refresh_task_gauges()
+    return Response(status_code=204)
+
+
+@router.post("/v1/tasks/{task}/classify", tags=["classify"], dependencies=ClassifyAccess,
+             openapi_extra=IMAGES_BODY, summary="Classify one or more images (multipart field 'images')")
+async def classify(task: TaskName, request: Request, state: State,
+                   top_k: Annotated[int, Query(ge=1, le=1000)] = 5) -> ClassifyResponse:
+    active = state.tasks.get(task)  # this one version answers every image of the request
+    uploads = await _read_image_uploads(request, state.settings)
+    pixels = await anyio.to_thread.run_sync(_decode_and_preprocess, uploads, state)
+    image_features = await anyio.to_thread.run_sync(state.backbone.encode_images, pixels,
+                                                    limiter=state.inference_limiter)
+    probabilities = active.probabilities(image_features, state.backbone.logit_scale)
+    top = probabilities.topk(min(top_k, probabilities.shape[1]), dim=-1)
+    classnames = active.manifest.classnames
+    results = [
+        ImageResult(filename=name, predictions=[Prediction(label=classnames[i], probability=p)
+                                                for p, i in zip(values.tolist(), indices.tolist())])
+        for (name, _), values, indices in zip(uploads, top.values, top.indices)
+    ]
+    state.metrics.images.labels(task).inc(len(results))
+    return ClassifyResponse(task=task, version=active.version, results=results)
+
+
+async def _read_image_uploads(request: Request, settings: Settings) -> list[tuple[str, bytes]]:
+    content_type = request.headers.get("content-type", "")
+    if not content_type.startswith("multipart/form-data"):
+        raise ServiceError(415, "bad_content_type", "send images as multipart/form-data in the field 'images'")
+    try:
+        form = await request.form(max_files=settings.max_images_per_request, max_fields=16,
+                                  max_part_size=settings.max_image_bytes)
+    except MultiPartException as exc:
+        raise ServiceError(413, "too_many_parts", f"{exc} (at most {settings.max_images_per_request} images)") from exc
+    try:
+        files = [v for _, v in form.multi_items() if isinstance(v, UploadFile)]
+        if not files:
+            raise ServiceError(422, "no_images", "no image files in the request: use the multipart field 'images'")
+        return [(f.filename or f"image{i}", await f.read()) for i, f in enumerate(files)]
+    finally:
+        await form.close()
+
+
+def _decode_and_preprocess(uploads: list[tuple[str, bytes]], state: AppState) -> torch.Tensor:
+    limits = state.settings
+    images = [decode_image(data, max_bytes=limits.max_image_bytes, max_pixels=limits.max_image_pixels,
+                           filename=name) for name, data in uploads]
+    return torch.stack([state.backbone.preprocess(image) for image in images])

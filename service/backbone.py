@@ -1,0 +1,112 @@
+"""The frozen open_clip backbone: loading, identity (fingerprint) and image encoding.
+
+The backbone is loaded once per process and shared by every task. Its fingerprint hashes the text
+tower's weights so that a bundle trained against other weights is refused instead of silently
+producing wrong answers.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import open_clip
+import torch
+
+from service.bundle import BackboneRef
+from service.text_encoder import PromptTextEncoder
+
+log = logging.getLogger(__name__)
+
+MODEL_CONFIG_DIR = Path(__file__).parent / "assets" / "model_configs"
+open_clip.add_model_config(MODEL_CONFIG_DIR)
+
+
+@dataclass(frozen=True)
+class BackboneSpec:
+    """Which open_clip model to load.
+
+    `pretrained` is an open_clip tag (e.g. "openai"), a local checkpoint path, or None for random
+    weights drawn from `seed` (deterministic, so restarts keep the same fingerprint).
+    """
+
+    model: str
+    pretrained: str | None = None
+    device: str = "auto"
+    seed: int = 0
+
+
+def resolve_device(device: str) -> torch.device:
+    if device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if device.startswith("cuda") and not torch.cuda.is_available():
+        raise ValueError(f"device {device!r} was requested but CUDA is not available; use 'cpu' or 'auto'")
+    return torch.device(device)
+
+
+def text_tower_fingerprint(model: torch.nn.Module) -> str:
+    """SHA-256 over every non-vision weight (names, shapes and fp32 values), in name order."""
+    digest = hashlib.sha256()
+    for name, tensor in sorted(model.state_dict().items()):
+        if name.startswith("visual."):
+            continue
+        value = tensor.detach().to("cpu", torch.float32).contiguous()
+        digest.update(f"{name}:{tuple(value.shape)};".encode())
+        digest.update(value.numpy().tobytes())
+    return "sha256:" + digest.hexdigest()
+
+
+class Backbone:
+    """A frozen open_clip model with its tokenizer, image transform and prompt-aware text encoder."""
+
+    def __init__(self, spec: BackboneSpec, model: torch.nn.Module, preprocess: Any, tokenizer: Any):
+        self.spec = spec
+        self.fingerprint = text_tower_fingerprint(model)
+        self.device = resolve_device(spec.device)
+        self.model = model.to(self.device).eval().requires_grad_(False)
+        self.preprocess = preprocess
+        self.tokenizer = tokenizer
+        self.text = PromptTextEncoder(self.model, tokenizer)
+
+    @property
+    def logit_scale(self) -> float:
+        return float(self.model.logit_scale.exp().clamp(max=100.0))
+
+    def ref(self) -> BackboneRef:
+        """The identity a bundle trained on this backbone records."""
+        return BackboneRef(self.spec.model, self.spec.pretrained, self.fingerprint)
+
+    def describe(self) -> dict[str, Any]:
+        return {
+            "model": self.spec.model,
+            "pretrained": self.spec.pretrained,
+            "fingerprint": self.fingerprint,
+            "device": str(self.device),
+            "text_width": self.text.width,
+            "context_length": self.text.context_length,
+        }
+
+    @torch.no_grad()
+    def encode_images(self, pixels: torch.Tensor) -> torch.Tensor:
+        """L2-normalized image features for a preprocessed batch [B, 3, H, W], as float32 on CPU."""
+        features = self.model.encode_image(pixels.to(self.device), normalize=True)
+        return features.float().cpu()
+
+
+def load_backbone(spec: BackboneSpec) -> Backbone:
+    """Build the open_clip model named by `spec` (weights by tag, local path, or seeded random)."""
+    if spec.model not in open_clip.list_models() and not spec.model.startswith("local-dir:"):
+        raise ValueError(
+            f"unknown open_clip model {spec.model!r}; known: {', '.join(sorted(open_clip.list_models())[:8])}, ..."
+        )
+    if spec.pretrained is None:
+        torch.manual_seed(spec.seed)
+    log.info("loading backbone %s (pretrained=%s)", spec.model, spec.pretrained)
+    model, _, preprocess = open_clip.create_model_and_transforms(spec.model, pretrained=spec.pretrained)
+    tokenizer = open_clip.get_tokenizer(spec.model)
+    backbone = Backbone(spec, model, preprocess, tokenizer)
+    log.info("backbone ready on %s, fingerprint %s", backbone.device, backbone.fingerprint[:19])
+    return backbone

@@ -1,0 +1,54 @@
+"""Prometheus metrics, one registry per app so several apps (tests) never collide."""
+
+from __future__ import annotations
+
+import time
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
+
+
+class Metrics:
+    def __init__(self) -> None:
+        self.registry = CollectorRegistry()
+        self.requests = Counter(
+            "promptserve_requests", "HTTP requests", ["method", "route", "status"], registry=self.registry
+        )
+        self.errors = Counter("promptserve_errors", "HTTP responses with status >= 400", ["route", "status"],
+                              registry=self.registry)
+        self.latency = Histogram("promptserve_request_seconds", "HTTP request latency", ["route"],
+                                 registry=self.registry)
+        self.images = Counter("promptserve_images_classified", "Images classified", ["task"], registry=self.registry)
+        self.cached_tasks = Gauge("promptserve_cached_tasks", "Tasks with cached text features",
+                                  registry=self.registry)
+        self.active_version = Gauge("promptserve_active_version", "Active bundle version", ["task"],
+                                    registry=self.registry)
+
+
+class MetricsMiddleware:
+    """Counts every response (including ones produced by other middleware) by route template."""
+
+    def __init__(self, app: ASGIApp, metrics: Metrics):
+        self.app, self.metrics = app, metrics
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        status = 500
+        start = time.perf_counter()
+
+        async def send_and_record(message: Message) -> None:
+            nonlocal status
+            if message["type"] == "http.response.start":
+                status = message["status"]
+            await send(message)
+
+        try:
+            await self.app(scope, receive, send_and_record)
+        finally:
+            route = getattr(scope.get("route"), "path", "unmatched")
+            self.metrics.requests.labels(scope["method"], route, str(status)).inc()
+            self.metrics.latency.labels(route).observe(time.perf_counter() - start)
+            if status >= 400:
+                self.metrics.errors.labels(route, str(status)).inc()

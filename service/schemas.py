@@ -1,0 +1,73 @@
+"""Response bodies of the HTTP API."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from pydantic import BaseModel, Field
+
+from service.tasks import ActiveTask
+
+
+class BackboneInfo(BaseModel):
+    model: str
+    pretrained: str | None
+    fingerprint: str
+
+
+class TaskSummary(BaseModel):
+    name: str
+    method: str
+    version: int = Field(description="the active version")
+    num_classes: int
+
+
+class TaskDetail(TaskSummary):
+    classnames: list[str]
+    bundle_bytes: int
+    backbone: BackboneInfo
+    prompt: dict[str, Any]
+    options: dict[str, Any]
+    metrics: dict[str, Any]
+    created: str
+    trainer_version: str | None
+    activated_at: float
+
+    @classmethod
+    def of(cls, task: ActiveTask) -> TaskDetail:
+        m = task.manifest
+        return cls(
+            name=task.name, method=m.method, version=task.version, num_classes=len(m.classnames),
+            classnames=list(m.classnames), bundle_bytes=task.bundle_bytes,
+            backbone=BackboneInfo(model=m.backbone.model, pretrained=m.backbone.pretrained,
+                                  fingerprint=m.backbone.fingerprint),
+            prompt=vars(m.prompt), options=dict(m.options), metrics=dict(m.metrics), created=m.created,
+            trainer_version=m.trainer_version, activated_at=task.activated_at,
+        )
+
+
+class TaskList(BaseModel):
+    tasks: list[TaskSummary]
+
+
+class Prediction(BaseModel):
+    label: str
+    probability: float
+
+
+class ImageResult(BaseModel):
+    filename: str
+    predictions: list[Prediction]
+
+
+class ClassifyResponse(BaseModel):
+    task: str
+    version: int = Field(description="the task version whose text features answered every image")
+    results: list[ImageResult]
+
+
+class Readiness(BaseModel):
+    ready: bool
+    tasks: int
+    failed_tasks: dict[str, str] = Field(description="tasks whose active version could not be restored, and why")
+    backbone: dict[str, Any]

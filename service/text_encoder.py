@@ -1,0 +1,138 @@
+"""Prompt-aware text encoding for open_clip text towers.
+
+open_clip's `encode_text` maps token ids to embeddings itself. Prompt methods instead splice learned
+context vectors into placeholder slots of "X X X X {class}." before the positional embedding; this module
+does that, and then runs the tower exactly as open_clip does (causal transformer, final norm, the row at
+the end-of-text token, projection). Sequences are cut just after the longest end-of-text token: under
+the causal mask nothing after it can change the pooled row.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+
+from service.bundle import PromptLayout
+
+PLACEHOLDER_TEXT = "x"
+
+
+@dataclass(frozen=True)
+class PromptTokens:
+    """Token ids of class prompts; `ctx_mask` marks the slots that learned context fills."""
+
+    ids: torch.Tensor  # [C, L] int64
+    ctx_mask: torch.Tensor  # [C, L] bool
+    eot: torch.Tensor  # [C] position of the end-of-text token
+
+
+class PromptTextEncoder:
+    def __init__(self, model: torch.nn.Module, tokenizer: Any):
+        # CustomTextCLIP keeps its text tower under `.text`; CLIP holds the same parts itself.
+        tower = getattr(model, "text", model)
+        pool_type = getattr(tower, "text_pool_type", getattr(tower, "pool_type", None))
+        if pool_type != "argmax" or getattr(tower, "attn_mask", None) is None or getattr(tower, "cls_emb", None):
+            raise ValueError(
+                "prompt-aware encoding needs a causal text tower pooled at the end-of-text token "
+                f"(text_pool_type 'argmax'); this model uses {pool_type!r}"
+            )
+        self.tower = tower
+        self.tokenizer = tokenizer
+        self.sot, self.eot = tokenizer.sot_token_id, tokenizer.eot_token_id
+        (self.placeholder,) = tokenizer.encode(PLACEHOLDER_TEXT)
+        self.context_length = tower.positional_embedding.shape[0]
+        self.width = tower.token_embedding.weight.shape[1]
+
+    @property
+    def device(self) -> torch.device:
+        return self.tower.positional_embedding.device
+
+    # --- tokens --------------------------------------------------------------------------------------
+
+    def class_prompt_tokens(self, classnames: list[str] | tuple[str, ...], layout: PromptLayout) -> PromptTokens:
+        """Token ids for "<ctx> {class}." (or front/middle), with the context slots marked."""
+        rows = [self._class_prompt_row(name, layout) for name in classnames]
+        return self._pad(rows)
+
+    def template_tokens(self, texts: list[str]) -> PromptTokens:
+        """Token ids for plain texts (no learned context), as open_clip's tokenizer would make them."""
+        rows = []
+        for text in texts:
+            ids = [self.sot, *self.tokenizer.encode(text), self.eot]
+            self._check_length(ids, text)
+            rows.append((ids, [False] * len(ids)))
+        return self._pad(rows)
+
+    def _class_prompt_row(self, classname: str, layout: PromptLayout) -> tuple[list[int], list[bool]]:
+        name_ids = self.tokenizer.encode(classname)
+        period = self.tokenizer.encode(".")
+        n_front = {"end": layout.n_ctx, "middle": layout.n_ctx // 2, "front": 0}[layout.class_token_position]
+        n_back = layout.n_ctx - n_front
+        pieces = [
+            ([self.sot], False),
+            ([self.placeholder] * n_front, True),
+            (name_ids, False),
+            ([self.placeholder] * n_back, True),
+            (period + [self.eot], False),
+        ]
+        ids = [i for part, _ in pieces for i in part]
+        mask = [is_ctx for part, is_ctx in pieces for _ in part]
+        self._check_length(ids, classname)
+        return ids, mask
+
+    def _check_length(self, ids: list[int], text: str) -> None:
+        if len(ids) > self.context_length:
+            raise ValueError(
+                f"prompt for {text!r} needs {len(ids)} tokens but the text tower's context length is "
+                f"{self.context_length}; shorten the class name or use fewer context tokens"
+            )
+
+    def _pad(self, rows: list[tuple[list[int], list[bool]]]) -> PromptTokens:
+        length = max(len(ids) for ids, _ in rows)
+        ids = torch.zeros(len(rows), length, dtype=torch.long)
+        mask = torch.zeros(len(rows), length, dtype=torch.bool)
+        for i, (row_ids, row_mask) in enumerate(rows):
+            ids[i, : len(row_ids)] = torch.tensor(row_ids)
+            mask[i, : len(row_mask)] = torch.tensor(row_mask)
+        return PromptTokens(ids, mask, torch.tensor([len(r) - 1 for r, _ in rows]))
+
+    # --- encoding ------------------------------------------------------------------------------------
+
+    def encode_classes(
+        self, classnames: list[str] | tuple[str, ...], ctx: torch.Tensor, layout: PromptLayout
+    ) -> torch.Tensor:
+        """Unnormalized class features with `ctx` ([n_ctx, d] shared, or [C, n_ctx, d]) spliced in.
+
+        Differentiable in `ctx`, so the trainer learns prompts through this same function.
+        """
+        tokens = self.class_prompt_tokens(classnames, layout)
+        return self.encode_tokens(tokens, ctx)
+
+    def encode_texts(self, texts: list[str]) -> torch.Tensor:
+        """Unnormalized features of plain texts; equals open_clip's `encode_text`."""
+        return self.encode_tokens(self.template_tokens(texts))
+
+    def encode_tokens(self, tokens: PromptTokens, ctx: torch.Tensor | None = None) -> torch.Tensor:
+        ids = tokens.ids.to(self.device)
+        x = self.tower.token_embedding(ids)
+        if ctx is not None:
+            n_classes, n_slots = ids.shape[0], int(tokens.ctx_mask[0].sum())
+            rows = ctx.to(self.device, x.dtype).expand(n_classes, n_slots, self.width)
+            x = x.masked_scatter(tokens.ctx_mask.to(self.device)[..., None], rows)
+        return self.encode_embeddings(x, tokens.eot.to(self.device))
+
+    def encode_embeddings(self, x: torch.Tensor, eot: torch.Tensor) -> torch.Tensor:
+        """Run the tower on token embeddings [C, L, d]; pool the row at each `eot` position."""
+        tower = self.tower
+        length = int(eot.max()) + 1
+        x = x[:, :length].to(tower.transformer.get_cast_dtype())
+        x = x + tower.positional_embedding[:length].to(x.dtype)
+        x = tower.transformer(x, attn_mask=tower.attn_mask[:length, :length])
+        x = tower.ln_final(x)
+        x = x[torch.arange(x.shape[0], device=x.device), eot]
+        projection = tower.text_projection
+        if projection is None:
+            return x
+        return projection(x) if isinstance(projection, torch.nn.Linear) else x @ projection
