@@ -163,8 +163,8 @@ async def classify(task: TaskName, request: Request, state: State,
     classnames = active.manifest.classnames
     results = [
         ImageResult(filename=name, predictions=[Prediction(label=classnames[i], probability=p)
-                                                for p, i in zip(values.tolist(), indices.tolist())])
-        for (name, _), values, indices in zip(uploads, top.values, top.indices)
+                                                for p, i in zip(values.tolist(), indices.tolist(), strict=True)])
+        for (name, _), values, indices in zip(uploads, top.values, top.indices, strict=True)
     ]
     state.metrics.images.labels(task).inc(len(results))
     return ClassifyResponse(task=task, version=active.version, results=results)

@@ -1,0 +1,26 @@
+"""Shared fixtures: tiny open_clip models built from the configs in tests/model_configs (random weights)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import open_clip
+import pytest
+
+from service.backbone import Backbone, BackboneSpec, load_backbone
+
+open_clip.add_model_config(Path(__file__).parent / "model_configs")
+
+MICRO = BackboneSpec("test-micro", device="cpu", seed=0)
+
+
+@pytest.fixture(scope="session")
+def backbone() -> Backbone:
+    """A 77-token-context micro CLIP (random weights, seed 0), shared by every test in the session."""
+    return load_backbone(MICRO)
+
+
+@pytest.fixture(scope="session")
+def other_backbone() -> Backbone:
+    """Same architecture, different weights: bundles made for `backbone` must be refused by it."""
+    return load_backbone(BackboneSpec("test-micro", device="cpu", seed=1))
