@@ -24,3 +24,22 @@ def backbone() -> Backbone:
 def other_backbone() -> Backbone:
     """Same architecture, different weights: bundles made for `backbone` must be refused by it."""
     return load_backbone(BackboneSpec("test-micro", device="cpu", seed=1))
+
+
+def coop_bundle(backbone: Backbone, classnames: list[str], *, n_ctx: int = 4, seed: int = 0, **overrides) -> bytes:
+    """A valid CoOp bundle for `backbone` with random context (tests only need it to be well-formed)."""
+    import torch
+
+    from service.bundle import Manifest, PromptLayout, encode_bundle
+
+    ctx = torch.randn(n_ctx, backbone.text.width, generator=torch.Generator().manual_seed(seed)) * 0.02
+    manifest = Manifest(
+        method="coop", backbone=backbone.ref(), classnames=tuple(classnames),
+        prompt=PromptLayout(n_ctx=n_ctx, ctx_dim=backbone.text.width), **overrides,
+    )
+    return encode_bundle(manifest, {"ctx": ctx})
+
+
+@pytest.fixture
+def make_coop_bundle():
+    return coop_bundle

@@ -1,0 +1,196 @@
+import json
+import math
+import pickle
+import struct
+
+import pytest
+import torch
+
+from service.bitpack import pack_indices, packed_size, unpack_indices
+from service.bundle import (
+    FORMAT_VERSION,
+    MANIFEST_KEY,
+    BackboneRef,
+    BundleError,
+    Manifest,
+    PromptLayout,
+    decode_bundle,
+    encode_bundle,
+    read_bundle,
+    write_bundle,
+)
+
+REF = BackboneRef("ViT-B-16", "openai", "sha256:" + "ab" * 32)
+CLASSES = ("cat", "dog", "golden retriever")
+LAYOUT = PromptLayout(n_ctx=4, ctx_dim=512)
+
+
+def qprompt_tensors(bits: int, count: int = 4 * 512, seed: int = 0) -> dict[str, torch.Tensor]:
+    g = torch.Generator().manual_seed(seed)
+    indices = torch.randint(0, 2**bits, (count,), generator=g)
+    return {
+        "indices": pack_indices(indices, bits),
+        "codebook": torch.linspace(-1.5, 1.5, 2**bits).half(),
+        "mu": torch.tensor([0.01]),
+        "sigma": torch.tensor([0.2]),
+    }
+
+
+def manifest(method: str = "coop", **kw) -> Manifest:
+    kw.setdefault("prompt", LAYOUT)
+    return Manifest(method=method, backbone=REF, classnames=CLASSES, **kw)
+
+
+def test_coop_bundle_round_trips_with_manifest_and_context(tmp_path):
+    ctx = torch.randn(4, 512)
+    path = tmp_path / "coop.bundle"
+    size = write_bundle(path, manifest(metrics={"base_acc": 0.8}), {"ctx": ctx})
+    bundle = read_bundle(path)
+    assert size == path.stat().st_size
+    assert bundle.manifest.classnames == CLASSES
+    assert bundle.manifest.backbone == REF
+    assert bundle.manifest.metrics == {"base_acc": 0.8}
+    assert torch.equal(bundle.context(), ctx)
+    assert not list(tmp_path.glob("*.tmp"))
+
+
+def test_zeroshot_bundle_has_no_tensors_and_keeps_templates():
+    data = encode_bundle(manifest("zeroshot", prompt=PromptLayout(), options={"templates": ["a {}."]}), {})
+    bundle = decode_bundle(data)
+    assert bundle.context() is None and bundle.payload_bytes == 0
+    assert bundle.manifest.options["templates"] == ["a {}."]
+
+
+def test_class_specific_context_round_trips():
+    layout = PromptLayout(n_ctx=2, ctx_dim=8, class_specific=True)
+    ctx = torch.randn(len(CLASSES), 2, 8)
+    assert torch.equal(decode_bundle(encode_bundle(manifest(prompt=layout), {"ctx": ctx})).context(), ctx)
+
+
+@pytest.mark.parametrize("bits", [1, 2, 3, 4, 8])
+def test_qprompt_dequantizes_to_sigma_times_codebook_plus_mu(bits):
+    tensors = qprompt_tensors(bits)
+    bundle = decode_bundle(encode_bundle(manifest("qprompt", options={"bits": bits}), tensors))
+    indices = unpack_indices(tensors["indices"], bits, 4 * 512)
+    expected = (0.2 * tensors["codebook"].float()[indices] + 0.01).reshape(4, 512)
+    assert torch.allclose(bundle.context(), expected)
+    assert bundle.context().unique().numel() <= 2**bits
+
+
+def test_one_bit_4x512_qprompt_payload_is_at_most_300_bytes():
+    bundle = decode_bundle(encode_bundle(manifest("qprompt", options={"bits": 1}), qprompt_tensors(1)))
+    assert bundle.payload_bytes <= 300
+    assert bundle.tensors["indices"].numel() == 256
+
+
+@pytest.mark.parametrize("bits", range(1, 9))
+def test_bitpack_round_trips_and_is_dense(bits):
+    values = torch.randint(0, 2**bits, (1001,))
+    packed = pack_indices(values, bits)
+    assert packed.numel() == math.ceil(bits * 1001 / 8) == packed_size(bits, 1001)
+    assert torch.equal(unpack_indices(packed, bits, 1001), values)
+
+
+def test_bitpack_refuses_out_of_range_indices():
+    with pytest.raises(ValueError, match="indices must lie"):
+        pack_indices(torch.tensor([0, 4]), 2)
+
+
+# --- hostile and malformed bundles: each error names its field -------------------------------------
+
+
+def good_coop() -> bytes:
+    return encode_bundle(manifest(), {"ctx": torch.zeros(4, 512)})
+
+
+def with_manifest(raw: dict, tensors: dict | None = None) -> bytes:
+    import safetensors.torch
+
+    return safetensors.torch.save(tensors if tensors is not None else {"ctx": torch.zeros(4, 512)},
+                                  metadata={MANIFEST_KEY: json.dumps(raw)})
+
+
+def raw_manifest(**changes) -> dict:
+    raw = json.loads(manifest().to_json())
+    raw.update(changes)
+    return raw
+
+
+def expect_field(data: bytes, field: str):
+    with pytest.raises(BundleError) as err:
+        decode_bundle(data)
+    assert err.value.field == field, str(err.value)
+    assert field in str(err.value)
+
+
+def test_pickle_file_is_refused_without_unpickling():
+    class Boom:
+        def __reduce__(self):
+            return (exec, ("raise SystemExit('unpickled!')",))
+
+    expect_field(pickle.dumps({"ctx": Boom()}), "file")
+    expect_field(b"", "file")
+    expect_field(struct.pack("<Q", 10**12) + b"{}", "file")
+    expect_field(struct.pack("<Q", 4) + b"\xff\xfe{}", "file")
+
+
+def test_truncated_tensor_data_is_refused():
+    data = good_coop()
+    expect_field(data[:-100], "tensors")
+
+
+def test_missing_manifest_is_refused():
+    import safetensors.torch
+
+    expect_field(safetensors.torch.save({"ctx": torch.zeros(4, 512)}), "manifest")
+
+
+@pytest.mark.parametrize(
+    ("changes", "field"),
+    [
+        ({"format": "other"}, "format"),
+        ({"format_version": FORMAT_VERSION + 1}, "format_version"),
+        ({"method": "lora"}, "method"),
+        ({"classnames": []}, "classnames"),
+        ({"classnames": ["a", "a"]}, "classnames"),
+        ({"classnames": ["a", 3]}, "classnames"),
+        ({"backbone": {"model": "ViT-B-16", "pretrained": None}}, "backbone.fingerprint"),
+        ({"backbone": {"model": "", "fingerprint": "x"}}, "backbone.model"),
+        ({"prompt": {"n_ctx": 0, "ctx_dim": 512}}, "prompt.n_ctx"),
+        ({"prompt": {"n_ctx": 4, "ctx_dim": 512, "class_token_position": "left"}}, "prompt.class_token_position"),
+        ({"prompt": {"n_ctx": -1, "ctx_dim": 512}}, "prompt.n_ctx"),
+        ({"options": []}, "options"),
+    ],
+)
+def test_bad_manifest_fields_are_named(changes, field):
+    expect_field(with_manifest(raw_manifest(**changes)), field)
+
+
+@pytest.mark.parametrize(
+    ("tensors", "field"),
+    [
+        ({}, "ctx"),
+        ({"ctx": torch.zeros(4, 256)}, "ctx"),
+        ({"ctx": torch.zeros(4, 512, dtype=torch.int32)}, "ctx"),
+        ({"ctx": torch.zeros(4, 512), "extra": torch.zeros(1)}, "extra"),
+        ({"ctx": torch.full((4, 512), float("nan"))}, "ctx"),
+        ({"ctx": torch.full((4, 512), float("inf"))}, "ctx"),
+    ],
+)
+def test_bad_tensors_are_named(tensors, field):
+    expect_field(with_manifest(raw_manifest(), tensors), field)
+
+
+def test_qprompt_bits_and_sigma_are_checked():
+    raw = raw_manifest(method="qprompt", options={"bits": 9})
+    expect_field(with_manifest(raw, qprompt_tensors(1)), "options.bits")
+    tensors = qprompt_tensors(2) | {"sigma": torch.tensor([0.0])}
+    expect_field(with_manifest(raw_manifest(method="qprompt", options={"bits": 2}), tensors), "sigma")
+    wrong_size = qprompt_tensors(2) | {"indices": torch.zeros(10, dtype=torch.uint8)}
+    expect_field(with_manifest(raw_manifest(method="qprompt", options={"bits": 2}), wrong_size), "indices")
+
+
+def test_encode_refuses_to_write_an_invalid_bundle(tmp_path):
+    with pytest.raises(BundleError):
+        write_bundle(tmp_path / "x.bundle", manifest(), {"ctx": torch.zeros(3, 512)})
+    assert not list(tmp_path.iterdir())

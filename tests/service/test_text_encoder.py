@@ -1,0 +1,57 @@
+import pytest
+import torch
+
+from service.bundle import PromptLayout
+
+CLASSES = ["cat", "golden retriever", "space shuttle", "a"]
+
+
+def context_of(backbone, text: str) -> torch.Tensor:
+    ids = torch.tensor(backbone.tokenizer.encode(text))
+    return backbone.text.tower.token_embedding(ids).detach()
+
+
+def open_clip_features(backbone, texts: list[str]) -> torch.Tensor:
+    with torch.no_grad():
+        return backbone.model.encode_text(backbone.tokenizer(texts))
+
+
+@pytest.mark.parametrize(
+    ("position", "template"),
+    [("end", "a photo of a {}."), ("front", "{} a photo of a."), ("middle", "a photo {} of a.")],
+)
+def test_spliced_context_equals_open_clip_encode_text(backbone, position, template):
+    layout = PromptLayout(n_ctx=4, ctx_dim=backbone.text.width, class_token_position=position)
+    with torch.no_grad():
+        ours = backbone.text.encode_classes(CLASSES, context_of(backbone, "a photo of a"), layout)
+    reference = open_clip_features(backbone, [template.format(c) for c in CLASSES])
+    assert torch.allclose(ours, reference, atol=1e-5), (ours - reference).abs().max()
+
+
+def test_class_specific_context_goes_to_its_own_class(backbone):
+    layout = PromptLayout(n_ctx=2, ctx_dim=backbone.text.width, class_specific=True)
+    prefixes = ["a photo", "a drawing"]
+    ctx = torch.stack([context_of(backbone, p) for p in prefixes])
+    with torch.no_grad():
+        ours = backbone.text.encode_classes(["cat", "dog"], ctx, layout)
+    reference = open_clip_features(backbone, ["a photo cat.", "a drawing dog."])
+    assert torch.allclose(ours, reference, atol=1e-5)
+
+
+def test_plain_texts_equal_open_clip_encode_text(backbone):
+    texts = ["a photo of a cat.", "an extremely long description of a very particular kind of space shuttle."]
+    with torch.no_grad():
+        assert torch.allclose(backbone.text.encode_texts(texts), open_clip_features(backbone, texts), atol=1e-5)
+
+
+def test_gradients_reach_the_context(backbone):
+    layout = PromptLayout(n_ctx=4, ctx_dim=backbone.text.width)
+    ctx = torch.zeros(4, backbone.text.width, requires_grad=True)
+    backbone.text.encode_classes(CLASSES, ctx, layout).square().sum().backward()
+    assert ctx.grad is not None and ctx.grad.abs().sum() > 0
+
+
+def test_prompt_longer_than_context_names_the_class(backbone):
+    layout = PromptLayout(n_ctx=74, ctx_dim=backbone.text.width)
+    with pytest.raises(ValueError, match="space shuttle"):
+        backbone.text.class_prompt_tokens(["space shuttle"], layout)
