@@ -12,7 +12,7 @@ from fastapi import APIRouter, Depends, Path, Query, Request, Response
 from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 from pydantic import SecretStr
 from starlette.datastructures import UploadFile
-from starlette.formparsers import MultiPartException
+from starlette.exceptions import HTTPException
 
 from service.backbone import Backbone
 from service.bundle import BundleError
@@ -177,8 +177,11 @@ async def _read_image_uploads(request: Request, settings: Settings) -> list[tupl
     try:
         form = await request.form(max_files=settings.max_images_per_request, max_fields=16,
                                   max_part_size=settings.max_image_bytes)
-    except MultiPartException as exc:
-        raise ServiceError(413, "too_many_parts", f"{exc} (at most {settings.max_images_per_request} images)") from exc
+    except HTTPException as exc:  # Starlette reports multipart limits and syntax errors as 400s
+        if "Too many files" in str(exc.detail):
+            limit = settings.max_images_per_request
+            raise ServiceError(413, "too_many_images", f"at most {limit} images a request") from exc
+        raise ServiceError(422, "bad_multipart", f"the multipart body could not be parsed: {exc.detail}") from exc
     try:
         files = [v for _, v in form.multi_items() if isinstance(v, UploadFile)]
         if not files:
