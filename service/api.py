@@ -15,6 +15,7 @@ from starlette.datastructures import UploadFile
 from starlette.exceptions import HTTPException
 
 from service.backbone import Backbone
+from service.batcher import MicroBatcher, Overloaded
 from service.bundle import BundleError
 from service.config import Settings
 from service.errors import ServiceError
@@ -24,13 +25,16 @@ from service.registry import TASK_NAME_PATTERN
 from service.schemas import (
     ClassifyResponse,
     ImageResult,
+    MultiClassifyResponse,
+    MultiImageResult,
     Prediction,
     Readiness,
+    TaskAnswer,
     TaskDetail,
     TaskList,
     TaskSummary,
 )
-from service.tasks import TaskManager
+from service.tasks import ActiveTask, TaskManager
 
 
 @dataclass
@@ -39,9 +43,9 @@ class AppState:
     backbone: Backbone
     tasks: TaskManager
     metrics: Metrics
-    # Model work runs in worker threads, one at a time per kind, so the event loop stays free and
-    # activation of a large task never starves classification of both cores' worth of threads.
-    inference_limiter: anyio.CapacityLimiter
+    batcher: MicroBatcher
+    # Activations run in a worker thread one at a time, so the event loop stays free and a large task's
+    # activation never runs twice over alongside classification.
     activation_limiter: anyio.CapacityLimiter
 
     def refresh_task_gauges(self) -> None:
@@ -149,25 +153,55 @@ async def delete_task(task: TaskName, state: State) -> Response:
     return Response(status_code=204)
 
 
+TopK = Annotated[int, Query(ge=1, le=1000, description="predictions per image")]
+TaskNames = Annotated[list[str], Query(min_length=1, max_length=64, description="tasks to answer, repeatable")]
+
+
 @router.post("/v1/tasks/{task}/classify", tags=["classify"], dependencies=ClassifyAccess,
              openapi_extra=IMAGES_BODY, summary="Classify one or more images (multipart field 'images')")
-async def classify(task: TaskName, request: Request, state: State,
-                   top_k: Annotated[int, Query(ge=1, le=1000)] = 5) -> ClassifyResponse:
+async def classify(task: TaskName, request: Request, state: State, top_k: TopK = 5) -> ClassifyResponse:
     active = state.tasks.get(task)  # this one version answers every image of the request
+    filenames, image_features = await _image_features(request, state)
+    predictions = _top_predictions(active, image_features, state.backbone.logit_scale, top_k)
+    state.metrics.images.labels(task).inc(len(filenames))
+    return ClassifyResponse(task=task, version=active.version, results=[
+        ImageResult(filename=name, predictions=p) for name, p in zip(filenames, predictions, strict=True)])
+
+
+@router.post("/v1/classify", tags=["classify"], dependencies=ClassifyAccess, openapi_extra=IMAGES_BODY,
+             summary="Classify images for several tasks with one image-encoder pass")
+async def classify_many(request: Request, state: State, tasks: TaskNames, top_k: TopK = 5) -> MultiClassifyResponse:
+    """Every task here keeps the image tower untouched, so one forward pass serves them all."""
+    active = [state.tasks.get(name) for name in dict.fromkeys(tasks)]
+    filenames, image_features = await _image_features(request, state)
+    per_task = [_top_predictions(t, image_features, state.backbone.logit_scale, top_k) for t in active]
+    for t in active:
+        state.metrics.images.labels(t.name).inc(len(filenames))
+    return MultiClassifyResponse(results=[
+        MultiImageResult(filename=name, answers=[
+            TaskAnswer(task=t.name, version=t.version, predictions=predictions[i])
+            for t, predictions in zip(active, per_task, strict=True)])
+        for i, name in enumerate(filenames)])
+
+
+async def _image_features(request: Request, state: AppState) -> tuple[list[str], torch.Tensor]:
+    """decode → preprocess (worker thread) → shared micro-batched image forward."""
     uploads = await _read_image_uploads(request, state.settings)
     pixels = await anyio.to_thread.run_sync(_decode_and_preprocess, uploads, state)
-    image_features = await anyio.to_thread.run_sync(state.backbone.encode_images, pixels,
-                                                    limiter=state.inference_limiter)
-    probabilities = active.probabilities(image_features, state.backbone.logit_scale)
+    try:
+        features = await state.batcher.encode(pixels)
+    except Overloaded as exc:
+        raise ServiceError(503, "overloaded", f"{exc}; retry shortly", headers={"Retry-After": "1"}) from exc
+    return [name for name, _ in uploads], features
+
+
+def _top_predictions(task: ActiveTask, image_features: torch.Tensor, logit_scale: float,
+                     top_k: int) -> list[list[Prediction]]:
+    probabilities = task.probabilities(image_features, logit_scale)
     top = probabilities.topk(min(top_k, probabilities.shape[1]), dim=-1)
-    classnames = active.manifest.classnames
-    results = [
-        ImageResult(filename=name, predictions=[Prediction(label=classnames[i], probability=p)
-                                                for p, i in zip(values.tolist(), indices.tolist(), strict=True)])
-        for (name, _), values, indices in zip(uploads, top.values, top.indices, strict=True)
-    ]
-    state.metrics.images.labels(task).inc(len(results))
-    return ClassifyResponse(task=task, version=active.version, results=results)
+    names = task.manifest.classnames
+    return [[Prediction(label=names[i], probability=p) for p, i in zip(values, indices, strict=True)]
+            for values, indices in zip(top.values.tolist(), top.indices.tolist(), strict=True)]
 
 
 async def _read_image_uploads(request: Request, settings: Settings) -> list[tuple[str, bytes]]:

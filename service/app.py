@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import logging
 from contextlib import asynccontextmanager
 
@@ -14,6 +15,7 @@ from starlette.types import Scope
 from service import __version__
 from service.api import AppState, router
 from service.backbone import Backbone, load_backbone
+from service.batcher import MicroBatcher
 from service.body_limit import BodySizeLimit
 from service.config import MiB, Settings
 from service.demo import seed_demo_task
@@ -32,7 +34,10 @@ def build_state(settings: Settings, metrics: Metrics, backbone: Backbone | None 
     tasks.restore()
     if settings.demo_task:
         seed_demo_task(tasks, settings.demo_task)
-    state = AppState(settings, backbone, tasks, metrics, anyio.CapacityLimiter(1), anyio.CapacityLimiter(1))
+    batcher = MicroBatcher(backbone.encode_images, max_batch=settings.batch_max_images,
+                           max_wait_s=settings.batch_max_wait_ms / 1000,
+                           max_queued_images=settings.batch_max_queued_images)
+    state = AppState(settings, backbone, tasks, metrics, batcher, anyio.CapacityLimiter(1))
     state.refresh_task_gauges()
     return state
 
@@ -43,8 +48,13 @@ def create_app(settings: Settings | None = None, backbone: Backbone | None = Non
 
     @asynccontextmanager
     async def lifespan(app: FastAPI):
-        app.state.promptserve = await anyio.to_thread.run_sync(build_state, settings, metrics, backbone)
-        yield
+        state = await anyio.to_thread.run_sync(build_state, settings, metrics, backbone)
+        app.state.promptserve = state
+        batch_worker = asyncio.create_task(state.batcher.run())
+        try:
+            yield
+        finally:
+            batch_worker.cancel()
 
     app = FastAPI(title="promptserve", version=__version__, lifespan=lifespan,
                   description="Many few-shot prompt classifiers on one frozen open_clip backbone.")
@@ -66,7 +76,7 @@ def create_app(settings: Settings | None = None, backbone: Backbone | None = Non
         path = scope["path"]
         if path.endswith("/versions"):
             return settings.max_bundle_bytes
-        if path.endswith("/classify"):
+        if path.endswith("classify"):
             return settings.max_classify_body_bytes
         return MiB
 

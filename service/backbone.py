@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import hashlib
 import logging
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -17,6 +18,7 @@ import open_clip
 import torch
 
 from service.bundle import BackboneRef
+from service.encoders import IMAGE_BACKENDS, ImageEncoder, OnnxImageEncoder, TorchImageEncoder
 from service.text_encoder import PromptTextEncoder
 
 log = logging.getLogger(__name__)
@@ -37,6 +39,8 @@ class BackboneSpec:
     pretrained: str | None = None
     device: str = "auto"
     seed: int = 0
+    image_backend: str = "torch"
+    onnx_cache_dir: str = "var/onnx"
 
 
 def resolve_device(device: str) -> torch.device:
@@ -49,9 +53,17 @@ def resolve_device(device: str) -> torch.device:
 
 def text_tower_fingerprint(model: torch.nn.Module) -> str:
     """SHA-256 over every non-vision weight (names, shapes and fp32 values), in name order."""
+    return _fingerprint(model, lambda name: not name.startswith("visual."))
+
+
+def image_tower_fingerprint(model: torch.nn.Module) -> str:
+    return _fingerprint(model, lambda name: name.startswith("visual."))
+
+
+def _fingerprint(model: torch.nn.Module, include: Callable[[str], bool]) -> str:
     digest = hashlib.sha256()
     for name, tensor in sorted(model.state_dict().items()):
-        if name.startswith("visual."):
+        if not include(name):
             continue
         value = tensor.detach().to("cpu", torch.float32).contiguous()
         digest.update(f"{name}:{tuple(value.shape)};".encode())
@@ -70,6 +82,20 @@ class Backbone:
         self.preprocess = preprocess
         self.tokenizer = tokenizer
         self.text = PromptTextEncoder(self.model, tokenizer)
+        self.image_encoder = self._image_encoder()
+
+    def _image_encoder(self) -> ImageEncoder:
+        backend = self.spec.image_backend
+        if backend not in IMAGE_BACKENDS:
+            raise ValueError(f"image backend {backend!r} is unknown; choose one of {list(IMAGE_BACKENDS)}")
+        if backend == "torch":
+            return TorchImageEncoder(self.model.visual, self.device)
+        if self.device.type != "cpu":
+            raise ValueError("the onnx image backend runs on CPU; use the torch backend on CUDA")
+        image_size = self.model.visual.image_size[0]
+        key = image_tower_fingerprint(self.model).removeprefix("sha256:")[:32]
+        path = Path(self.spec.onnx_cache_dir) / f"visual-{image_size}px-{key}.onnx"
+        return OnnxImageEncoder(self.model.visual, image_size, path)
 
     @property
     def logit_scale(self) -> float:
@@ -87,13 +113,12 @@ class Backbone:
             "device": str(self.device),
             "text_width": self.text.width,
             "context_length": self.text.context_length,
+            "image_backend": self.image_encoder.name,
         }
 
-    @torch.no_grad()
     def encode_images(self, pixels: torch.Tensor) -> torch.Tensor:
         """L2-normalized image features for a preprocessed batch [B, 3, H, W], as float32 on CPU."""
-        features = self.model.encode_image(pixels.to(self.device), normalize=True)
-        return features.float().cpu()
+        return self.image_encoder(pixels)
 
 
 def load_backbone(spec: BackboneSpec) -> Backbone:

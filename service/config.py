@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from typing import Literal
+
 from pydantic import Field, SecretStr
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
@@ -17,6 +19,8 @@ class Settings(BaseSettings):
     pretrained: str | None = Field(None, description="open_clip tag or local checkpoint path; none = seeded random")
     seed: int = Field(0, description="seed for random weights when `pretrained` is unset")
     device: str = Field("auto", description="'auto' (cuda when available), 'cpu' or 'cuda[:N]'")
+    image_backend: Literal["torch", "onnx"] = Field("torch", description="image encoder: torch, or onnx (CPU)")
+    onnx_cache_dir: str = Field("var/onnx", description="where exported ONNX image towers are cached")
     registry: str = Field("var/registry", description="directory that stores bundles and active versions")
     demo_task: str | None = Field("demo", description="zero-shot task created when the registry is empty")
 
@@ -29,11 +33,16 @@ class Settings(BaseSettings):
     max_images_per_request: int = Field(32, gt=0)
     max_classes: int = Field(2000, gt=0)
 
+    batch_max_images: int = Field(32, gt=0, description="most images in one image-encoder forward pass")
+    batch_max_wait_ms: float = Field(2.0, ge=0, description="how long a batch waits for more requests")
+    batch_max_queued_images: int = Field(256, gt=0, description="beyond this, classify answers 503")
+
     host: str = "127.0.0.1"
     port: int = 8000
 
     def backbone_spec(self) -> BackboneSpec:
-        return BackboneSpec(model=self.model, pretrained=self.pretrained, device=self.device, seed=self.seed)
+        return BackboneSpec(model=self.model, pretrained=self.pretrained, device=self.device, seed=self.seed,
+                            image_backend=self.image_backend, onnx_cache_dir=self.onnx_cache_dir)
 
     @property
     def max_classify_body_bytes(self) -> int:

@@ -66,6 +66,21 @@ class ClassifyResponse(BaseModel):
     results: list[ImageResult]
 
 
+class TaskAnswer(BaseModel):
+    task: str
+    version: int
+    predictions: list[Prediction]
+
+
+class MultiImageResult(BaseModel):
+    filename: str
+    answers: list[TaskAnswer] = Field(description="one answer per requested task, in request order")
+
+
+class MultiClassifyResponse(BaseModel):
+    results: list[MultiImageResult]
+
+
 class Readiness(BaseModel):
     ready: bool
     tasks: int

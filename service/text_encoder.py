@@ -4,7 +4,8 @@ open_clip's `encode_text` maps token ids to embeddings itself. Prompt methods in
 context vectors into placeholder slots of "X X X X {class}." before the positional embedding; this module
 does that, and then runs the tower exactly as open_clip does (causal transformer, final norm, the row at
 the end-of-text token, projection). Sequences are cut just after the longest end-of-text token: under
-the causal mask nothing after it can change the pooled row.
+the causal mask nothing after it can change the pooled row; for the same reason the leading tokens that
+every prompt shares (start token + context, or a template's words) are computed once, not once per class.
 """
 
 from __future__ import annotations
@@ -114,25 +115,50 @@ class PromptTextEncoder:
         """Unnormalized features of plain texts; equals open_clip's `encode_text`."""
         return self.encode_tokens(self.template_tokens(texts))
 
-    def encode_tokens(self, tokens: PromptTokens, ctx: torch.Tensor | None = None) -> torch.Tensor:
+    def encode_tokens(self, tokens: PromptTokens, ctx: torch.Tensor | None = None,
+                      reuse_prefix: bool = True) -> torch.Tensor:
         ids = tokens.ids.to(self.device)
         x = self.tower.token_embedding(ids)
         if ctx is not None:
             n_classes, n_slots = ids.shape[0], int(tokens.ctx_mask[0].sum())
             rows = ctx.to(self.device, x.dtype).expand(n_classes, n_slots, self.width)
             x = x.masked_scatter(tokens.ctx_mask.to(self.device)[..., None], rows)
-        return self.encode_embeddings(x, tokens.eot.to(self.device))
+        return self.encode_embeddings(x, tokens.eot.to(self.device), reuse_prefix)
 
-    def encode_embeddings(self, x: torch.Tensor, eot: torch.Tensor) -> torch.Tensor:
+    def encode_embeddings(self, x: torch.Tensor, eot: torch.Tensor, reuse_prefix: bool = True) -> torch.Tensor:
         """Run the tower on token embeddings [C, L, d]; pool the row at each `eot` position."""
         tower = self.tower
         length = int(eot.max()) + 1
         x = x[:, :length].to(tower.transformer.get_cast_dtype())
         x = x + tower.positional_embedding[:length].to(x.dtype)
-        x = tower.transformer(x, attn_mask=tower.attn_mask[:length, :length])
+        mask = tower.attn_mask[:length, :length]
+        prefix = shared_prefix_length(x, limit=int(eot.min())) if reuse_prefix else 0
+        if prefix >= 2 and x.shape[0] > 1:
+            x, eot = self._run_with_shared_prefix(x, mask, prefix), eot - prefix
+        else:
+            x = tower.transformer(x, attn_mask=mask)
         x = tower.ln_final(x)
         x = x[torch.arange(x.shape[0], device=x.device), eot]
         projection = tower.text_projection
         if projection is None:
             return x
         return projection(x) if isinstance(projection, torch.nn.Linear) else x @ projection
+
+    def _run_with_shared_prefix(self, x: torch.Tensor, mask: torch.Tensor, prefix: int) -> torch.Tensor:
+        """The causal mask makes the first `prefix` rows identical for every sequence at every layer, so
+        run them once (batch 1) and let each sequence's suffix attend to them: same result, less work."""
+        shared, suffix = x[:1, :prefix], x[:, prefix:]
+        for block in self.tower.transformer.resblocks:
+            keys = block.ln_1(torch.cat([shared.expand(x.shape[0], -1, -1), suffix], dim=1))
+            attended = block.attention(q_x=keys[:, prefix:], k_x=keys, v_x=keys, attn_mask=mask[prefix:])
+            suffix = suffix + block.ls_1(attended)
+            suffix = suffix + block.ls_2(block.mlp(block.ln_2(suffix)))
+            shared = block(shared, attn_mask=mask[:prefix, :prefix])
+        return suffix
+
+
+def shared_prefix_length(x: torch.Tensor, limit: int) -> int:
+    """How many leading positions hold the same embedding in every row (at most `limit`)."""
+    same = (x[:, :limit] == x[:1, :limit]).all(dim=2).all(dim=0)
+    differs = (~same).nonzero()
+    return int(differs[0]) if len(differs) else limit

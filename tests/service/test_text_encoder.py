@@ -55,3 +55,26 @@ def test_prompt_longer_than_context_names_the_class(backbone):
     layout = PromptLayout(n_ctx=74, ctx_dim=backbone.text.width)
     with pytest.raises(ValueError, match="space shuttle"):
         backbone.text.class_prompt_tokens(["space shuttle"], layout)
+
+
+def test_shared_prefix_reuse_matches_the_plain_path(backbone):
+    many = [f"class number {i}" for i in range(40)] + CLASSES
+    layout = PromptLayout(n_ctx=4, ctx_dim=backbone.text.width)
+    ctx = torch.randn(4, backbone.text.width) * 0.05
+    tokens = backbone.text.class_prompt_tokens(many, layout)
+    with torch.no_grad():
+        fast = backbone.text.encode_tokens(tokens, ctx)
+        plain = backbone.text.encode_tokens(tokens, ctx, reuse_prefix=False)
+        full_77 = open_clip_features(backbone, [f"a photo of a {c}." for c in many])
+        templates = backbone.text.encode_texts([f"a photo of a {c}." for c in many])
+    assert torch.allclose(fast, plain, atol=1e-5)
+    assert torch.allclose(templates, full_77, atol=1e-5)
+
+
+def test_shared_prefix_length_stops_at_the_first_difference():
+    from service.text_encoder import shared_prefix_length
+
+    x = torch.zeros(3, 6, 2)
+    x[1, 4] = 1.0
+    assert shared_prefix_length(x, limit=6) == 4
+    assert shared_prefix_length(x, limit=3) == 3
