@@ -70,6 +70,9 @@ def export_onnx(visual: torch.nn.Module, image_size: int, path: Path) -> None:
     log.info("exporting the image tower to ONNX at %s (once per backbone)", path)
     fd, tmp = tempfile.mkstemp(dir=path.parent, suffix=".onnx.tmp")
     os.close(fd)
+    fastpath = torch.backends.mha.get_fastpath_enabled()
+    # The fused attention kernel that eval-mode MultiheadAttention picks has no ONNX form.
+    torch.backends.mha.set_fastpath_enabled(False)
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
@@ -80,4 +83,5 @@ def export_onnx(visual: torch.nn.Module, image_size: int, path: Path) -> None:
             )
         os.replace(tmp, path)
     finally:
+        torch.backends.mha.set_fastpath_enabled(fastpath)
         Path(tmp).unlink(missing_ok=True)

@@ -1,5 +1,6 @@
 """The HTTP API through httpx against the real app (real backbone, real registry directory)."""
 
+import asyncio
 import io
 import pickle
 from contextlib import asynccontextmanager
@@ -318,3 +319,52 @@ async def test_openapi_documents_every_route(client):
     upload_body = spec["paths"]["/v1/tasks/{task}/versions"]["post"]["requestBody"]["content"]
     assert "application/octet-stream" in upload_body
     assert (await client.get("/healthz")).json() == {"status": "ok"}
+
+
+async def test_many_tasks_are_answered_from_one_image_forward(backbone, tmp_path, make_coop_bundle):
+    async with running(backbone, settings_for(tmp_path)) as client:
+        for i in range(3):
+            await upload(client, f"task{i}", make_coop_bundle(backbone, [f"c{i}a", f"c{i}b", f"c{i}c"], seed=i))
+        batcher = client._transport.app.state.promptserve.batcher
+        before = list(batcher.batch_sizes)
+        files = [("images", (f"i{k}.png", png((40 * k, 0, 0)), "image/png")) for k in range(2)]
+        response = await client.post("/v1/classify", params=[("tasks", f"task{i}") for i in range(3)] + [("top_k", 2)],
+                                     files=files)
+        assert response.status_code == 200, response.text
+        assert batcher.batch_sizes[len(before):] == [2], "expected a single forward pass for all tasks"
+        results = response.json()["results"]
+        singles = [(await classify(client, f"task{i}", [png((0, 0, 0)), png((40, 0, 0))], top_k=2)).json()
+                   for i in range(3)]
+    for k, result in enumerate(results):
+        assert [a["task"] for a in result["answers"]] == ["task0", "task1", "task2"]
+        for i, answer in enumerate(result["answers"]):
+            assert_same_predictions(answer["predictions"], singles[i]["results"][k]["predictions"])
+
+
+def assert_same_predictions(got: list[dict], expected: list[dict]) -> None:
+    assert [p["label"] for p in got] == [p["label"] for p in expected]
+    assert [p["probability"] for p in got] == pytest.approx([p["probability"] for p in expected], abs=1e-5)
+
+
+async def test_many_task_classify_names_an_unknown_task(client):
+    response = await client.post("/v1/classify", params={"tasks": "nope"}, files=[("images", ("a", png()))])
+    assert response.status_code == 404 and "nope" in response.json()["detail"]
+
+
+async def test_concurrent_requests_get_the_same_answers_as_single_ones(client, backbone, make_coop_bundle):
+    await upload(client, "t", make_coop_bundle(backbone, ["a", "b", "c"]))
+    colours = [(255, 0, 0), (0, 255, 0), (0, 0, 255), (90, 90, 90), (250, 250, 0)]
+    alone = [(await classify(client, "t", [png(c)], top_k=3)).json()["results"][0] for c in colours]
+    together = await asyncio.gather(*(classify(client, "t", [png(c)], top_k=3) for c in colours))
+    for single, concurrent in zip(alone, together, strict=True):
+        assert_same_predictions(concurrent.json()["results"][0]["predictions"], single["predictions"])
+
+
+async def test_overload_answers_503_with_retry_after(backbone, tmp_path, make_coop_bundle):
+    async with running(backbone, settings_for(tmp_path, batch_max_queued_images=2)) as client:
+        await upload(client, "t", make_coop_bundle(backbone, ["a", "b"]))
+        with anyio.fail_after(10):
+            response = await classify(client, "t", [png()] * 3)
+        assert response.status_code == 503 and response.headers["retry-after"] == "1"
+        assert response.json()["code"] == "overloaded"
+        assert (await classify(client, "t", [png()])).status_code == 200
