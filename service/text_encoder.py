@@ -14,6 +14,7 @@ from dataclasses import dataclass
 from typing import Any
 
 import torch
+import torch.nn.functional as F
 
 from service.bundle import PromptLayout
 
@@ -44,6 +45,10 @@ class PromptTextEncoder:
         self.sot, self.eot = tokenizer.sot_token_id, tokenizer.eot_token_id
         (self.placeholder,) = tokenizer.encode(PLACEHOLDER_TEXT)
         self.context_length = tower.positional_embedding.shape[0]
+        # Prefix reuse calls the attention layers' packed projections directly (open_clip's default layout).
+        self.can_reuse_prefix = tower.transformer.batch_first and all(
+            isinstance(b.attn, torch.nn.MultiheadAttention) and b.attn._qkv_same_embed_dim and not hasattr(b, "ln_1_kv")
+            for b in tower.transformer.resblocks)
         self.width = tower.token_embedding.weight.shape[1]
 
     @property
@@ -132,7 +137,7 @@ class PromptTextEncoder:
         x = x[:, :length].to(tower.transformer.get_cast_dtype())
         x = x + tower.positional_embedding[:length].to(x.dtype)
         mask = tower.attn_mask[:length, :length]
-        prefix = shared_prefix_length(x, limit=int(eot.min())) if reuse_prefix else 0
+        prefix = shared_prefix_length(x, limit=int(eot.min())) if reuse_prefix and self.can_reuse_prefix else 0
         if prefix >= 2 and x.shape[0] > 1:
             x, eot = self._run_with_shared_prefix(x, mask, prefix), eot - prefix
         else:
@@ -146,15 +151,35 @@ class PromptTextEncoder:
 
     def _run_with_shared_prefix(self, x: torch.Tensor, mask: torch.Tensor, prefix: int) -> torch.Tensor:
         """The causal mask makes the first `prefix` rows identical for every sequence at every layer, so
-        run them once (batch 1) and let each sequence's suffix attend to them: same result, less work."""
-        shared, suffix = x[:1, :prefix], x[:, prefix:]
+        run them once (batch 1), keep their keys and values, and run only each sequence's suffix."""
+        shared, suffix = x[:1, :prefix], x[:, prefix:].contiguous()
         for block in self.tower.transformer.resblocks:
-            keys = block.ln_1(torch.cat([shared.expand(x.shape[0], -1, -1), suffix], dim=1))
-            attended = block.attention(q_x=keys[:, prefix:], k_x=keys, v_x=keys, attn_mask=mask[prefix:])
-            suffix = suffix + block.ls_1(attended)
+            shared_in = block.ln_1(shared)
+            shared_keys, shared_values = _project(block.attn, shared_in)[1:]
+            suffix = suffix + block.ls_1(_attend_after_prefix(block.attn, block.ln_1(suffix), shared_keys,
+                                                              shared_values, mask[prefix:]))
             suffix = suffix + block.ls_2(block.mlp(block.ln_2(suffix)))
             shared = block(shared, attn_mask=mask[:prefix, :prefix])
         return suffix
+
+
+def _project(attn: torch.nn.MultiheadAttention, x: torch.Tensor) -> tuple[torch.Tensor, ...]:
+    """Queries, keys and values [B, heads, L, head_dim] with the layer's own packed projection."""
+    batch, length, width = x.shape
+    qkv = F.linear(x, attn.in_proj_weight, attn.in_proj_bias)
+    return tuple(t.view(batch, length, attn.num_heads, width // attn.num_heads).transpose(1, 2)
+                 for t in qkv.chunk(3, dim=-1))
+
+
+def _attend_after_prefix(attn: torch.nn.MultiheadAttention, suffix: torch.Tensor, prefix_keys: torch.Tensor,
+                         prefix_values: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """Attention of suffix queries over [shared prefix; own suffix] keys, as MultiheadAttention computes it."""
+    queries, keys, values = _project(attn, suffix)
+    batch = suffix.shape[0]
+    keys = torch.cat([prefix_keys.expand(batch, -1, -1, -1), keys], dim=2)
+    values = torch.cat([prefix_values.expand(batch, -1, -1, -1), values], dim=2)
+    out = F.scaled_dot_product_attention(queries, keys, values, attn_mask=mask.to(queries.dtype))
+    return attn.out_proj(out.transpose(1, 2).reshape(suffix.shape))
 
 
 def shared_prefix_length(x: torch.Tensor, limit: int) -> int:
