@@ -1,0 +1,1 @@
+"""promptserve trainer: learns prompt bundles for a frozen open_clip backbone."""
