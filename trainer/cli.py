@@ -77,9 +77,7 @@ def _training_set(dataset: Dataset, args: argparse.Namespace) -> tuple[tuple[str
         base, _ = base_novel_split(dataset.classnames)
         classnames, pool = base.classnames, base.select(pool)
     if args.load_split:
-        pool_paths = {s.path for s in pool}
-        samples = load_split(Path(args.load_split), dataset)
-        return classnames, [s for s in samples if s.path in pool_paths]
+        return classnames, load_split(Path(args.load_split), classnames)
     return classnames, sample_few_shot(pool, args.shots, args.seed)
 
 

@@ -10,7 +10,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from service.bundle import atomic_write
-from trainer.data import DataError, Dataset, Sample
+from trainer.data import DataError, Sample
 
 SPLIT_FORMAT = "promptserve.fewshot-split/1"
 
@@ -47,16 +47,16 @@ def save_split(path: Path, samples: list[Sample], classnames: tuple[str, ...], s
     atomic_write(Path(path), json.dumps(doc, indent=1).encode())
 
 
-def load_split(path: Path, dataset: Dataset) -> list[Sample]:
-    """The samples of a saved split; refuses one made for other classes."""
+def load_split(path: Path, classnames: tuple[str, ...]) -> list[Sample]:
+    """The samples of a saved split; refuses one made for other classes than `classnames`."""
     try:
         doc = json.loads(Path(path).read_text())
     except (OSError, json.JSONDecodeError) as exc:
         raise DataError(f"{path}: cannot read the saved few-shot split ({exc})") from exc
     if not isinstance(doc, dict) or doc.get("format") != SPLIT_FORMAT:
         raise DataError(f"{path}: not a saved few-shot split (format must be {SPLIT_FORMAT!r})")
-    if tuple(doc["classnames"]) != dataset.classnames:
-        raise DataError(f"{path}: the saved split's classes differ from dataset {dataset.name!r}'s")
+    if tuple(doc.get("classnames", ())) != tuple(classnames):
+        raise DataError(f"{path}: the saved split was made for other classes than {list(classnames)[:5]}...")
     return [Sample(Path(p), label, name) for p, label, name in doc["train"]]
 
 

@@ -82,9 +82,15 @@ def test_undecodable_image_is_named_and_nothing_is_written(tmp_path: Path, capsy
     assert not any(p.name.startswith("task.safetensors") for p in tmp_path.iterdir())
 
 
-def test_eval_names_a_class_the_bundle_does_not_know(coop_root: Path, tmp_path: Path, capsys) -> None:
-    bundle = tmp_path / "two.safetensors"
-    code, _, err = _run(capsys, *_train_args(coop_root, bundle, "--protocol", "base2novel"))
+def test_saved_split_repeats_a_base_to_novel_run(coop_root: Path, tmp_path: Path, capsys) -> None:
+    first, again = tmp_path / "first.safetensors", tmp_path / "again.safetensors"
+    code, result, err = _run(capsys, *_train_args(coop_root, first, "--protocol", "base2novel", "--seed", "7"))
     assert code == 0, err
-    code, _, err = _run(capsys, "eval", "--bundle", str(bundle), "--data", str(coop_root), "--device", "cpu")
-    assert code == 2 and "class 'blue'" in err
+    split = json.loads(Path(f"{first}.split.json").read_text())
+    assert split["classnames"] == ["red", "green"] and len(split["train"]) == 2 * 2
+    code, repeated, err = _run(capsys, *_train_args(coop_root, again, "--protocol", "base2novel", "--seed", "7",
+                                                    "--shots", "1", "--load-split", f"{first}.split.json"))
+    assert code == 0, err
+    assert repeated["epochs"] == result["epochs"] and repeated["hm"] == result["hm"]
+    code, _, err = _run(capsys, "eval", "--bundle", str(first), "--data", str(coop_root), "--device", "cpu")
+    assert code == 2 and "class 'blue'" in err  # the base-only bundle does not know the novel classes

@@ -82,7 +82,7 @@ def test_few_shot_is_seeded_per_class_and_saved(coop_dataset, tmp_path: Path) ->
     assert first != sample_few_shot(train, 2, seed=4)
     assert sorted(s.label for s in first) == [0, 0, 1, 1, 2, 2, 3, 3]
     save_split(tmp_path / "split.json", first, coop_dataset.classnames, shots=2, seed=3)
-    assert load_split(tmp_path / "split.json", coop_dataset) == first
+    assert load_split(tmp_path / "split.json", coop_dataset.classnames) == first
 
 
 def test_more_shots_than_images_names_the_class(coop_dataset) -> None:
