@@ -1,0 +1,96 @@
+"""The `promptserve-train` entry point end to end on fixture datasets, and its refusals."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+from fixture_data import make_coop, make_csv, make_imagefolder
+
+from service.bundle import read_bundle
+from trainer.cli import main
+
+MICRO = ["--model", "test-micro", "--device", "cpu", "--no-progress"]
+FAST = ["--epochs", "4", "--batch-size", "8", "--warmup-epochs", "1", "--lr", "0.01"]
+
+
+def _run(capsys: pytest.CaptureFixture, *argv: str) -> tuple[int, dict | None, str]:
+    code = main(list(argv))
+    out, err = capsys.readouterr()
+    return code, (json.loads(out) if code == 0 else None), err
+
+
+def test_train_eval_inspect_on_coop_layout(coop_root: Path, tmp_path: Path, capsys) -> None:
+    bundle = tmp_path / "colours.safetensors"
+    code, result, err = _run(capsys, "train", "--method", "qprompt", "--bits", "2", "--data", str(coop_root),
+                             "--shots", "4", "--output", str(bundle), *MICRO, *FAST)
+    assert code == 0, err
+    assert bundle.is_file() and Path(f"{bundle}.split.json").is_file()
+    assert len(result["epochs"]) == 4 and 0 <= result["top1"] <= 100
+    assert read_bundle(bundle).manifest.metrics["top1"] == result["top1"]
+    code, evaluated, err = _run(capsys, "eval", "--bundle", str(bundle), "--data", str(coop_root), "--device", "cpu")
+    assert code == 0, err
+    assert evaluated["top1"] == result["top1"] and set(evaluated["per_class"]) == {"red", "green", "blue", "yellow"}
+    code, inspected, _ = _run(capsys, "inspect", str(bundle))
+    assert inspected["manifest"]["method"] == "qprompt" and inspected["prompt_values"] == 4 * 64
+    assert inspected["payload_bytes"] == 4 * 64 * 2 // 8 + 4 * 2 + 8
+
+
+@pytest.mark.parametrize("layout", ["imagefolder", "csv"])
+def test_base_to_novel_reports_base_novel_and_hm(layout: str, tmp_path: Path, capsys) -> None:
+    data = make_imagefolder(tmp_path / "data") if layout == "imagefolder" else make_csv(tmp_path)
+    bundle = tmp_path / "b2n.safetensors"
+    code, result, err = _run(capsys, "train", "--method", "rlp", "--layout", layout, "--data", str(data),
+                             "--protocol", "base2novel", "--shots", "2", "--output", str(bundle), *MICRO, *FAST)
+    assert code == 0, err
+    assert read_bundle(bundle).manifest.classnames == ("blue", "green")  # sorted labels, first ceil(4/2)
+    assert {"base", "novel", "hm"} <= set(result)
+    code, evaluated, err = _run(capsys, "eval", "--bundle", str(bundle), "--layout", layout, "--data", str(data),
+                                "--protocol", "base2novel", "--device", "cpu")
+    assert code == 0, err
+    assert evaluated == {k: result[k] for k in ("base", "novel", "hm")}
+
+
+def _train_args(data: Path, output: Path, *extra: str) -> list[str]:
+    return ["train", "--method", "coop", "--data", str(data), "--output", str(output), "--shots", "2",
+            *MICRO, *FAST, *extra]
+
+
+def test_missing_split_file_is_named_and_nothing_is_written(tmp_path: Path, capsys) -> None:
+    output = tmp_path / "out" / "task.safetensors"
+    code, _, err = _run(capsys, *_train_args(tmp_path, output, "--split-file", str(tmp_path / "split_zhou_x.json")))
+    assert code == 2 and "split_zhou_x.json" in err
+    assert not output.parent.exists() or not any(output.parent.iterdir())
+
+
+def test_too_many_shots_names_the_class_and_keeps_the_old_bundle(coop_root: Path, tmp_path: Path, capsys) -> None:
+    output = tmp_path / "task.safetensors"
+    output.write_bytes(b"previous bundle")
+    code, _, err = _run(capsys, *_train_args(coop_root, output, "--shots", "50"))
+    assert code == 2 and "class 'red'" in err and "50 shots" in err
+    assert output.read_bytes() == b"previous bundle" and sorted(p.name for p in tmp_path.iterdir()) == [output.name]
+
+
+def test_undecodable_image_is_named_and_nothing_is_written(tmp_path: Path, capsys) -> None:
+    root = make_coop(tmp_path / "data", train=2, test=1)
+    bad = root / "images" / "train" / "green" / "1.png"
+    bad.write_bytes(b"\x89PNG truncated")
+    output = tmp_path / "task.safetensors"
+    code, _, err = _run(capsys, *_train_args(root, output))
+    assert code == 2 and "1.png" in err and "does not decode" in err
+    assert not any(p.name.startswith("task.safetensors") for p in tmp_path.iterdir())
+
+
+def test_saved_split_repeats_a_base_to_novel_run(coop_root: Path, tmp_path: Path, capsys) -> None:
+    first, again = tmp_path / "first.safetensors", tmp_path / "again.safetensors"
+    code, result, err = _run(capsys, *_train_args(coop_root, first, "--protocol", "base2novel", "--seed", "7"))
+    assert code == 0, err
+    split = json.loads(Path(f"{first}.split.json").read_text())
+    assert split["classnames"] == ["red", "green"] and len(split["train"]) == 2 * 2
+    code, repeated, err = _run(capsys, *_train_args(coop_root, again, "--protocol", "base2novel", "--seed", "7",
+                                                    "--shots", "1", "--load-split", f"{first}.split.json"))
+    assert code == 0, err
+    assert repeated["epochs"] == result["epochs"] and repeated["hm"] == result["hm"]
+    code, _, err = _run(capsys, "eval", "--bundle", str(first), "--data", str(coop_root), "--device", "cpu")
+    assert code == 2 and "class 'blue'" in err  # the base-only bundle does not know the novel classes

@@ -1,0 +1,172 @@
+"""Training loops: from cached image features (text-side methods), or through the image tower each step.
+
+Both loops share one optimizer step, SGD/AdamW, and a per-step schedule: a constant warm-up learning
+rate for `warmup_epochs` (CoOp's 1e-5), then cosine decay from `lr` to 0.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import random
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from PIL import Image
+from tqdm.auto import tqdm
+
+from service.backbone import Backbone
+from trainer.data import Sample, open_image
+from trainer.features import FeatureSet, Transform, train_transform
+from trainer.methods.base import PromptLearner
+
+log = logging.getLogger(__name__)
+
+OPTIMIZERS = ("sgd", "adamw")
+
+
+@dataclass
+class TrainConfig:
+    epochs: int = field(default=10, metadata={"help": "passes over the few-shot images"})
+    batch_size: int = field(default=32, metadata={"help": "images per step"})
+    optimizer: str = field(default="sgd", metadata={"help": "'sgd' (momentum 0.9) or 'adamw'"})
+    lr: float = field(default=0.002, metadata={"help": "peak learning rate"})
+    weight_decay: float = field(default=5e-4, metadata={"help": "weight decay"})
+    warmup_epochs: int = field(default=1, metadata={"help": "epochs at the constant warm-up rate"})
+    warmup_lr: float = field(default=1e-5, metadata={"help": "learning rate during warm-up"})
+    seed: int = field(default=1, metadata={"help": "seeds torch, numpy, random and the data order"})
+    deterministic: bool = field(default=False, metadata={"help": "torch deterministic algorithms"})
+    progress: bool = field(default=False, metadata={"help": "show tqdm progress bars"})
+
+    def __post_init__(self) -> None:
+        if self.optimizer not in OPTIMIZERS:
+            raise ValueError(f"optimizer must be one of {OPTIMIZERS}, got {self.optimizer!r}")
+        if self.epochs < 1 or self.batch_size < 1 or self.warmup_epochs < 0:
+            raise ValueError("epochs and batch_size must be ≥ 1 and warmup_epochs ≥ 0")
+        if self.warmup_epochs >= self.epochs and self.warmup_epochs:
+            raise ValueError(f"warmup_epochs ({self.warmup_epochs}) must be fewer than epochs ({self.epochs})")
+
+
+@dataclass(frozen=True)
+class EpochStats:
+    epoch: int
+    loss: float
+    accuracy: float  # percent, on the training batches as seen
+    lr: float
+    seconds: float
+
+
+def seed_everything(seed: int, deterministic: bool = False) -> None:
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+    torch.use_deterministic_algorithms(deterministic, warn_only=False)
+
+
+def make_optimizer(params: list[torch.nn.Parameter], cfg: TrainConfig) -> torch.optim.Optimizer:
+    if cfg.optimizer == "sgd":
+        return torch.optim.SGD(params, lr=cfg.lr, momentum=0.9, weight_decay=cfg.weight_decay)
+    return torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
+
+
+def make_scheduler(optimizer: torch.optim.Optimizer, cfg: TrainConfig, steps_per_epoch: int):
+    """Per-step LambdaLR: constant warm-up at `warmup_lr`, then cosine from `lr` to 0."""
+    warmup, total = cfg.warmup_epochs * steps_per_epoch, cfg.epochs * steps_per_epoch
+
+    def factor(step: int) -> float:
+        if step < warmup:
+            return cfg.warmup_lr / cfg.lr
+        return 0.5 * (1 + math.cos(math.pi * (step - warmup) / max(total - warmup, 1)))
+
+    return torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
+
+
+class _Run:
+    """One training run's optimizer, schedule and step; the loops below feed it batches."""
+
+    def __init__(self, learner: PromptLearner, cfg: TrainConfig, steps_per_epoch: int):
+        params = [p for p in learner.parameters() if p.requires_grad]
+        if not params:
+            raise ValueError(f"{type(learner).__name__} has no trainable parameters")
+        self.learner, self.cfg = learner, cfg
+        self.optimizer = make_optimizer(params, cfg)
+        self.scheduler = make_scheduler(self.optimizer, cfg, steps_per_epoch)
+        log.info("training %s: %d trainable parameters", learner.method, learner.trainable_parameters())
+
+    def step(self, image_features: torch.Tensor, labels: torch.Tensor) -> tuple[float, int]:
+        logits = self.learner(image_features)
+        loss = F.cross_entropy(logits, labels)
+        self.optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        self.optimizer.step()
+        self.scheduler.step()
+        self.learner.after_step()
+        return loss.item() * len(labels), int((logits.argmax(-1) == labels).sum())
+
+    def epoch(self, epoch: int, batches: Iterator[tuple[torch.Tensor, torch.Tensor]], total: int) -> EpochStats:
+        start, loss_sum, correct, seen = time.perf_counter(), 0.0, 0, 0
+        lr = self.optimizer.param_groups[0]["lr"]
+        bar = tqdm(batches, total=total, desc=f"epoch {epoch}", unit="step", disable=not self.cfg.progress)
+        for features, labels in bar:
+            batch_loss, batch_correct = self.step(features, labels)
+            loss_sum, correct, seen = loss_sum + batch_loss, correct + batch_correct, seen + len(labels)
+            bar.set_postfix(loss=f"{loss_sum / seen:.4f}", acc=f"{100 * correct / seen:.1f}")
+        stats = EpochStats(epoch, loss_sum / seen, 100.0 * correct / seen, lr, time.perf_counter() - start)
+        log.info("epoch %d: loss %.4f, train acc %.2f%%, lr %.2e, %.2fs", *vars(stats).values())
+        return stats
+
+
+def train_cached(learner: PromptLearner, data: FeatureSet, cfg: TrainConfig) -> list[EpochStats]:
+    """Train from cached features: each epoch visits every image once, in one randomly chosen view."""
+    if learner.needs_image_tower:
+        raise ValueError(f"{learner.method} changes the image tower; train it with train_on_images")
+    seed_everything(cfg.seed, cfg.deterministic)
+    n = len(data.labels)
+    steps = math.ceil(n / cfg.batch_size)
+    run = _Run(learner.train(), cfg, steps)
+    generator = torch.Generator().manual_seed(cfg.seed)
+    history = []
+    for epoch in range(1, cfg.epochs + 1):
+        order = torch.randperm(n, generator=generator)
+        view = torch.randint(data.views, (n,), generator=generator)
+        batches = (
+            (data.features[idx, view[idx]], data.labels[idx]) for idx in order.split(cfg.batch_size)
+        )
+        history.append(run.epoch(epoch, batches, steps))
+    learner.eval()
+    return history
+
+
+def train_on_images(
+    learner: PromptLearner, backbone: Backbone, samples: list[Sample], cfg: TrainConfig,
+    transform: Transform | None = None,
+) -> list[EpochStats]:
+    """The plain loop: augment and run the image tower on every step (for methods that change it).
+
+    Images are decoded once up front, so the time measured is the image tower's, not the decoder's.
+    """
+    seed_everything(cfg.seed, cfg.deterministic)
+    transform = transform or train_transform(backbone)
+    images = [open_image(s.path) for s in samples]
+    labels = torch.tensor([s.label for s in samples])
+    steps = math.ceil(len(samples) / cfg.batch_size)
+    run = _Run(learner.train(), cfg, steps)
+    generator = torch.Generator().manual_seed(cfg.seed)
+    history = []
+    for epoch in range(1, cfg.epochs + 1):
+        order = torch.randperm(len(samples), generator=generator)
+        batches = (_image_batch(learner, images, labels, idx, transform) for idx in order.split(cfg.batch_size))
+        history.append(run.epoch(epoch, batches, steps))
+    learner.eval()
+    return history
+
+
+def _image_batch(
+    learner: PromptLearner, images: list[Image.Image], labels: torch.Tensor, idx: torch.Tensor, transform: Transform
+) -> tuple[torch.Tensor, torch.Tensor]:
+    pixels = torch.stack([transform(images[i]) for i in idx.tolist()])
+    return learner.image_features(pixels), labels[idx]

@@ -1,0 +1,80 @@
+"""Evaluation of a *bundle*, through the service's own text-feature path, so trainer and service agree.
+
+Class features come from `service.tasks.text_features` (exactly what an activated task caches); image
+features from the backbone's clean transform; the prediction is the arg-max cosine, as the service ranks.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass
+
+import torch
+
+from service.backbone import Backbone
+from service.bundle import Bundle
+from service.tasks import text_features
+from trainer.data import DataError, Dataset, Sample
+from trainer.features import encode_samples
+from trainer.fewshot import base_novel_split
+from trainer.metrics import Accuracy, accuracy, harmonic_mean
+
+
+@dataclass(frozen=True)
+class BaseNovelResult:
+    base: Accuracy
+    novel: Accuracy
+
+    @property
+    def hm(self) -> float:
+        return harmonic_mean(self.base.top1, self.novel.top1)
+
+    def as_dict(self) -> dict[str, float]:
+        return {"base": self.base.top1, "novel": self.novel.top1, "hm": self.hm}
+
+
+def with_classnames(bundle: Bundle, classnames: tuple[str, ...]) -> Bundle:
+    """The same learned prompt applied to other classes (how novel classes are scored)."""
+    if bundle.manifest.prompt.class_specific:
+        raise ValueError("a class-specific context cannot be applied to other classes")
+    return Bundle(dataclasses.replace(bundle.manifest, classnames=tuple(classnames)), bundle.tensors)
+
+
+def predict(bundle: Bundle, backbone: Backbone, image_features: torch.Tensor) -> torch.Tensor:
+    """Top-1 class index per image, ranked as the service ranks."""
+    return (backbone.logit_scale * image_features @ text_features(bundle, backbone).T).argmax(dim=-1)
+
+
+def relabel_for_bundle(samples: list[Sample], bundle: Bundle) -> list[Sample]:
+    """Map dataset labels to the bundle's class order; a class the bundle lacks is an error naming it."""
+    index = {name: i for i, name in enumerate(bundle.manifest.classnames)}
+    out = []
+    for s in samples:
+        if s.classname not in index:
+            raise DataError(f"class {s.classname!r} (image {s.path}) is not one of the bundle's classes")
+        out.append(Sample(s.path, index[s.classname], s.classname))
+    return out
+
+
+def evaluate(bundle: Bundle, backbone: Backbone, samples: list[Sample], progress: bool = False) -> Accuracy:
+    """Top-1 and per-class accuracy of `bundle` on `samples` (labelled by class name)."""
+    samples = relabel_for_bundle(samples, bundle)
+    data = encode_samples(backbone, samples, views=1, progress=progress, desc="eval features")
+    predictions = predict(bundle, backbone, data.features[:, 0])
+    return accuracy(predictions, data.labels, len(bundle.manifest.classnames))
+
+
+def evaluate_base_novel(
+    bundle: Bundle, backbone: Backbone, dataset: Dataset, split: str = "test", progress: bool = False
+) -> BaseNovelResult:
+    """CoOp's base-to-novel protocol: the bundle (trained on base classes) scored on each half separately."""
+    base, novel = base_novel_split(dataset.classnames)
+    if tuple(bundle.manifest.classnames) != base.classnames:
+        raise DataError(
+            f"the bundle's classes are not the base half of dataset {dataset.name!r} "
+            f"(expected {list(base.classnames)[:5]}...); train it with --protocol base2novel"
+        )
+    samples = dataset.split(split)
+    base_acc = evaluate(bundle, backbone, base.select(samples), progress)
+    novel_acc = evaluate(with_classnames(bundle, novel.classnames), backbone, novel.select(samples), progress)
+    return BaseNovelResult(base_acc, novel_acc)

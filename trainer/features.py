@@ -1,0 +1,81 @@
+"""Image features computed once per image and augmented view, so text-side methods train from a cache.
+
+The methods in this package leave the image tower untouched: its output for a given (image, view) never
+changes during training. Encoding every view once turns each training step into a text-tower forward and
+a matrix product. View 0 is the clean evaluation transform; views 1..K-1 are random augmentations
+(random resized crop + horizontal flip, as CoOp trains), drawn from a seeded generator.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import torch
+from PIL import Image
+from torchvision import transforms as T
+from tqdm.auto import tqdm
+
+from service.backbone import Backbone
+from trainer.data import Sample, open_image
+
+log = logging.getLogger(__name__)
+
+Transform = Callable[[Image.Image], torch.Tensor]
+
+
+@dataclass(frozen=True)
+class FeatureSet:
+    """Normalized image features [N, K, D] (K views per image) and labels [N]."""
+
+    features: torch.Tensor
+    labels: torch.Tensor
+
+    @property
+    def views(self) -> int:
+        return self.features.shape[1]
+
+
+def train_transform(backbone: Backbone) -> Transform:
+    """Random resized crop (scale 0.08–1) + flip at the model's input size, then its normalization."""
+    cfg = backbone.model.visual.preprocess_cfg
+    return T.Compose([
+        T.RandomResizedCrop(cfg["size"], scale=(0.08, 1.0), interpolation=T.InterpolationMode.BICUBIC),
+        T.RandomHorizontalFlip(),
+        T.ToTensor(),
+        T.Normalize(cfg["mean"], cfg["std"]),
+    ])
+
+
+def view_transforms(backbone: Backbone, views: int) -> list[Transform]:
+    if views < 1:
+        raise ValueError(f"views must be ≥ 1, got {views}")
+    return [backbone.preprocess] + [train_transform(backbone)] * (views - 1)
+
+
+def encode_samples(
+    backbone: Backbone, samples: list[Sample], views: int = 1, seed: int = 0, batch_size: int = 64,
+    progress: bool = False, desc: str = "image features",
+) -> FeatureSet:
+    """Encode every sample under `views` transforms; each image is decoded once."""
+    if not samples:
+        raise ValueError("no images to encode")
+    transforms = view_transforms(backbone, views)
+    state = torch.random.get_rng_state()
+    torch.manual_seed(seed)  # torchvision's random transforms draw from the global generator
+    try:
+        chunks = []
+        for start in tqdm(range(0, len(samples), batch_size), desc=desc, unit="batch", disable=not progress):
+            images = [open_image(s.path) for s in samples[start : start + batch_size]]
+            chunks.append(_encode_views(backbone, images, transforms))
+    finally:
+        torch.random.set_rng_state(state)
+    labels = torch.tensor([s.label for s in samples])
+    log.info("encoded %d images × %d views", len(samples), views)
+    return FeatureSet(torch.cat(chunks), labels)
+
+
+def _encode_views(backbone: Backbone, images: list[Image.Image], transforms: list[Transform]) -> torch.Tensor:
+    per_view = [backbone.encode_images(torch.stack([t(im) for im in images])) for t in transforms]
+    return torch.stack(per_view, dim=1)

@@ -1,0 +1,52 @@
+"""Prompt methods of the text tower, registered once: name → (config class, learner class)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, fields
+from typing import Any
+
+from service.backbone import Backbone
+from trainer.methods.base import PromptConfig, PromptLearner
+from trainer.methods.coop import CoOp, CoOpConfig
+from trainer.methods.qprompt import QPrompt, QPromptConfig
+from trainer.methods.quantizer import QuantizerConfig
+from trainer.methods.rlp import RLP, RLPConfig
+
+
+@dataclass(frozen=True)
+class MethodEntry:
+    config: type[PromptConfig]
+    learner: type[PromptLearner]
+
+
+METHODS: dict[str, MethodEntry] = {
+    "coop": MethodEntry(CoOpConfig, CoOp),
+    "qprompt": MethodEntry(QPromptConfig, QPrompt),
+    "rlp": MethodEntry(RLPConfig, RLP),
+}
+
+
+def make_config(method: str, **options: Any) -> PromptConfig:
+    """The method's config from keyword options; options the method does not use are refused by name."""
+    entry = _entry(method)
+    known = {f.name for f in fields(entry.config)}
+    if method == "qprompt":
+        quantizer_keys = {f.name for f in fields(QuantizerConfig)}
+        options["quantizer"] = QuantizerConfig(**{k: options.pop(k) for k in quantizer_keys & set(options)})
+    unknown = sorted(set(options) - known)
+    if unknown:
+        raise ValueError(f"method {method!r} has no option {unknown[0]!r}; its options: {sorted(known)}")
+    return entry.config(**options)
+
+
+def build_learner(method: str, config: PromptConfig, backbone: Backbone, classnames: tuple[str, ...]) -> PromptLearner:
+    return _entry(method).learner(config, backbone, classnames)
+
+
+def _entry(method: str) -> MethodEntry:
+    if method not in METHODS:
+        raise ValueError(f"unknown method {method!r}; known: {sorted(METHODS)}")
+    return METHODS[method]
+
+
+__all__ = ["METHODS", "PromptConfig", "PromptLearner", "build_learner", "make_config"]

@@ -1,0 +1,48 @@
+"""QPrompt applied to CoOp's context (QCoOp): the context is trained quantization-aware and exported packed."""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+import torch
+from torch import nn
+
+from service.backbone import Backbone
+from trainer.methods.base import PromptConfig, PromptLearner, initial_context
+from trainer.methods.quantizer import KMeansQuantizer, QuantizerConfig
+
+
+@dataclass
+class QPromptConfig(PromptConfig):
+    quantizer: QuantizerConfig = field(default_factory=QuantizerConfig, metadata={"help": "bits, t, T_KL"})
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        if isinstance(self.quantizer, dict):
+            self.quantizer = QuantizerConfig(**self.quantizer)
+
+
+class QPrompt(PromptLearner):
+    method = "qprompt"
+
+    def __init__(self, config: QPromptConfig, backbone: Backbone, classnames: tuple[str, ...]):
+        super().__init__(config, backbone, classnames)
+        self.ctx = nn.Parameter(initial_context(config, backbone))
+        self.quantizer = KMeansQuantizer(config.quantizer, self.ctx)
+
+    def context(self) -> torch.Tensor:
+        return self.quantizer(self.ctx)
+
+    def after_step(self) -> None:
+        self.quantizer.step(self.ctx)
+
+    def export_tensors(self) -> dict[str, torch.Tensor]:
+        return self.quantizer.export(self.ctx)
+
+    def export_options(self) -> dict[str, Any]:
+        options = super().export_options()
+        options["bits"] = self.config.quantizer.bits
+        options["reclusterings"] = self.quantizer.clusterings
+        options["trainer"] = asdict(self.config)
+        return options
