@@ -59,7 +59,8 @@ def run_train(args: argparse.Namespace) -> dict[str, Any]:
     manifest, tensors = learner.export()
     metrics = _train_metrics(args, history, train_cfg)
     metrics.update(_test_metrics(Bundle(manifest, tensors), backbone, dataset, args))
-    save_split(Path(args.save_split or f"{output}.split.json"), train_samples, classnames, args.shots, args.seed)
+    save_split(Path(args.save_split or f"{output}.split.json"), train_samples, classnames, args.shots, args.seed,
+               _dataset_root(args))
     size = write_bundle(output, dataclasses.replace(manifest, metrics=metrics), tensors)
     return {"bundle": str(output), "bytes": size, "method": args.method, **metrics}
 
@@ -77,8 +78,14 @@ def _training_set(dataset: Dataset, args: argparse.Namespace) -> tuple[tuple[str
         base, _ = base_novel_split(dataset.classnames)
         classnames, pool = base.classnames, base.select(pool)
     if args.load_split:
-        return classnames, load_split(Path(args.load_split), classnames)
+        return classnames, load_split(Path(args.load_split), classnames, _dataset_root(args))
     return classnames, sample_few_shot(pool, args.shots, args.seed)
+
+
+def _dataset_root(args: argparse.Namespace) -> Path:
+    """The folder saved splits are relative to: the dataset folder (or the CSV file's folder)."""
+    data = Path(args.data)
+    return data.parent if data.is_file() else data
 
 
 def _method_options(args: argparse.Namespace) -> dict[str, Any]:

@@ -35,20 +35,23 @@ def sample_few_shot(samples: list[Sample], shots: int, seed: int) -> list[Sample
     return chosen
 
 
-def save_split(path: Path, samples: list[Sample], classnames: tuple[str, ...], shots: int, seed: int) -> None:
-    """Record exactly which images a run trained on (atomically), so it can be repeated."""
+def save_split(path: Path, samples: list[Sample], classnames: tuple[str, ...], shots: int, seed: int,
+               root: Path) -> None:
+    """Record exactly which images a run trained on (atomically), so it can be repeated; paths are kept
+    relative to the dataset `root`, so the split still works when the dataset moves to another machine."""
     doc = {
         "format": SPLIT_FORMAT,
         "shots": shots,
         "seed": seed,
         "classnames": list(classnames),
-        "train": [[str(s.path), s.label, s.classname] for s in samples],
+        "train": [[_relative(s.path, root), s.label, s.classname] for s in samples],
     }
     atomic_write(Path(path), json.dumps(doc, indent=1).encode())
 
 
-def load_split(path: Path, classnames: tuple[str, ...]) -> list[Sample]:
-    """The samples of a saved split; refuses one made for other classes than `classnames`."""
+def load_split(path: Path, classnames: tuple[str, ...], root: Path) -> list[Sample]:
+    """The samples of a saved split (relative paths resolved against the dataset `root`); refuses one
+    made for other classes than `classnames`."""
     try:
         doc = json.loads(Path(path).read_text())
     except (OSError, json.JSONDecodeError) as exc:
@@ -57,7 +60,14 @@ def load_split(path: Path, classnames: tuple[str, ...]) -> list[Sample]:
         raise DataError(f"{path}: not a saved few-shot split (format must be {SPLIT_FORMAT!r})")
     if tuple(doc.get("classnames", ())) != tuple(classnames):
         raise DataError(f"{path}: the saved split was made for other classes than {list(classnames)[:5]}...")
-    return [Sample(Path(p), label, name) for p, label, name in doc["train"]]
+    return [Sample(root / p, label, name) for p, label, name in doc["train"]]
+
+
+def _relative(path: Path, root: Path) -> str:
+    try:
+        return str(Path(path).resolve().relative_to(Path(root).resolve()))
+    except ValueError:  # outside the dataset folder (e.g. a CSV naming absolute paths): keep it as it is
+        return str(path)
 
 
 @dataclass(frozen=True)

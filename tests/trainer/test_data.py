@@ -75,14 +75,27 @@ def test_undecodable_image_is_named(tmp_path: Path) -> None:
         open_image(tmp_path / "missing.png")
 
 
-def test_few_shot_is_seeded_per_class_and_saved(coop_dataset, tmp_path: Path) -> None:
+def test_few_shot_is_seeded_per_class_and_saved(coop_dataset, coop_root: Path, tmp_path: Path) -> None:
     train = coop_dataset.split("train")
     first = sample_few_shot(train, 2, seed=3)
     assert first == sample_few_shot(list(reversed(train)), 2, seed=3)  # order of the input does not matter
     assert first != sample_few_shot(train, 2, seed=4)
     assert sorted(s.label for s in first) == [0, 0, 1, 1, 2, 2, 3, 3]
-    save_split(tmp_path / "split.json", first, coop_dataset.classnames, shots=2, seed=3)
-    assert load_split(tmp_path / "split.json", coop_dataset.classnames) == first
+    save_split(tmp_path / "split.json", first, coop_dataset.classnames, shots=2, seed=3, root=coop_root)
+    assert load_split(tmp_path / "split.json", coop_dataset.classnames, coop_root) == first
+
+
+def test_a_saved_split_still_works_after_the_dataset_moves(coop_dataset, coop_root: Path, tmp_path: Path) -> None:
+    import json
+    import shutil
+
+    chosen = sample_few_shot(coop_dataset.split("train"), 1, seed=0)
+    save_split(tmp_path / "split.json", chosen, coop_dataset.classnames, shots=1, seed=0, root=coop_root)
+    assert not any(Path(p).is_absolute() for p, _, _ in json.loads((tmp_path / "split.json").read_text())["train"])
+    moved = shutil.copytree(coop_root, tmp_path / "moved")
+    reloaded = load_split(tmp_path / "split.json", coop_dataset.classnames, moved)
+    assert [s.path for s in reloaded] == [moved / s.path.relative_to(coop_root) for s in chosen]
+    assert all(s.path.is_file() for s in reloaded)
 
 
 def test_more_shots_than_images_names_the_class(coop_dataset) -> None:
