@@ -1,0 +1,1 @@
+"""promptserve trainer: few-shot prompt learning on a frozen open_clip CLIP."""
