@@ -1,0 +1,81 @@
+"""Vocabulary of the procedural world: the attribute values and the task families.
+
+Everything here is plain data so that the renderer, the captioner, the pretraining script and the
+few-shot dataset builders agree on names and order. Class order is part of the contract: label ``i``
+of a family is ``FAMILIES[family][i]``.
+"""
+
+from __future__ import annotations
+
+# Shapes chosen to stay distinct at 48..64 px: filled silhouettes with different corner counts,
+# holes, concavities or aspect ratios. Orientation is fixed (only a few degrees of jitter), so
+# "diamond" vs "square" and the direction of the arrow stay meaningful.
+SHAPES: tuple[str, ...] = (
+    "circle",
+    "ellipse",
+    "square",
+    "triangle",
+    "pentagon",
+    "hexagon",
+    "star",
+    "cross",
+    "plus",
+    "heart",
+    "diamond",
+    "ring",
+    "arrow",
+    "crescent",
+    "trapezoid",
+    "semicircle",
+)
+
+# Sixteen named colours, spread over hue and lightness so that neighbours stay apart after the
+# per-image jitter (at most +-12 per channel and a mild shading factor).
+COLOURS: dict[str, tuple[int, int, int]] = {
+    "red": (215, 25, 30),
+    "orange": (245, 130, 20),
+    "yellow": (250, 220, 30),
+    "lime": (160, 230, 40),
+    "green": (20, 140, 40),
+    "teal": (0, 128, 128),
+    "cyan": (40, 220, 235),
+    "blue": (30, 80, 230),
+    "navy": (15, 25, 110),
+    "purple": (120, 50, 170),
+    "magenta": (225, 30, 200),
+    "pink": (255, 160, 200),
+    "brown": (125, 75, 35),
+    "black": (20, 20, 20),
+    "white": (245, 245, 245),
+    "grey": (128, 128, 128),
+}
+
+# Relative size of the shape's bounding box (fraction of the canvas side).
+SIZES: dict[str, float] = {"small": 0.46, "medium": 0.62, "large": 0.78}
+
+# Position of the shape's centre; offsets are a fraction of the free margin.
+POSITIONS: dict[str, tuple[float, float]] = {
+    "center": (0.0, 0.0),
+    "left": (-1.0, 0.0),
+    "right": (1.0, 0.0),
+    "top": (0.0, -1.0),
+    "bottom": (0.0, 1.0),
+}
+
+# Background tone. Named with words that are not colour classes, so "red" always means the shape.
+BACKGROUNDS: tuple[str, ...] = ("light", "dark")
+
+# Low-contrast background texture.
+TEXTURES: tuple[str, ...] = ("plain", "striped", "dotted", "checkered", "gradient")
+
+# Rendering styles. "photo" is the source domain; "outline" and "noisy" are domain shifts.
+STYLES: tuple[str, ...] = ("photo", "outline", "noisy")
+SHIFT_STYLES: tuple[str, ...] = ("outline", "noisy")
+
+FAMILIES: dict[str, list[str]] = {
+    "shape": list(SHAPES),
+    "colour": list(COLOURS),
+}
+
+# The attribute of a SampleSpec that each family reads its label from.
+FAMILY_ATTRIBUTE: dict[str, str] = {"shape": "shape", "colour": "colour"}
