@@ -23,16 +23,20 @@ from service.text_encoder import PromptTextEncoder
 
 log = logging.getLogger(__name__)
 
-MODEL_CONFIG_DIR = Path(__file__).parent / "assets" / "model_configs"
-open_clip.add_model_config(MODEL_CONFIG_DIR)
+ASSETS = Path(__file__).parent / "assets"
+open_clip.add_model_config(ASSETS / "model_configs")
+
+# Weights shipped inside the package, by (model, tag): a bundle records the tag, never a local path.
+EMBEDDED_WEIGHTS = {("promptserve-tiny", "world-v1"): ASSETS / "tiny_clip" / "weights.safetensors"}
 
 
 @dataclass(frozen=True)
 class BackboneSpec:
     """Which open_clip model to load.
 
-    `pretrained` is an open_clip tag (e.g. "openai"), a local checkpoint path, or None for random
-    weights drawn from `seed` (deterministic, so restarts keep the same fingerprint).
+    `pretrained` is an open_clip tag (e.g. "openai"), an embedded tag (`EMBEDDED_WEIGHTS`), a local
+    checkpoint path, or None for random weights drawn from `seed` (deterministic, so restarts keep the
+    same fingerprint).
     """
 
     model: str
@@ -121,6 +125,12 @@ class Backbone:
         return self.image_encoder(pixels)
 
 
+def weights_source(spec: BackboneSpec) -> str | None:
+    """What open_clip should load: embedded tags become the packaged file, anything else passes through."""
+    embedded = EMBEDDED_WEIGHTS.get((spec.model, spec.pretrained))
+    return str(embedded) if embedded else spec.pretrained
+
+
 def load_backbone(spec: BackboneSpec) -> Backbone:
     """Build the open_clip model named by `spec` (weights by tag, local path, or seeded random)."""
     if spec.model not in open_clip.list_models() and not spec.model.startswith("local-dir:"):
@@ -130,7 +140,7 @@ def load_backbone(spec: BackboneSpec) -> Backbone:
     if spec.pretrained is None:
         torch.manual_seed(spec.seed)
     log.info("loading backbone %s (pretrained=%s)", spec.model, spec.pretrained)
-    model, _, preprocess = open_clip.create_model_and_transforms(spec.model, pretrained=spec.pretrained)
+    model, _, preprocess = open_clip.create_model_and_transforms(spec.model, pretrained=weights_source(spec))
     tokenizer = open_clip.get_tokenizer(spec.model)
     backbone = Backbone(spec, model, preprocess, tokenizer)
     log.info("backbone ready on %s, fingerprint %s", backbone.device, backbone.fingerprint[:19])
