@@ -221,7 +221,7 @@ def _outline_coverage(shape: str, size: int, box: float, centre, rotation: float
     full = shape_mask(shape, size * ss, box * ss, (centre[0] * ss, centre[1] * ss), rotation, supersample=2)
     mask = Image.fromarray((full * 255).astype(np.uint8))
     eroded = mask
-    for _ in range(max(1, int(round(stroke_px * ss)))):  # n 3x3 erosions == one (2n+1)^2 erosion
+    for _ in range(max(1, int(round(stroke_px * ss)))):  # noqa: RUF046  (numpy floats round to floats)
         eroded = eroded.filter(ImageFilter.MinFilter(3))
     ring = np.asarray(mask, dtype=np.float32) - np.asarray(eroded, dtype=np.float32)
     small = Image.fromarray(np.clip(ring, 0, 255).astype(np.uint8)).resize((size, size), Image.Resampling.BOX)
