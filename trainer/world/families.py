@@ -51,7 +51,7 @@ COLOURS: dict[str, tuple[int, int, int]] = {
 }
 
 # Relative size of the shape's bounding box (fraction of the canvas side).
-SIZES: dict[str, float] = {"small": 0.46, "medium": 0.62, "large": 0.78}
+SIZES: dict[str, float] = {"small": 0.5, "medium": 0.64, "large": 0.8}
 
 # Position of the shape's centre; offsets are a fraction of the free margin.
 POSITIONS: dict[str, tuple[float, float]] = {

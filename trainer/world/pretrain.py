@@ -30,7 +30,16 @@ import torch.nn.functional as F
 
 from .captions import ATTRIBUTES, random_caption
 from .dataset import family_specs, render_pool
-from .families import BACKGROUNDS, COLOURS, FAMILIES, FAMILY_ATTRIBUTE, POSITIONS, SHAPES, SIZES, STYLES, TEXTURES
+from .families import (
+    BACKGROUNDS,
+    COLOURS,
+    FAMILIES,
+    POSITIONS,
+    SHAPES,
+    SIZES,
+    STYLES,
+    TEXTURES,
+)
 from .render import sample_specs
 
 log = logging.getLogger("trainer.world.pretrain")
@@ -61,6 +70,8 @@ def model_config(args) -> dict:
             "patch_size": args.patch_size,
             "head_width": 64,
             "mlp_ratio": 4.0,
+            "pool_type": args.pool_type,
+            "pos_embed_type": args.pos_embed,
         },
         "text_cfg": {
             "context_length": args.context_length,
@@ -176,7 +187,7 @@ def sample_batch(args, gen: torch.Generator, n: int, colour_groups) -> torch.Ten
     has to separate them by shape: colour is learned first and otherwise dominates the gradient.
     """
     k = args.colours_per_batch
-    if not k:
+    if not k or colour_groups is None:
         return torch.randint(n, (args.batch,), generator=gen)
     chosen = torch.randperm(len(colour_groups), generator=gen)[:k].tolist()
     per = [args.batch // k + (1 if j < args.batch % k else 0) for j in range(k)]
@@ -208,25 +219,28 @@ def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--out", default="service/assets/tiny_clip")
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--steps", type=int, default=1200)
-    p.add_argument("--batch", type=int, default=256)
+    p.add_argument("--steps", type=int, default=3000)
+    p.add_argument("--batch", type=int, default=128)
     p.add_argument("--lr", type=float, default=1e-3)
     p.add_argument("--wd", type=float, default=0.1)
-    p.add_argument("--warmup", type=int, default=60)
+    p.add_argument("--warmup", type=int, default=100)
     p.add_argument("--pool", type=int, default=40000)
     p.add_argument("--p-outline", type=float, default=0.1, help="share of outline renders in the pool")
     p.add_argument("--p-noisy", type=float, default=0.0, help="share of noisy renders (0: held-out shift)")
-    p.add_argument("--image-size", type=int, default=64)
-    p.add_argument("--patch-size", type=int, default=8)
+    p.add_argument("--image-size", type=int, default=48)
+    p.add_argument("--patch-size", type=int, default=12)
     p.add_argument("--vision-width", type=int, default=128)
     p.add_argument("--vision-layers", type=int, default=4)
+    p.add_argument("--pool-type", default="avg", choices=["tok", "avg"], help="image feature pooling")
+    p.add_argument("--pos-embed", default="sin_cos_2d", choices=["learnable", "sin_cos_2d"])
     p.add_argument("--text-width", type=int, default=128)
     p.add_argument("--text-layers", type=int, default=3)
     p.add_argument("--context-length", type=int, default=32)
     p.add_argument("--embed-dim", type=int, default=128)
-    p.add_argument("--colours-per-batch", type=int, default=0, help="0: uniform batches")
+    p.add_argument("--colours-per-batch", type=int, default=1, help="k colours per batch (0: uniform batches)")
+    p.add_argument("--uniform-every", type=int, default=2, help="every n-th batch uniform (0: never)")
     p.add_argument("--threads", type=int, default=2)
-    p.add_argument("--eval-every", type=int, default=200)
+    p.add_argument("--eval-every", type=int, default=250)
     p.add_argument("--eval-per-class", type=int, default=50)
     p.add_argument("--eval-seed", type=int, default=10_000)
     p.add_argument("--max-minutes", type=float, default=0.0, help="stop training after this (0: no limit)")
@@ -272,7 +286,8 @@ def main(argv=None) -> dict:
         lr = lr_at(step, args.steps, args.warmup, args.lr)
         for g in opt.param_groups:
             g["lr"] = lr
-        idx = sample_batch(args, gen, len(pool), colour_groups)
+        mixed = args.uniform_every and step % args.uniform_every == 0
+        idx = sample_batch(args, gen, len(pool), None if mixed else colour_groups)
         texts, mentions = [], torch.zeros(args.batch, len(ATTRIBUTES), dtype=torch.bool)
         for b, i in enumerate(idx.tolist()):
             text, m = random_caption(specs[i], styles[i], cap_rng)
@@ -332,7 +347,107 @@ def main(argv=None) -> dict:
     }
     if not args.no_save:
         save(model, cfg, metrics, Path(args.out))
+        write_model_card(Path(args.out), cfg, metrics, argv)
     return metrics
+
+
+def write_model_card(out: Path, cfg: dict, metrics: dict, argv=None) -> None:
+    import sys
+
+    args = metrics["args"]
+    command = "python -m trainer.world.pretrain " + " ".join(sys.argv[1:] if argv is None else argv)
+    acc, ens = metrics["zero_shot"], metrics["zero_shot_ensemble"]
+    rows = "\n".join(
+        f"| {family} ({len(FAMILIES[family])} classes) | "
+        + " | ".join(f"{acc[f'{family}/{s}']:.1%} ({ens[f'{family}/{s}']:.1%})" for s in STYLES)
+        + " |"
+        for family in FAMILIES
+    )
+    history = "\n".join(
+        f"| {h['step']} | {h['elapsed_s'] / 60:.1f} | {h['shape/photo']:.1%} | {h['colour/photo']:.1%} |"
+        for h in metrics["history"]
+    )
+    size_mb = (out / "weights.safetensors").stat().st_size / 1e6
+    k, every = args["colours_per_batch"], args.get("uniform_every", 0)
+    batches = "uniform over the pool"
+    if k:
+        batches = f"drawn from only {k} colour(s), so shape (not colour) must separate most pairs"
+        if every:
+            batches += f"; 1 batch in {every} is uniform instead (colour is learned there)"
+    text = f"""# tiny_clip: a tiny open_clip CLIP pretrained on the procedural world
+
+A {metrics['params'] / 1e6:.2f}M-parameter open_clip `CLIP` (ViT image tower, causal text transformer with
+open_clip's own 49408-token BPE vocabulary) trained from scratch, contrastively, on images rendered by
+`trainer/world` (16 shapes x 16 colours x sizes, positions, backgrounds, textures). It is the product's
+embedded default backbone: small, real, and deterministic to rebuild. It knows nothing outside this world.
+
+## Files
+- `config.json`: the open_clip model config (plain format).
+- `open_clip_config.json`: the same config plus the preprocessing (`local-dir:` loading).
+- `weights.safetensors`: fp16 `state_dict` ({size_mb:.1f} MB); loads into an fp32 model.
+- `metrics.json`: every number below, the arguments and the versions.
+
+## Loading
+```python
+import open_clip
+model, _, preprocess = open_clip.create_model_and_transforms("local-dir:service/assets/tiny_clip")
+tokenizer = open_clip.get_tokenizer("local-dir:service/assets/tiny_clip")
+# or: open_clip.add_model_config("service/assets/tiny_clip/config.json")   # registers the name "config"
+#     open_clip.create_model("config", pretrained="service/assets/tiny_clip/weights.safetensors")
+# or: trainer.world.tinyclip.load_tiny_clip()
+```
+Preprocessing: resize/centre-crop to {cfg['vision_cfg']['image_size']} px, OpenAI CLIP mean/std.
+
+## Config
+```json
+{json.dumps(cfg, indent=2)}
+```
+
+## Training
+- Command: `{command}`
+- Seed {args['seed']}; {metrics['steps']} steps, batch {args['batch']}, AdamW (lr {args['lr']}, betas 0.9/0.98,
+  weight decay {args['wd']} on matrices only), {args['warmup']} warm-up steps then cosine to 0, grad-norm clip 1.0,
+  logit scale learned (init 1/0.07, clamped at 100).
+- Data: a pool of {args['pool']} images rendered once (seed {args['seed']}), {args['image_size']} px; styles: photo,
+  outline ({args['p_outline']:.0%} of the pool), noisy ({args['p_noisy']:.0%}: held out, a pure domain shift).
+  Captions are drawn per step: colour + shape, shape only, colour only, rich descriptions (size, position,
+  background, texture) and long captions (to train positions up to ~28 tokens).
+- Batches: {batches}.
+- Loss: symmetric CLIP InfoNCE with several positives per row (every caption in the batch that is true of
+  the image, by the attributes it names); equal to open_clip's `ClipLoss` when each row has one positive.
+- Training time: {metrics['train_seconds'] / 60:.1f} min on 2 shared CPU cores (torch {metrics['torch']},
+  open_clip {metrics['open_clip']}, {args['threads']} threads). Other jobs shared the cores, so wall time varies.
+
+## Zero-shot accuracy
+Held-out renders (seed {metrics['eval']['seed']}, {metrics['eval']['per_class']} per class and style), prompt
+`a photo of a {{class}}.`; in brackets the mean of 3 templates ("a photo / picture / an image of a {{}}.").
+Chance is 1/16 = 6.25%.
+
+| family | photo | outline | noisy (never seen) |
+|---|---|---|---|
+{rows}
+
+Progress (quick check on 10 photo renders per class):
+
+| step | minutes | shape | colour |
+|---|---|---|---|
+{history}
+
+## How this recipe was found
+Short runs (batch 128, 48 px, ~600-800 steps) all learned colour within ~200 steps, while shape stayed near
+chance for the first several hundred steps (8-13% at step 350-450 with patch 8, CLS pooling or uniform
+batches, and with 64 px). What helped: average pooling + fixed 2D sin-cos position embeddings, batches of one
+colour (alternating with uniform ones), larger and more often centred shapes, patch 12 (16 tokens: 0.4 s a
+step instead of 0.6-1.3 s, so more steps fit) and simply more steps: shape accuracy takes off after ~500 steps
+(see the progress table).
+
+## Limits
+- Only this world: 16 shapes, 16 colours, fixed orientation (+-6 degrees); words outside its captions have
+  untrained embeddings. Class names are single words used as "a photo of a {{name}}.".
+- Bit-exact reproduction needs the same torch build and thread count (float reductions); the renderer
+  and the data order are deterministic by seed.
+"""
+    (out / "MODEL_CARD.md").write_text(text)
 
 
 def save(model, cfg: dict, metrics: dict, out: Path) -> None:
