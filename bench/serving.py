@@ -92,7 +92,7 @@ def start_service(args, registry: str, backend: str) -> tuple[subprocess.Popen, 
     port = free_port()
     env = os.environ | {
         "PROMPTSERVE_MODEL": args.model, "PROMPTSERVE_DEVICE": args.device, "PROMPTSERVE_REGISTRY": registry,
-        "PROMPTSERVE_ADMIN_TOKEN": TOKEN, "PROMPTSERVE_DEMO_TASK": "", "PROMPTSERVE_IMAGE_BACKEND": backend,
+        "PROMPTSERVE_ADMIN_TOKEN": TOKEN, "PROMPTSERVE_DEMO": "false", "PROMPTSERVE_IMAGE_BACKEND": backend,
         "PROMPTSERVE_ONNX_CACHE_DIR": str(Path(registry).parent / "onnx"),
     }
     process = subprocess.Popen([sys.executable, "-m", "service", "--port", str(port)], env=env,

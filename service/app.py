@@ -18,7 +18,7 @@ from service.backbone import Backbone, load_backbone
 from service.batcher import MicroBatcher
 from service.body_limit import BodySizeLimit
 from service.config import MiB, Settings
-from service.demo import seed_demo_task
+from service.demo import seed_demo_tasks
 from service.errors import ServiceError
 from service.metrics import Metrics, MetricsMiddleware
 from service.registry import UnknownTask, open_registry
@@ -32,8 +32,8 @@ def build_state(settings: Settings, metrics: Metrics, backbone: Backbone | None 
     backbone = backbone or load_backbone(settings.backbone_spec())
     tasks = TaskManager(backbone, open_registry(settings.registry), settings.max_classes)
     tasks.restore()
-    if settings.demo_task:
-        seed_demo_task(tasks, settings.demo_task)
+    if settings.demo:
+        seed_demo_tasks(tasks)
     batcher = MicroBatcher(backbone.encode_images, max_batch=settings.batch_max_images,
                            max_wait_s=settings.batch_max_wait_ms / 1000,
                            max_queued_images=settings.batch_max_queued_images)

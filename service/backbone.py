@@ -24,7 +24,8 @@ from service.text_encoder import PromptTextEncoder
 log = logging.getLogger(__name__)
 
 ASSETS = Path(__file__).parent / "assets"
-open_clip.add_model_config(ASSETS / "model_configs")
+# The embedded tiny CLIP (trainer/world/pretrain.py made it); open_clip names a config file by its stem.
+open_clip.add_model_config(ASSETS / "tiny_clip" / "promptserve-tiny.json")
 
 # Weights shipped inside the package, by (model, tag): a bundle records the tag, never a local path.
 EMBEDDED_WEIGHTS = {("promptserve-tiny", "world-v1"): ASSETS / "tiny_clip" / "weights.safetensors"}

@@ -16,13 +16,14 @@ class Settings(BaseSettings):
     model_config = SettingsConfigDict(env_prefix="PROMPTSERVE_", frozen=True)
 
     model: str = Field("promptserve-tiny", description="open_clip model name (or local-dir:PATH)")
-    pretrained: str | None = Field(None, description="open_clip tag or local checkpoint path; none = seeded random")
+    pretrained: str | None = Field("world-v1", description="open_clip tag, embedded tag or checkpoint path; "
+                                   "empty = seeded random weights")
     seed: int = Field(0, description="seed for random weights when `pretrained` is unset")
     device: str = Field("auto", description="'auto' (cuda when available), 'cpu' or 'cuda[:N]'")
     image_backend: Literal["torch", "onnx"] = Field("torch", description="image encoder: torch, or onnx (CPU)")
     onnx_cache_dir: str = Field("var/onnx", description="where exported ONNX image towers are cached")
     registry: str = Field("var/registry", description="directory that stores bundles and active versions")
-    demo_task: str | None = Field("demo", description="zero-shot task created when the registry is empty")
+    demo: bool = Field(True, description="seed zero-shot demo tasks (shapes, colours) into an empty registry")
 
     admin_token: SecretStr | None = Field(None, description="bearer token for uploads and deletes")
     classify_token: SecretStr | None = Field(None, description="if set, classify needs this (or the admin) token")
@@ -41,7 +42,7 @@ class Settings(BaseSettings):
     port: int = 8000
 
     def backbone_spec(self) -> BackboneSpec:
-        return BackboneSpec(model=self.model, pretrained=self.pretrained, device=self.device, seed=self.seed,
+        return BackboneSpec(model=self.model, pretrained=self.pretrained or None, device=self.device, seed=self.seed,
                             image_backend=self.image_backend, onnx_cache_dir=self.onnx_cache_dir)
 
     @property

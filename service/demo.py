@@ -1,4 +1,7 @@
-"""The demo task that a fresh service starts with, so README command 1 classifies something at once."""
+"""The demo tasks a fresh service starts with, so README command 1 classifies something at once.
+
+Their classes are the two task families of the embedded tiny CLIP's world (trainer/world/families.py).
+"""
 
 from __future__ import annotations
 
@@ -9,19 +12,20 @@ from service.tasks import TaskManager
 
 log = logging.getLogger(__name__)
 
-DEMO_CLASSES = ("circle", "square", "triangle", "star")
-DEMO_TEMPLATES = ["a photo of a {}.", "a drawing of a {}."]
+DEMO_TASKS = {
+    "shapes": ("circle", "ellipse", "square", "triangle", "pentagon", "hexagon", "star", "cross", "plus", "heart",
+               "diamond", "ring", "arrow", "crescent", "trapezoid", "semicircle"),
+    "colours": ("red", "orange", "yellow", "lime", "green", "teal", "cyan", "blue", "navy", "purple", "magenta",
+                "pink", "brown", "black", "white", "grey"),
+}
+DEMO_TEMPLATES = ["a photo of a {}."]
 
 
-def seed_demo_task(tasks: TaskManager, name: str) -> None:
-    """Publish a zero-shot demo task when the registry holds no task at all."""
+def seed_demo_tasks(tasks: TaskManager) -> None:
+    """Publish zero-shot demo tasks when the registry holds no task at all."""
     if tasks.registry.active_versions():
         return
-    manifest = Manifest(
-        method="zeroshot",
-        backbone=tasks.backbone.ref(),
-        classnames=DEMO_CLASSES,
-        options={"templates": DEMO_TEMPLATES},
-    )
-    tasks.publish(name, encode_bundle(manifest, {}))
-    log.info("seeded demo task %r with classes %s", name, ", ".join(DEMO_CLASSES))
+    for name, classnames in DEMO_TASKS.items():
+        manifest = Manifest("zeroshot", tasks.backbone.ref(), classnames, options={"templates": DEMO_TEMPLATES})
+        tasks.publish(name, encode_bundle(manifest, {}))
+    log.info("seeded demo tasks %s", ", ".join(DEMO_TASKS))

@@ -33,7 +33,7 @@ def png(color=(200, 30, 30), size=(40, 40)) -> bytes:
 
 
 def settings_for(tmp_path, **overrides) -> Settings:
-    values = dict(model="test-micro", registry=str(tmp_path / "registry"), admin_token=TOKEN, demo_task=None)
+    values = dict(model="test-micro", registry=str(tmp_path / "registry"), admin_token=TOKEN, demo=False)
     return Settings(**(values | overrides))
 
 
@@ -283,12 +283,13 @@ async def test_a_broken_stored_bundle_is_reported_and_others_still_restore(backb
         assert (await classify(client, "good", [png()])).status_code == 200
 
 
-async def test_demo_task_is_seeded_only_into_an_empty_registry(backbone, tmp_path):
-    settings = settings_for(tmp_path, demo_task="demo")
+async def test_demo_tasks_are_seeded_only_into_an_empty_registry(backbone, tmp_path):
+    settings = settings_for(tmp_path, demo=True)
     async with running(backbone, settings) as client:
-        demo = (await client.get("/v1/tasks/demo")).json()
-        assert demo["method"] == "zeroshot" and demo["num_classes"] >= 2
-        assert (await client.delete("/v1/tasks/demo", headers=ADMIN)).status_code == 204
+        for name in ("shapes", "colours"):
+            demo = (await client.get(f"/v1/tasks/{name}")).json()
+            assert demo["method"] == "zeroshot" and demo["num_classes"] == 16
+            assert (await client.delete(f"/v1/tasks/{name}", headers=ADMIN)).status_code == 204
         await upload(client, "mine", coop_for(backbone))
     async with running(backbone, settings) as client:
         assert [t["name"] for t in (await client.get("/v1/tasks")).json()["tasks"]] == ["mine"]

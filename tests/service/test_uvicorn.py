@@ -70,8 +70,15 @@ def test_uvicorn_service_serves_swaps_and_restores(tmp_path):
     service = ServiceProcess(tmp_path / "registry")
     try:
         backbone = service.wait_ready()["backbone"]
-        demo = classify_sample(service.url, "demo")
-        assert demo.status_code == 200 and len(demo.json()["results"]) == len(list(SAMPLES.glob("*.png")))
+        # the README's example: the embedded tiny CLIP names the sample images' shape and colour
+        files = [("images", (p.name, p.read_bytes(), "image/png")) for p in sorted(SAMPLES.glob("*.png"))]
+        demo = httpx.post(f"{service.url}/v1/classify", params=[("tasks", "shapes"), ("tasks", "colours")],
+                          files=files, timeout=60)
+        assert demo.status_code == 200, demo.text
+        for result in demo.json()["results"]:
+            colour, shape = result["filename"].removesuffix(".png").split("_")
+            top = {a["task"]: a["predictions"][0]["label"] for a in result["answers"]}
+            assert top == {"shapes": shape, "colours": colour}, result
 
         headers = {"Authorization": f"Bearer {TOKEN}", "Content-Type": "application/octet-stream"}
         versions = {v: [f"thing{i} v{v}" for i in range(3)] for v in (1, 2)}
@@ -99,7 +106,7 @@ def test_uvicorn_service_serves_swaps_and_restores(tmp_path):
     try:
         restarted.wait_ready()
         tasks = {t["name"]: t["version"] for t in httpx.get(f"{restarted.url}/v1/tasks").json()["tasks"]}
-        assert tasks == {"demo": 1, "things": 2}
+        assert tasks == {"shapes": 1, "colours": 1, "things": 2}
         assert classify_sample(restarted.url, "things").json() == before
     finally:
         restarted.stop()

@@ -20,7 +20,7 @@ def service_top1(backbone: Backbone, registry: Path, bundles: dict[str, bytes], 
 
 
 async def _run(backbone: Backbone, registry: Path, bundles: dict[str, bytes], images: list[Path]) -> dict[str, list]:
-    settings = Settings(registry=str(registry), admin_token=TOKEN, demo_task=None, model=backbone.spec.model)
+    settings = Settings(registry=str(registry), admin_token=TOKEN, demo=False, model=backbone.spec.model)
     app = create_app(settings, backbone=backbone)
     auth = {"Authorization": f"Bearer {TOKEN}"}
     out = {}

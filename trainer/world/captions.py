@@ -103,6 +103,7 @@ def random_caption(spec: SampleSpec, style: str, rng: np.random.Generator) -> tu
     else:  # long captions: train positional embeddings up to ~28 tokens
         long_prefix = LONG_PREFIXES[int(rng.integers(len(LONG_PREFIXES)))]
         bg, m = _background_phrase(spec)
-        text = f"{long_prefix} {spec.size} {spec.colour} {spec.shape} {POSITION_PHRASES[spec.position]} of the frame, drawn {bg}."
+        where = POSITION_PHRASES[spec.position]
+        text = f"{long_prefix} {spec.size} {spec.colour} {spec.shape} {where} of the frame, drawn {bg}."
         mentions = {"size", "colour", "shape", "position"} | m
     return text, frozenset(mentions)

@@ -67,6 +67,6 @@ def render_pool(specs: list[SampleSpec], styles: list[str] | str = "photo", size
     if len(styles) != len(specs):
         raise ValueError("need one style per spec")
     pool = np.empty((len(specs), size, size, 3), dtype=np.uint8)
-    for i, (spec, style) in enumerate(zip(specs, styles)):
+    for i, (spec, style) in enumerate(zip(specs, styles, strict=True)):
         pool[i] = np.asarray(render(spec, style=style, size=size))
     return pool

@@ -4,9 +4,9 @@
 
 Renders an image pool once (uint8 tensor, optionally cached under ``var/``), trains an open_clip
 ``CLIP`` from scratch with AdamW + warm-up + cosine decay, evaluates zero-shot accuracy per family
-and per style on held-out renders, and writes ``config.json`` (plain open_clip model config),
-``open_clip_config.json`` (model + preprocess config, so ``local-dir:`` loading works),
-``weights.safetensors`` (fp16 state_dict) and ``metrics.json`` into ``--out``.
+and per style on held-out renders, and writes ``promptserve-tiny.json`` (the open_clip model config,
+registered under that name by ``service.backbone``), ``weights.safetensors`` (fp16 state_dict) and
+``metrics.json`` into ``--out``. The service loads it as model ``promptserve-tiny``, pretrained ``world-v1``.
 
 Loss: CLIP's symmetric InfoNCE, generalised to several positives. In this small world many captions
 in a batch describe several images ("a photo of a star." fits every star), so the target of each
@@ -44,6 +44,7 @@ from .render import sample_specs
 
 log = logging.getLogger("trainer.world.pretrain")
 
+MODEL_NAME = "promptserve-tiny"  # the name service.backbone registers this config under
 OPENAI_MEAN = (0.48145466, 0.4578275, 0.40821073)
 OPENAI_STD = (0.26862954, 0.26130258, 0.27577711)
 ZS_TEMPLATE = "a photo of a {}."
@@ -85,7 +86,7 @@ def model_config(args) -> dict:
 
 def attribute_codes(specs, styles) -> np.ndarray:
     codes = np.empty((len(specs), len(ATTRIBUTES)), dtype=np.int64)
-    for i, (spec, style) in enumerate(zip(specs, styles)):
+    for i, (spec, style) in enumerate(zip(specs, styles, strict=True)):
         d = spec.to_dict()
         d["style"] = style
         codes[i] = [_VALUES[a].index(d[a]) for a in ATTRIBUTES]
@@ -192,7 +193,7 @@ def sample_batch(args, gen: torch.Generator, n: int, colour_groups) -> torch.Ten
     chosen = torch.randperm(len(colour_groups), generator=gen)[:k].tolist()
     per = [args.batch // k + (1 if j < args.batch % k else 0) for j in range(k)]
     parts = []
-    for c, m in zip(chosen, per):
+    for c, m in zip(chosen, per, strict=True):
         group = colour_groups[c]
         parts.append(group[torch.randint(len(group), (m,), generator=gen)])
     return torch.cat(parts)
@@ -382,19 +383,16 @@ open_clip's own 49408-token BPE vocabulary) trained from scratch, contrastively,
 embedded default backbone: small, real, and deterministic to rebuild. It knows nothing outside this world.
 
 ## Files
-- `config.json`: the open_clip model config (plain format).
-- `open_clip_config.json`: the same config plus the preprocessing (`local-dir:` loading).
+- `promptserve-tiny.json`: the open_clip model config (registered as `promptserve-tiny` by `service.backbone`).
 - `weights.safetensors`: fp16 `state_dict` ({size_mb:.1f} MB); loads into an fp32 model.
 - `metrics.json`: every number below, the arguments and the versions.
 
 ## Loading
 ```python
-import open_clip
-model, _, preprocess = open_clip.create_model_and_transforms("local-dir:service/assets/tiny_clip")
-tokenizer = open_clip.get_tokenizer("local-dir:service/assets/tiny_clip")
-# or: open_clip.add_model_config("service/assets/tiny_clip/config.json")   # registers the name "config"
-#     open_clip.create_model("config", pretrained="service/assets/tiny_clip/weights.safetensors")
-# or: trainer.world.tinyclip.load_tiny_clip()
+from service.backbone import BackboneSpec, load_backbone
+backbone = load_backbone(BackboneSpec("promptserve-tiny", "world-v1"))   # the service's default
+# plain open_clip, once service.backbone has registered the config:
+#     open_clip.create_model("promptserve-tiny", pretrained="service/assets/tiny_clip/weights.safetensors")
 ```
 Preprocessing: resize/centre-crop to {cfg['vision_cfg']['image_size']} px, OpenAI CLIP mean/std.
 
@@ -456,16 +454,7 @@ def save(model, cfg: dict, metrics: dict, out: Path) -> None:
     out.mkdir(parents=True, exist_ok=True)
     state = {k: v.detach().to(torch.float16).contiguous() for k, v in model.state_dict().items()}
     save_file(state, str(out / "weights.safetensors"), metadata={"format": "open_clip-state_dict", "dtype": "float16"})
-    (out / "config.json").write_text(json.dumps(cfg, indent=2) + "\n")
-    preprocess = {
-        "size": cfg["vision_cfg"]["image_size"],
-        "mode": "RGB",
-        "mean": list(OPENAI_MEAN),
-        "std": list(OPENAI_STD),
-        "interpolation": "bicubic",
-        "resize_mode": "shortest",
-    }
-    (out / "open_clip_config.json").write_text(json.dumps({"model_cfg": cfg, "preprocess_cfg": preprocess}, indent=2) + "\n")
+    (out / f"{MODEL_NAME}.json").write_text(json.dumps(cfg, indent=2) + "\n")
     (out / "metrics.json").write_text(json.dumps(metrics, indent=2) + "\n")
     size = os.path.getsize(out / "weights.safetensors")
     print(f"wrote {out}/weights.safetensors ({size / 1e6:.1f} MB)", flush=True)

@@ -198,15 +198,14 @@ def shape_mask(
                 draw.ellipse([x0 - r, y0 - r, x0 + r, y0 + r], fill=fill)
             else:
                 n = 96
-                pts = [(ex + rx * math.cos(2 * math.pi * k / n), ey + ry * math.sin(2 * math.pi * k / n)) for k in range(n)]
+                angles = [2 * math.pi * k / n for k in range(n)]
+                pts = [(ex + rx * math.cos(a), ey + ry * math.sin(a)) for a in angles]
                 draw.polygon([tx(x, y) for x, y in pts], fill=fill)
         elif kind == "pie":
             ex, ey, r, a0, a1 = params
             n = 64
-            pts = [(ex, ey)] + [
-                (ex + r * math.cos(math.radians(a0 + (a1 - a0) * k / n)), ey + r * math.sin(math.radians(a0 + (a1 - a0) * k / n)))
-                for k in range(n + 1)
-            ]
+            angles = [math.radians(a0 + (a1 - a0) * k / n) for k in range(n + 1)]
+            pts = [(ex, ey)] + [(ex + r * math.cos(a), ey + r * math.sin(a)) for a in angles]
             draw.polygon([tx(x, y) for x, y in pts], fill=fill)
     small = canvas.resize((size, size), Image.Resampling.BOX)
     return np.asarray(small, dtype=np.float32) / 255.0
