@@ -91,7 +91,8 @@ def free_port() -> int:
 def start_service(args, registry: str, backend: str) -> tuple[subprocess.Popen, str]:
     port = free_port()
     env = os.environ | {
-        "PROMPTSERVE_MODEL": args.model, "PROMPTSERVE_DEVICE": args.device, "PROMPTSERVE_REGISTRY": registry,
+        "PROMPTSERVE_MODEL": args.model, "PROMPTSERVE_PRETRAINED": "", "PROMPTSERVE_DEVICE": args.device,
+        "PROMPTSERVE_REGISTRY": registry,
         "PROMPTSERVE_ADMIN_TOKEN": TOKEN, "PROMPTSERVE_DEMO": "false", "PROMPTSERVE_IMAGE_BACKEND": backend,
         "PROMPTSERVE_ONNX_CACHE_DIR": str(Path(registry).parent / "onnx"),
     }
@@ -99,7 +100,7 @@ def start_service(args, registry: str, backend: str) -> tuple[subprocess.Popen, 
                                stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     url = f"http://127.0.0.1:{port}"
     deadline = time.monotonic() + 300
-    while time.monotonic() < deadline:
+    while time.monotonic() < deadline and process.poll() is None:
         try:
             if httpx.get(f"{url}/readyz", timeout=2).status_code == 200:
                 return process, url

@@ -19,7 +19,7 @@ from service.batcher import MicroBatcher, Overloaded
 from service.bundle import BundleError
 from service.config import Settings
 from service.errors import ServiceError
-from service.images import decode_image
+from service.images import ImagePreprocessor, decode_image
 from service.metrics import Metrics
 from service.registry import TASK_NAME_PATTERN
 from service.schemas import (
@@ -43,6 +43,7 @@ class AppState:
     backbone: Backbone
     tasks: TaskManager
     metrics: Metrics
+    preprocessor: ImagePreprocessor
     batcher: MicroBatcher
     # Activations run in a worker thread one at a time, so the event loop stays free and a large task's
     # activation never runs twice over alongside classification.
@@ -229,4 +230,4 @@ def _decode_and_preprocess(uploads: list[tuple[str, bytes]], state: AppState) ->
     limits = state.settings
     images = [decode_image(data, max_bytes=limits.max_image_bytes, max_pixels=limits.max_image_pixels,
                            filename=name) for name, data in uploads]
-    return torch.stack([state.backbone.preprocess(image) for image in images])
+    return state.preprocessor.batch(images)

@@ -20,6 +20,7 @@ from service.body_limit import BodySizeLimit
 from service.config import MiB, Settings
 from service.demo import seed_demo_tasks
 from service.errors import ServiceError
+from service.images import ImagePreprocessor
 from service.metrics import Metrics, MetricsMiddleware
 from service.registry import UnknownTask, open_registry
 from service.tasks import TaskManager
@@ -37,7 +38,8 @@ def build_state(settings: Settings, metrics: Metrics, backbone: Backbone | None 
     batcher = MicroBatcher(backbone.encode_images, max_batch=settings.batch_max_images,
                            max_wait_s=settings.batch_max_wait_ms / 1000,
                            max_queued_images=settings.batch_max_queued_images)
-    state = AppState(settings, backbone, tasks, metrics, batcher, anyio.CapacityLimiter(1))
+    state = AppState(settings, backbone, tasks, metrics, ImagePreprocessor(backbone.preprocess), batcher,
+                     anyio.CapacityLimiter(1))
     state.refresh_task_gauges()
     return state
 

@@ -18,6 +18,7 @@ STYLE_PREFIXES: dict[str, tuple[str, ...]] = {
     "photo": ("a photo of a", "a picture of a", "an image of a"),
     "outline": ("an outline drawing of a", "a line drawing of a", "a sketch of a"),
     "noisy": ("a noisy photo of a", "a grainy picture of a", "a blurry photo of a"),
+    "faint": ("a faint photo of a", "a dim picture of a", "a washed-out photo of a"),
 }
 GENERIC_PREFIX = "a photo of a"
 

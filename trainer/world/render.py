@@ -284,7 +284,8 @@ def render(spec: SampleSpec, style: str = "photo", size: int = 64) -> Image.Imag
 
     Styles: ``photo`` (filled, shaded shape on a lightly textured background, mild sensor noise),
     ``outline`` (only a coloured stroke along the silhouette, plain background), ``noisy`` (filled
-    shape with strong noise, grey clutter, lower contrast and blur). Deterministic in its arguments.
+    shape with strong noise, grey clutter, lower contrast and blur), ``faint`` (the same degradations,
+    much stronger). Deterministic in its arguments.
     """
     if style not in STYLES:
         raise ValueError(f"unknown style {style!r}; expected one of {list(STYLES)}")
@@ -318,7 +319,19 @@ def render(spec: SampleSpec, style: str = "photo", size: int = 64) -> Image.Imag
         out = Image.fromarray(np.clip(np.rint(img), 0, 255).astype(np.uint8), "RGB")
         return out
 
-    # noisy: grey clutter strokes, reduced contrast, blur, strong noise
+    return _degrade(img, rng, size, **DEGRADATION[style])
+
+
+# noisy: grey clutter, contrast x0.8, a light blur, strong noise; faint: the same, much further
+DEGRADATION = {
+    "noisy": {"contrast": 0.8, "blur": 0.6, "noise": 22.0},
+    "faint": {"contrast": 0.3, "blur": 1.0, "noise": 40.0},
+}
+
+
+def _degrade(img: np.ndarray, rng: np.random.Generator, size: int, contrast: float, blur: float,
+             noise: float) -> Image.Image:
+    """Grey clutter strokes, reduced contrast, blur and sensor noise over a rendered image."""
     clutter = Image.new("L", (size, size), 0)
     draw = ImageDraw.Draw(clutter)
     for _ in range(int(rng.integers(4, 9))):
@@ -328,8 +341,8 @@ def render(spec: SampleSpec, style: str = "photo", size: int = 64) -> Image.Imag
     grey = rng.uniform(60, 200)
     img = img * (1 - 0.7 * cl[..., None]) + grey * 0.7 * cl[..., None]
     mean = img.mean(axis=(0, 1), keepdims=True)
-    img = mean + 0.8 * (img - mean)
+    img = mean + contrast * (img - mean)
     out = Image.fromarray(np.clip(np.rint(img), 0, 255).astype(np.uint8), "RGB")
-    out = out.filter(ImageFilter.GaussianBlur(radius=0.6))
-    arr = np.asarray(out, dtype=np.float32) + rng.normal(0.0, 22.0, size=(size, size, 3))
+    out = out.filter(ImageFilter.GaussianBlur(radius=blur))
+    arr = np.asarray(out, dtype=np.float32) + rng.normal(0.0, noise, size=(size, size, 3))
     return Image.fromarray(np.clip(np.rint(arr), 0, 255).astype(np.uint8), "RGB")
