@@ -2,13 +2,19 @@
 
 from __future__ import annotations
 
-import argparse
-import logging
+import os
 
-import uvicorn
+# Idle OpenMP workers must sleep, not spin: request threads decode images on the same cores (set before
+# torch loads its OpenMP runtime, which reads it once).
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
-from service.app import create_app
-from service.config import Settings
+import argparse  # noqa: E402
+import logging  # noqa: E402
+
+import uvicorn  # noqa: E402
+
+from service.app import create_app  # noqa: E402
+from service.config import Settings  # noqa: E402
 
 
 def main(argv: list[str] | None = None) -> None:
