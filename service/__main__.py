@@ -2,19 +2,13 @@
 
 from __future__ import annotations
 
-import os
+import argparse
+import logging
 
-# Idle OpenMP workers must sleep, not spin: request threads decode images on the same cores (set before
-# torch loads its OpenMP runtime, which reads it once).
-os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+import uvicorn
 
-import argparse  # noqa: E402
-import logging  # noqa: E402
-
-import uvicorn  # noqa: E402
-
-from service.app import create_app  # noqa: E402
-from service.config import Settings  # noqa: E402
+from service.app import create_app
+from service.config import Settings
 
 
 def main(argv: list[str] | None = None) -> None:
