@@ -28,6 +28,8 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from service.text_encoder import PromptTextEncoder
+
 from .captions import ATTRIBUTES, random_caption
 from .dataset import family_specs, render_pool
 from .families import (
@@ -103,19 +105,6 @@ def multi_positive_clip_loss(img, txt, logit_scale, codes, mentions):
     loss_i = -(t_i2t * F.log_softmax(logits, dim=1)).sum(1).mean()
     loss_t = -(t_t2i * F.log_softmax(logits.T, dim=1)).sum(1).mean()
     return 0.5 * (loss_i + loss_t)
-
-
-def encode_text_cut(model, tokens: torch.Tensor) -> torch.Tensor:
-    """``model.encode_text`` on sequences cut after the longest EOT (identical output, causal mask)."""
-    length = int(tokens.argmax(dim=-1).max()) + 1
-    tokens = tokens[:, :length]
-    cast_dtype = model.transformer.get_cast_dtype()
-    x = model.token_embedding(tokens).to(cast_dtype)
-    x = x + model.positional_embedding[:length].to(cast_dtype)
-    x = model.transformer(x, attn_mask=model.attn_mask[:length, :length])
-    x = model.ln_final(x)
-    x = x[torch.arange(x.shape[0]), tokens.argmax(dim=-1)]
-    return x @ model.text_projection
 
 
 def to_input(batch_u8: torch.Tensor, mean: torch.Tensor, std: torch.Tensor) -> torch.Tensor:
@@ -282,6 +271,7 @@ def main(argv=None) -> dict:
     attr_index = {a: k for k, a in enumerate(ATTRIBUTES)}
     t_train = time.time()
     step = 0
+    text_encoder = PromptTextEncoder(model, tokenizer)
     history = []
     for step in range(args.steps):
         lr = lr_at(step, args.steps, args.warmup, args.lr)
@@ -297,7 +287,9 @@ def main(argv=None) -> dict:
                 mentions[b, attr_index[a]] = True
         tokens = tokenizer(texts)
         img = F.normalize(model.encode_image(to_input(pool[idx], mean, std)), dim=-1)
-        txt = F.normalize(encode_text_cut(model, tokens), dim=-1)
+        # the service's own text path, cut after the longest EOT (same output as encode_text)
+        txt = F.normalize(text_encoder.encode_embeddings(model.token_embedding(tokens), tokens.argmax(dim=-1),
+                                                         reuse_prefix=False), dim=-1)
         loss = multi_positive_clip_loss(img, txt, model.logit_scale.exp(), codes[idx], mentions)
         opt.zero_grad(set_to_none=True)
         loss.backward()
