@@ -8,6 +8,7 @@ anywhere leaves the previous version serving.
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import threading
 import time
@@ -18,7 +19,7 @@ import torch
 import torch.nn.functional as F
 
 from service.backbone import Backbone
-from service.bundle import Bundle, BundleError, Manifest, decode_bundle
+from service.bundle import DEFAULT_TEMPLATES, Bundle, BundleError, Manifest, decode_bundle
 from service.registry import Registry, UnknownTask, check_task_name
 
 log = logging.getLogger(__name__)
@@ -50,7 +51,7 @@ def text_features(bundle: Bundle, backbone: Backbone) -> torch.Tensor:
     manifest, ctx = bundle.manifest, bundle.context()
     names = list(manifest.classnames)
     if ctx is None:
-        templates = manifest.options.get("templates", ["a photo of a {}."])
+        templates = manifest.options.get("templates", list(DEFAULT_TEMPLATES))
         per_template = [_encode_in_batches(backbone, [t.format(n) for n in names], None) for t in templates]
         features = torch.stack(per_template).mean(dim=0)
     else:
@@ -122,7 +123,7 @@ class TaskManager:
             candidate = self.prepare(name, 0, data)
             version = self.registry.store(name, data)
             self.registry.activate(name, version)
-            task = ActiveTask(name, version, candidate.manifest, len(data), candidate.text_features, time.time())
+            task = dataclasses.replace(candidate, version=version, activated_at=time.time())
             self._active[name] = task
         log.info("task %s: version %d active (%d classes)", name, version, len(task.manifest.classnames))
         return task

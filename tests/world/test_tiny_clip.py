@@ -42,3 +42,19 @@ def test_zero_shot_is_far_above_chance_through_the_service_text_path(tiny, famil
 def test_random_weights_of_the_same_architecture_are_near_chance():
     random = load_backbone(BackboneSpec("promptserve-tiny", None, device="cpu"))
     assert zero_shot_accuracy(random, "shape") < 0.3
+
+
+def test_demo_tasks_are_the_worlds_task_families():
+    from service.demo import DEMO_TASKS
+
+    assert DEMO_TASKS == {"shapes": tuple(FAMILIES["shape"]), "colours": tuple(FAMILIES["colour"])}
+
+
+def test_pretraining_text_path_equals_open_clip_encode_text(tiny):
+    from service.text_encoder import PromptTextEncoder
+
+    tokens = tiny.tokenizer(["a photo of a red star.", "a faint photo of a large blue heart on a light background."])
+    with torch.no_grad():
+        ours = PromptTextEncoder(tiny.model, tiny.tokenizer).encode_embeddings(
+            tiny.model.token_embedding(tokens), tokens.argmax(dim=-1), reuse_prefix=False)
+        assert torch.allclose(ours, tiny.model.encode_text(tokens), atol=1e-5)
