@@ -22,6 +22,7 @@ from service.errors import ServiceError
 from service.images import ImagePreprocessor, decode_image
 from service.metrics import Metrics
 from service.registry import TASK_NAME_PATTERN
+from service.runtime import ClassifyJob, ClassifyRuntime
 from service.schemas import (
     ClassifyResponse,
     ImageResult,
@@ -44,7 +45,8 @@ class AppState:
     tasks: TaskManager
     metrics: Metrics
     preprocessor: ImagePreprocessor
-    batcher: MicroBatcher
+    runtime: ClassifyRuntime
+    batcher: MicroBatcher[ClassifyJob, list[torch.Tensor]]
     # Activations run in a worker thread one at a time, so the event loop stays free and a large task's
     # activation never runs twice over alongside classification.
     activation_limiter: anyio.CapacityLimiter
@@ -162,43 +164,41 @@ TaskNames = Annotated[list[str], Query(min_length=1, max_length=64, description=
              openapi_extra=IMAGES_BODY, summary="Classify one or more images (multipart field 'images')")
 async def classify(task: TaskName, request: Request, state: State, top_k: TopK = 5) -> ClassifyResponse:
     active = state.tasks.get(task)  # this one version answers every image of the request
-    filenames, image_features = await _image_features(request, state)
-    predictions = _top_predictions(active, image_features, state.backbone.logit_scale, top_k)
-    state.metrics.images.labels(task).inc(len(filenames))
+    filenames, (probabilities,) = await _classify(request, state, (active,))
     return ClassifyResponse(task=task, version=active.version, results=[
-        ImageResult(filename=name, predictions=p) for name, p in zip(filenames, predictions, strict=True)])
+        ImageResult(filename=name, predictions=p)
+        for name, p in zip(filenames, _top_predictions(active, probabilities, top_k), strict=True)])
 
 
 @router.post("/v1/classify", tags=["classify"], dependencies=ClassifyAccess, openapi_extra=IMAGES_BODY,
-             summary="Classify images for several tasks with one image-encoder pass")
+             summary="Classify images for several tasks in one micro-batched pass")
 async def classify_many(request: Request, state: State, tasks: TaskNames, top_k: TopK = 5) -> MultiClassifyResponse:
-    """Every task here keeps the image tower untouched, so one forward pass serves them all."""
-    active = [state.tasks.get(name) for name in dict.fromkeys(tasks)]
-    filenames, image_features = await _image_features(request, state)
-    per_task = [_top_predictions(t, image_features, state.backbone.logit_scale, top_k) for t in active]
-    for t in active:
-        state.metrics.images.labels(t.name).inc(len(filenames))
+    """Tasks that leave the image tower untouched share one image forward; each vision-side task adds one."""
+    active = tuple(state.tasks.get(name) for name in dict.fromkeys(tasks))
+    filenames, per_task = await _classify(request, state, active)
+    predictions = [_top_predictions(t, p, top_k) for t, p in zip(active, per_task, strict=True)]
     return MultiClassifyResponse(results=[
         MultiImageResult(filename=name, answers=[
-            TaskAnswer(task=t.name, version=t.version, predictions=predictions[i])
-            for t, predictions in zip(active, per_task, strict=True)])
+            TaskAnswer(task=t.name, version=t.version, predictions=task_predictions[i])
+            for t, task_predictions in zip(active, predictions, strict=True)])
         for i, name in enumerate(filenames)])
 
 
-async def _image_features(request: Request, state: AppState) -> tuple[list[str], torch.Tensor]:
-    """decode → preprocess (worker thread) → shared micro-batched image forward."""
+async def _classify(request: Request, state: AppState,
+                    tasks: tuple[ActiveTask, ...]) -> tuple[list[str], list[torch.Tensor]]:
+    """decode → preprocess (worker thread) → micro-batched forward → probabilities [B, C] per task."""
     uploads = await _read_image_uploads(request, state.settings)
     pixels = await anyio.to_thread.run_sync(_decode_and_preprocess, uploads, state)
     try:
-        features = await state.batcher.encode(pixels)
+        probabilities = await state.batcher.submit(ClassifyJob(pixels, tasks))
     except Overloaded as exc:
         raise ServiceError(503, "overloaded", f"{exc}; retry shortly", headers={"Retry-After": "1"}) from exc
-    return [name for name, _ in uploads], features
+    for task in tasks:
+        state.metrics.images.labels(task.name).inc(len(uploads))
+    return [name for name, _ in uploads], probabilities
 
 
-def _top_predictions(task: ActiveTask, image_features: torch.Tensor, logit_scale: float,
-                     top_k: int) -> list[list[Prediction]]:
-    probabilities = task.probabilities(image_features, logit_scale)
+def _top_predictions(task: ActiveTask, probabilities: torch.Tensor, top_k: int) -> list[list[Prediction]]:
     top = probabilities.topk(min(top_k, probabilities.shape[1]), dim=-1)
     names = task.manifest.classnames
     return [[Prediction(label=names[i], probability=p) for p, i in zip(values, indices, strict=True)]

@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import logging
 from contextlib import asynccontextmanager
+from operator import attrgetter
 
 import anyio
 from fastapi import FastAPI, Request
@@ -23,6 +24,7 @@ from service.errors import ServiceError
 from service.images import ImagePreprocessor
 from service.metrics import Metrics, MetricsMiddleware
 from service.registry import UnknownTask, open_registry
+from service.runtime import ClassifyRuntime
 from service.tasks import TaskManager
 
 log = logging.getLogger(__name__)
@@ -35,10 +37,11 @@ def build_state(settings: Settings, metrics: Metrics, backbone: Backbone | None 
     tasks.restore()
     if settings.demo:
         seed_demo_tasks(tasks)
-    batcher = MicroBatcher(backbone.encode_images, max_batch=settings.batch_max_images,
+    runtime = ClassifyRuntime(backbone)
+    batcher = MicroBatcher(runtime, attrgetter("rows"), max_rows=settings.batch_max_images,
                            max_wait_s=settings.batch_max_wait_ms / 1000,
-                           max_queued_images=settings.batch_max_queued_images)
-    state = AppState(settings, backbone, tasks, metrics, ImagePreprocessor(backbone.preprocess), batcher,
+                           max_queued_rows=settings.batch_max_queued_images)
+    state = AppState(settings, backbone, tasks, metrics, ImagePreprocessor(backbone.preprocess), runtime, batcher,
                      anyio.CapacityLimiter(1))
     state.refresh_task_gauges()
     return state

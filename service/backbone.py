@@ -87,6 +87,8 @@ class Backbone:
         self.preprocess = preprocess
         self.tokenizer = tokenizer
         self.text = PromptTextEncoder(self.model, tokenizer)
+        # Forwards with tokens or prompts always run in torch; the plain one runs on the chosen backend.
+        self.torch_image_encoder = TorchImageEncoder(self.model.visual, self.device)
         self.image_encoder = self._image_encoder()
 
     def _image_encoder(self) -> ImageEncoder:
@@ -94,7 +96,7 @@ class Backbone:
         if backend not in IMAGE_BACKENDS:
             raise ValueError(f"image backend {backend!r} is unknown; choose one of {list(IMAGE_BACKENDS)}")
         if backend == "torch":
-            return TorchImageEncoder(self.model.visual, self.device)
+            return self.torch_image_encoder
         if self.device.type != "cpu":
             raise ValueError("the onnx image backend runs on CPU; use the torch backend on CUDA")
         image_size = self.model.visual.image_size[0]
@@ -124,6 +126,10 @@ class Backbone:
     def encode_images(self, pixels: torch.Tensor) -> torch.Tensor:
         """L2-normalized image features for a preprocessed batch [B, 3, H, W], as float32 on CPU."""
         return self.image_encoder(pixels)
+
+    def encode_images_with_tokens(self, pixels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """`encode_images` plus the projected image tokens [B, T, d] of the same forward."""
+        return self.torch_image_encoder.with_tokens(pixels)
 
 
 def weights_source(spec: BackboneSpec) -> str | None:

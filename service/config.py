@@ -34,9 +34,9 @@ class Settings(BaseSettings):
     max_images_per_request: int = Field(32, gt=0)
     max_classes: int = Field(2000, gt=0)
 
-    batch_max_images: int = Field(32, gt=0, description="most images in one image-encoder forward pass")
+    batch_max_images: int = Field(32, gt=0, description="most rows (image forwards) in one micro-batch")
     batch_max_wait_ms: float = Field(2.0, ge=0, description="how long a batch waits for more requests")
-    batch_max_queued_images: int = Field(256, gt=0, description="beyond this, classify answers 503")
+    batch_max_queued_images: int = Field(256, gt=0, description="queued rows beyond which classify answers 503")
 
     host: str = "127.0.0.1"
     port: int = 8000

@@ -18,6 +18,8 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from service.open_clip_compat import prompt_capable_vit, vit_forward_with_tokens
+
 log = logging.getLogger(__name__)
 
 IMAGE_BACKENDS = ("torch", "onnx")
@@ -30,18 +32,30 @@ class ImageEncoder(Protocol):
 
 
 class TorchImageEncoder:
-    """open_clip's own image tower; on CUDA a half-precision copy (the fp32 model stays for training)."""
+    """open_clip's own image tower; on CUDA a half-precision copy (the fp32 model stays for training).
+
+    Besides the plain forward it runs the forwards only torch can: with tokens, and with vision prompts.
+    """
 
     def __init__(self, visual: torch.nn.Module, device: torch.device):
         self.device = device
-        self.half = device.type == "cuda"
-        self.visual = copy.deepcopy(visual).half() if self.half else visual
-        self.name = "torch-fp16" if self.half else "torch"
+        self.dtype = torch.float16 if device.type == "cuda" else torch.float32
+        self.visual = copy.deepcopy(visual).half() if self.dtype == torch.float16 else visual
+        self.name = "torch-fp16" if self.dtype == torch.float16 else "torch"
 
     @torch.inference_mode()
     def __call__(self, pixels: torch.Tensor) -> torch.Tensor:
-        pixels = pixels.to(self.device, torch.float16 if self.half else torch.float32)
-        return F.normalize(self.visual(pixels).float(), dim=-1).cpu()
+        return _normalized(self.visual(pixels.to(self.device, self.dtype)))
+
+    @torch.inference_mode()
+    def with_tokens(self, pixels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Normalized features [B, D] and projected tokens [B, T, d] (float32, CPU) from one forward."""
+        pooled, tokens = vit_forward_with_tokens(prompt_capable_vit(self.visual), pixels.to(self.device, self.dtype))
+        return _normalized(pooled), tokens.float().cpu()
+
+
+def _normalized(features: torch.Tensor) -> torch.Tensor:
+    return F.normalize(features.float(), dim=-1).cpu()
 
 
 class OnnxImageEncoder:

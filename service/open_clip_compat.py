@@ -56,3 +56,9 @@ def vit_pool(visual: VisionTransformer, tokens: torch.Tensor) -> torch.Tensor:
 def vit_project_tokens(visual: VisionTransformer, tokens: torch.Tensor) -> torch.Tensor:
     """Every token of the last block projected to the joint space, before `ln_post` (TGP-T's image tokens)."""
     return tokens @ visual.proj if visual.proj is not None else tokens
+
+
+def vit_forward_with_tokens(visual: VisionTransformer, pixels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """One plain forward giving both the pooled feature (= `visual(pixels)`) and the projected tokens."""
+    tokens = visual.transformer(vit_embed(visual, pixels))
+    return vit_pool(visual, tokens), vit_project_tokens(visual, tokens)

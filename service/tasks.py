@@ -1,9 +1,9 @@
 """Tasks: bundles turned into ready-to-serve classifiers, activated atomically.
 
-A bundle for a text-side method (zeroshot, coop, qprompt, rlp) leaves the image tower untouched, so a
-task is just its class text features, computed once at activation; every such task shares one image
-forward. Activation computes the features *before* anything is stored or swapped, so a bundle that fails
-anywhere leaves the previous version serving.
+Activation turns a bundle into its task head (service/heads.py): for a text-side method (zeroshot, coop,
+qprompt, rlp) that is the class text features, computed once, and every such task shares one image forward.
+The head is built *before* anything is stored or swapped, so a bundle that fails anywhere leaves the
+previous version serving.
 """
 
 from __future__ import annotations
@@ -13,6 +13,7 @@ import logging
 import threading
 import time
 from collections import defaultdict
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
@@ -20,6 +21,7 @@ import torch.nn.functional as F
 
 from service.backbone import Backbone
 from service.bundle import DEFAULT_TEMPLATES, Bundle, BundleError, Manifest, decode_bundle
+from service.heads import TaskHead, TextSideHead
 from service.registry import Registry, UnknownTask, check_task_name
 
 log = logging.getLogger(__name__)
@@ -73,17 +75,27 @@ def _encode_in_batches(
     return torch.cat(chunks)
 
 
+def text_side_head(bundle: Bundle, backbone: Backbone) -> TextSideHead:
+    return TextSideHead(text_features(bundle, backbone))
+
+
+# How each method's bundle becomes a task head: the method's kind decides what the image forward produces.
+HEAD_BUILDERS: dict[str, Callable[[Bundle, Backbone], TaskHead]] = {
+    "zeroshot": text_side_head,
+    "coop": text_side_head,
+    "qprompt": text_side_head,
+    "rlp": text_side_head,
+}
+
+
 @dataclass(frozen=True)
 class ActiveTask:
     name: str
     version: int
     manifest: Manifest
     bundle_bytes: int
-    text_features: torch.Tensor
+    head: TaskHead
     activated_at: float
-
-    def probabilities(self, image_features: torch.Tensor, logit_scale: float) -> torch.Tensor:
-        return (logit_scale * image_features @ self.text_features.T).softmax(dim=-1)
 
 
 class TaskManager:
@@ -111,10 +123,10 @@ class TaskManager:
         bundle = decode_bundle(data)
         check_compatible(bundle.manifest, self.backbone, self.max_classes)
         try:
-            features = text_features(bundle, self.backbone)
+            head = HEAD_BUILDERS[bundle.manifest.method](bundle, self.backbone)
         except ValueError as exc:  # e.g. a class prompt longer than the text context
             raise BundleError("classnames", str(exc)) from exc
-        return ActiveTask(name, version, bundle.manifest, len(data), features, time.time())
+        return ActiveTask(name, version, bundle.manifest, len(data), head, time.time())
 
     def publish(self, name: str, data: bytes) -> ActiveTask:
         """Make `data` the new active version of `name`, or raise and leave the old one serving."""

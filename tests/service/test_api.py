@@ -14,6 +14,8 @@ from PIL import Image
 from service.app import create_app
 from service.bundle import Manifest, PromptLayout, encode_bundle
 from service.config import Settings
+from service.heads import ImageNeed
+from service.runtime import Forward
 
 pytestmark = pytest.mark.anyio
 TOKEN = "test-admin-token"
@@ -326,13 +328,13 @@ async def test_many_tasks_are_answered_from_one_image_forward(backbone, tmp_path
     async with running(backbone, settings_for(tmp_path)) as client:
         for i in range(3):
             await upload(client, f"task{i}", make_coop_bundle(backbone, [f"c{i}a", f"c{i}b", f"c{i}c"], seed=i))
-        batcher = client._transport.app.state.promptserve.batcher
-        before = list(batcher.batch_sizes)
+        forwards = client._transport.app.state.promptserve.runtime.forwards
+        before = len(forwards)
         files = [("images", (f"i{k}.png", png((40 * k, 0, 0)), "image/png")) for k in range(2)]
         response = await client.post("/v1/classify", params=[("tasks", f"task{i}") for i in range(3)] + [("top_k", 2)],
                                      files=files)
         assert response.status_code == 200, response.text
-        assert batcher.batch_sizes[len(before):] == [2], "expected a single forward pass for all tasks"
+        assert list(forwards)[before:] == [Forward(ImageNeed.SHARED, 2)], "expected one forward for all tasks"
         results = response.json()["results"]
         singles = [(await classify(client, f"task{i}", [png((0, 0, 0)), png((40, 0, 0))], top_k=2)).json()
                    for i in range(3)]

@@ -9,23 +9,31 @@ from service.batcher import MicroBatcher, Overloaded
 pytestmark = pytest.mark.anyio
 
 
+def image_batcher(encode, **limits) -> MicroBatcher:
+    """Jobs are pixel batches, one row per image; a batch is one call of `encode` on all of them."""
+    def run(jobs: list[torch.Tensor]) -> list[torch.Tensor]:
+        return list(encode(torch.cat(jobs)).split([len(j) for j in jobs]))
+
+    return MicroBatcher(run, len, **limits)
+
+
 @pytest.fixture
 def anyio_backend():
     return "asyncio"
 
 
 async def test_concurrent_requests_share_batches_and_get_their_own_rows(backbone):
-    batcher = MicroBatcher(backbone.encode_images, max_batch=16, max_wait_s=0.02, max_queued_images=64)
+    batcher = image_batcher(backbone.encode_images, max_rows=16, max_wait_s=0.02, max_queued_rows=64)
     worker = asyncio.create_task(batcher.run())
     requests = [torch.randn(n, 3, 32, 32) for n in (1, 3, 2, 5, 1, 4)]
     try:
-        answers = await asyncio.gather(*(batcher.encode(p) for p in requests))
+        answers = await asyncio.gather(*(batcher.submit(p) for p in requests))
     finally:
         worker.cancel()
     for pixels, features in zip(requests, answers, strict=True):
         assert torch.allclose(features, backbone.encode_images(pixels), atol=1e-5)
-    assert max(batcher.batch_sizes) > 5, "concurrent requests were never batched together"
-    assert sum(batcher.batch_sizes) == 16
+    assert max(batcher.batch_rows) > 5, "concurrent requests were never batched together"
+    assert sum(batcher.batch_rows) == 16
 
 
 async def test_a_full_queue_refuses_at_once_instead_of_hanging(backbone):
@@ -35,15 +43,15 @@ async def test_a_full_queue_refuses_at_once_instead_of_hanging(backbone):
         release.wait(timeout=10)
         return backbone.encode_images(pixels)
 
-    batcher = MicroBatcher(slow_encode, max_batch=2, max_wait_s=0, max_queued_images=4)
+    batcher = image_batcher(slow_encode, max_rows=2, max_wait_s=0, max_queued_rows=4)
     worker = asyncio.create_task(batcher.run())
     try:
-        running = asyncio.create_task(batcher.encode(torch.randn(2, 3, 32, 32)))
+        running = asyncio.create_task(batcher.submit(torch.randn(2, 3, 32, 32)))
         await asyncio.sleep(0.05)  # the worker has taken it and is blocked in the encoder
-        queued = [asyncio.create_task(batcher.encode(torch.randn(2, 3, 32, 32))) for _ in range(2)]
+        queued = [asyncio.create_task(batcher.submit(torch.randn(2, 3, 32, 32))) for _ in range(2)]
         await asyncio.sleep(0.01)
         with pytest.raises(Overloaded):
-            await asyncio.wait_for(batcher.encode(torch.randn(1, 3, 32, 32)), timeout=1)
+            await asyncio.wait_for(batcher.submit(torch.randn(1, 3, 32, 32)), timeout=1)
         release.set()
         results = await asyncio.gather(running, *queued)
     finally:
@@ -55,10 +63,10 @@ async def test_an_encoder_failure_reaches_every_waiting_request():
     def broken(pixels):
         raise RuntimeError("encoder exploded")
 
-    batcher = MicroBatcher(broken, max_batch=8, max_wait_s=0.01, max_queued_images=8)
+    batcher = image_batcher(broken, max_rows=8, max_wait_s=0.01, max_queued_rows=8)
     worker = asyncio.create_task(batcher.run())
     try:
-        outcomes = await asyncio.gather(*(batcher.encode(torch.zeros(1, 3, 4, 4)) for _ in range(3)),
+        outcomes = await asyncio.gather(*(batcher.submit(torch.zeros(1, 3, 4, 4)) for _ in range(3)),
                                         return_exceptions=True)
     finally:
         worker.cancel()
