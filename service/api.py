@@ -10,7 +10,7 @@ import anyio
 import torch
 from fastapi import APIRouter, Depends, Path, Query, Request, Response
 from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
-from pydantic import SecretStr
+from pydantic import SecretStr, StringConstraints
 from starlette.datastructures import UploadFile
 from starlette.exceptions import HTTPException
 
@@ -18,8 +18,8 @@ from service.backbone import Backbone
 from service.batcher import MicroBatcher, Overloaded
 from service.bundle import BundleError
 from service.config import Settings
-from service.errors import ServiceError
-from service.images import ImagePreprocessor, decode_image
+from service.errors import ServiceError, storage_error
+from service.images import DecodeLimits, ImagePreprocessor, decode_images
 from service.metrics import Metrics
 from service.registry import TASK_NAME_PATTERN
 from service.schemas import (
@@ -48,6 +48,8 @@ class AppState:
     # Activations run in a worker thread one at a time, so the event loop stays free and a large task's
     # activation never runs twice over alongside classification.
     activation_limiter: anyio.CapacityLimiter
+    # Decoding is bounded per process, so many concurrent requests cannot hold many decoded images at once.
+    decode_limiter: anyio.CapacityLimiter
 
     def refresh_task_gauges(self) -> None:
         self.metrics.cached_tasks.set(len(self.tasks.all()))
@@ -109,7 +111,7 @@ async def healthz() -> dict[str, str]:
 
 @router.get("/readyz", tags=["health"], summary="Readiness: backbone loaded and tasks restored")
 async def readyz(state: State) -> Readiness:
-    return Readiness(ready=True, tasks=len(state.tasks.all()), failed_tasks=state.tasks.restore_failures,
+    return Readiness(ready=True, tasks=len(state.tasks.all()), failed_tasks=dict(state.tasks.restore_failures),
                      backbone=state.backbone.describe())
 
 
@@ -141,7 +143,10 @@ async def upload_bundle(task: TaskName, request: Request, state: State) -> TaskD
         active = await anyio.to_thread.run_sync(state.tasks.publish, task, data,
                                                 limiter=state.activation_limiter)
     except BundleError as exc:
-        raise ServiceError(422, "invalid_bundle", str(exc)) from exc
+        raise ServiceError(422, "invalid_bundle", str(exc), field=exc.field) from exc
+    except OSError as exc:  # storing failed: nothing was activated
+        raise storage_error(exc) from exc
+    state.tasks.restore_failures.pop(task, None)  # a good version replaces whatever failed to restore
     state.refresh_task_gauges()
     return TaskDetail.of(active)
 
@@ -149,46 +154,80 @@ async def upload_bundle(task: TaskName, request: Request, state: State) -> TaskD
 @router.delete("/v1/tasks/{task}", tags=["tasks"], status_code=204, dependencies=AdminOnly,
                summary="Delete a task and all its versions")
 async def delete_task(task: TaskName, state: State) -> Response:
-    await anyio.to_thread.run_sync(state.tasks.delete, task)
+    try:
+        await anyio.to_thread.run_sync(state.tasks.delete, task)
+    except OSError as exc:
+        raise storage_error(exc) from exc
+    state.tasks.restore_failures.pop(task, None)
+    state.metrics.forget_task(task)
     state.refresh_task_gauges()
     return Response(status_code=204)
 
 
 TopK = Annotated[int, Query(ge=1, le=1000, description="predictions per image")]
-TaskNames = Annotated[list[str], Query(min_length=1, max_length=64, description="tasks to answer, repeatable")]
+TaskNames = Annotated[list[Annotated[str, StringConstraints(pattern=TASK_NAME_PATTERN)]],
+                     Query(min_length=1, max_length=64, description="tasks to answer, repeatable")]
 
 
-@router.post("/v1/tasks/{task}/classify", tags=["classify"], dependencies=ClassifyAccess,
-             openapi_extra=IMAGES_BODY, summary="Classify one or more images (multipart field 'images')")
-async def classify(task: TaskName, request: Request, state: State, top_k: TopK = 5) -> ClassifyResponse:
+@router.post("/v1/tasks/{task}/classify", tags=["classify"], dependencies=ClassifyAccess, openapi_extra=IMAGES_BODY,
+             response_model=ClassifyResponse, summary="Classify one or more images (multipart field 'images')")
+async def classify(task: TaskName, request: Request, state: State, top_k: TopK = 5) -> Response:
     active = state.tasks.get(task)  # this one version answers every image of the request
+    _check_answer_size([active], 1, top_k, state.settings)  # before the body is read
     filenames, image_features = await _image_features(request, state)
-    predictions = _top_predictions(active, image_features, state.backbone.logit_scale, top_k)
+    _check_answer_size([active], len(filenames), top_k, state.settings)
+
+    def answer() -> Response:
+        predictions = _top_predictions(active, image_features, state.backbone.logit_scale, top_k)
+        return _json(ClassifyResponse(task=task, version=active.version, results=[
+            ImageResult(filename=name, predictions=p) for name, p in zip(filenames, predictions, strict=True)]))
+
+    response = await anyio.to_thread.run_sync(answer)
     state.metrics.images.labels(task).inc(len(filenames))
-    return ClassifyResponse(task=task, version=active.version, results=[
-        ImageResult(filename=name, predictions=p) for name, p in zip(filenames, predictions, strict=True)])
+    return response
 
 
 @router.post("/v1/classify", tags=["classify"], dependencies=ClassifyAccess, openapi_extra=IMAGES_BODY,
+             response_model=MultiClassifyResponse,
              summary="Classify images for several tasks with one image-encoder pass")
-async def classify_many(request: Request, state: State, tasks: TaskNames, top_k: TopK = 5) -> MultiClassifyResponse:
+async def classify_many(request: Request, state: State, tasks: TaskNames, top_k: TopK = 5) -> Response:
     """Every task here keeps the image tower untouched, so one forward pass serves them all."""
     active = [state.tasks.get(name) for name in dict.fromkeys(tasks)]
+    _check_answer_size(active, 1, top_k, state.settings)  # before the body is read
     filenames, image_features = await _image_features(request, state)
-    per_task = [_top_predictions(t, image_features, state.backbone.logit_scale, top_k) for t in active]
+    _check_answer_size(active, len(filenames), top_k, state.settings)
+
+    def answer() -> Response:
+        per_task = [_top_predictions(t, image_features, state.backbone.logit_scale, top_k) for t in active]
+        return _json(MultiClassifyResponse(results=[
+            MultiImageResult(filename=name, answers=[
+                TaskAnswer(task=t.name, version=t.version, predictions=predictions[i])
+                for t, predictions in zip(active, per_task, strict=True)])
+            for i, name in enumerate(filenames)]))
+
+    response = await anyio.to_thread.run_sync(answer)
     for t in active:
         state.metrics.images.labels(t.name).inc(len(filenames))
-    return MultiClassifyResponse(results=[
-        MultiImageResult(filename=name, answers=[
-            TaskAnswer(task=t.name, version=t.version, predictions=predictions[i])
-            for t, predictions in zip(active, per_task, strict=True)])
-        for i, name in enumerate(filenames)])
+    return response
+
+
+def _check_answer_size(tasks: list[ActiveTask], images: int, top_k: int, settings: Settings) -> None:
+    """Answers grow as tasks × images × top_k: refuse ones beyond the configured size."""
+    predictions = images * sum(min(top_k, len(t.manifest.classnames)) for t in tasks)
+    if predictions > settings.max_answer_predictions:
+        raise ServiceError(413, "answer_too_large", f"{len(tasks)} task(s) × {images} image(s) × top_k={top_k} "
+                           f"make {predictions} predictions; the limit is {settings.max_answer_predictions}")
+
+
+def _json(model: ClassifyResponse | MultiClassifyResponse) -> Response:
+    """Serialized in the calling worker thread, so a large answer never occupies the event loop."""
+    return Response(model.model_dump_json(), media_type="application/json")
 
 
 async def _image_features(request: Request, state: AppState) -> tuple[list[str], torch.Tensor]:
     """decode → preprocess (worker thread) → shared micro-batched image forward."""
     uploads = await _read_image_uploads(request, state.settings)
-    pixels = await anyio.to_thread.run_sync(_decode_and_preprocess, uploads, state)
+    pixels = await anyio.to_thread.run_sync(_decode_and_preprocess, uploads, state, limiter=state.decode_limiter)
     try:
         features = await state.batcher.encode(pixels)
     except Overloaded as exc:
@@ -227,7 +266,6 @@ async def _read_image_uploads(request: Request, settings: Settings) -> list[tupl
 
 
 def _decode_and_preprocess(uploads: list[tuple[str, bytes]], state: AppState) -> torch.Tensor:
-    limits = state.settings
-    images = [decode_image(data, max_bytes=limits.max_image_bytes, max_pixels=limits.max_image_pixels,
-                           filename=name) for name, data in uploads]
-    return state.preprocessor.batch(images)
+    s = state.settings
+    limits = DecodeLimits(s.max_image_bytes, s.max_image_pixels, s.max_request_pixels, s.max_aspect_ratio)
+    return state.preprocessor.batch(decode_images(uploads, limits))
