@@ -71,7 +71,7 @@ class RequestLimits:
             if timer.cancelled_caught:
                 rejected = True
                 await reject(send, 408, "body_timeout", f"the request body did not arrive within "
-                             f"{self.body_timeout_s:g} s")
+                             f"{self.body_timeout_s:g} s", CLOSE)
                 return {"type": "http.disconnect"}
             if message["type"] == "http.request":
                 received += len(message.get("body", b""))
@@ -93,8 +93,11 @@ class RequestLimits:
                 raise
 
 
+CLOSE = [(b"connection", b"close")]  # the rest of the body is never read, so the connection cannot be reused
+
+
 async def _reject_size(send: Send, limit: int) -> None:
-    await reject(send, 413, "body_too_large", f"request body exceeds the {limit}-byte limit")
+    await reject(send, 413, "body_too_large", f"request body exceeds the {limit}-byte limit", CLOSE)
 
 
 async def reject(send: Send, status: int, code: str, detail: str,

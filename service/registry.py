@@ -98,6 +98,7 @@ class DirectoryRegistry(Registry):
 
     def store(self, task: str, data: bytes) -> int:
         with self._locked():
+            self._set_aside_if_damaged(self._task_dir(task), expect_dir=True)
             version = max(self._versions(task), default=0) + 1
             atomic_write(self._bundle_path(task, version), data)
             return version
@@ -106,7 +107,14 @@ class DirectoryRegistry(Registry):
         with self._locked():
             if not self._bundle_path(task, version).is_file():
                 raise UnknownTask(f"task {task!r} has no version {version}")
-            atomic_write(self._task_dir(task) / "ACTIVE", f"{version}\n".encode())
+            marker = self._task_dir(task) / "ACTIVE"
+            self._set_aside_if_damaged(marker, expect_dir=False)
+            atomic_write(marker, f"{version}\n".encode())
+
+    def _set_aside_if_damaged(self, path: Path, *, expect_dir: bool) -> None:
+        """Move a wrong kind of file out of the way (kept, dot-named, ignored), so a new write can succeed."""
+        if path.is_symlink() or (path.exists() and path.is_dir() != expect_dir):
+            path.rename(path.parent / f".damaged-{path.name}-{uuid.uuid4().hex}")
 
     def load(self, task: str, version: int) -> bytes:
         path = self._bundle_path(task, version)
