@@ -134,8 +134,8 @@ class DirectoryRegistry(Registry):
         """Every task directory's ACTIVE record; anything else in the root (dot-files, stray names) is ignored."""
         active, damaged = {}, {}
         for entry in sorted(self.root.iterdir()):
-            if not _TASK_NAME.match(entry.name):
-                continue
+            if not _TASK_NAME.match(entry.name) or not entry.is_dir():
+                continue  # a stray file, even one named like a task, holds no task (a new upload sets it aside)
             try:
                 version = self._read_active(entry)
             except (RegistryDamage, OSError) as exc:
@@ -147,8 +147,6 @@ class DirectoryRegistry(Registry):
 
     def _read_active(self, task_dir: Path) -> int | None:
         """The active version recorded in `task_dir`, None when it has none yet (stored, never activated)."""
-        if not task_dir.is_dir():
-            raise RegistryDamage(f"{task_dir.name} is not a directory")
         marker = task_dir / "ACTIVE"
         if not marker.exists():
             return None
