@@ -111,8 +111,10 @@ async def healthz() -> dict[str, str]:
 
 @router.get("/readyz", tags=["health"], summary="Readiness: backbone loaded and tasks restored")
 async def readyz(state: State) -> Readiness:
-    return Readiness(ready=True, tasks=len(state.tasks.all()), failed_tasks=dict(state.tasks.restore_failures),
-                     backbone=state.backbone.describe())
+    active = state.tasks.all()
+    serving = {t.name for t in active}  # a task republished since (upload, demo seeding) no longer counts as failed
+    failed = {name: why for name, why in state.tasks.restore_failures.items() if name not in serving}
+    return Readiness(ready=True, tasks=len(active), failed_tasks=failed, backbone=state.backbone.describe())
 
 
 @router.get("/v1/tasks", tags=["tasks"], summary="List active tasks")
@@ -146,7 +148,6 @@ async def upload_bundle(task: TaskName, request: Request, state: State) -> TaskD
         raise ServiceError(422, "invalid_bundle", str(exc), field=exc.field) from exc
     except OSError as exc:  # storing failed: nothing was activated
         raise storage_error(exc) from exc
-    state.tasks.restore_failures.pop(task, None)  # a good version replaces whatever failed to restore
     state.refresh_task_gauges()
     return TaskDetail.of(active)
 

@@ -9,7 +9,6 @@ app's own `RequestLimits` middleware then bounds the body (size, time) and the r
 from __future__ import annotations
 
 import asyncio
-import json
 
 import h11
 import uvicorn
@@ -17,10 +16,11 @@ from fastapi import FastAPI
 from uvicorn.protocols.http.h11_impl import H11Protocol
 
 from service.config import Settings
+from service.errors import error_bytes
 
 
 def _raw_response(status: int, reason: bytes, code: str, detail: str) -> bytes:
-    body = json.dumps({"detail": detail, "code": code}).encode()
+    body = error_bytes(detail, code)
     return (b"HTTP/1.1 %d %s\r\ncontent-type: application/json\r\ncontent-length: %d\r\nconnection: close\r\n\r\n"
             % (status, reason, len(body))) + body
 
