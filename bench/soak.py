@@ -11,9 +11,6 @@ answers, uploads, and the server's RSS at start and end. Exits 1 if any request 
 from __future__ import annotations
 
 import argparse
-import os
-import socket
-import subprocess
 import sys
 import tempfile
 import threading
@@ -26,44 +23,11 @@ sys.path.insert(0, str(Path(__file__).parents[1]))
 
 from service.bundle import BackboneRef, Manifest, encode_bundle  # noqa: E402
 from service.demo import DEMO_TASKS  # noqa: E402
+from service.process import ServiceProcess  # noqa: E402
 
 TOKEN = "soak-token"
 SAMPLES = Path(__file__).parents[1] / "service" / "assets" / "samples"
 TASK = "soak"
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def rss_mib(pid: int) -> float:
-    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
-        if line.startswith("VmRSS:"):
-            return int(line.split()[1]) / 1024
-    raise RuntimeError("no VmRSS")
-
-
-def start_server(registry: Path, port: int) -> subprocess.Popen:
-    env = os.environ | {"PROMPTSERVE_REGISTRY": str(registry), "PROMPTSERVE_ADMIN_TOKEN": TOKEN}
-    return subprocess.Popen([sys.executable, "-m", "service", "--port", str(port)], env=env,
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-
-
-def wait_ready(url: str, process: subprocess.Popen, timeout: float = 180) -> dict:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if process.poll() is not None:
-            raise SystemExit("the service exited during start-up")
-        try:
-            response = httpx.get(f"{url}/readyz", timeout=2)
-            if response.status_code == 200:
-                return response.json()
-        except httpx.TransportError:
-            pass
-        time.sleep(0.3)
-    raise SystemExit("the service did not become ready")
 
 
 class Versions:
@@ -129,17 +93,16 @@ def main() -> None:
     args = parser.parse_args()
 
     files = [("images", (p.name, p.read_bytes(), "image/png")) for p in sorted(SAMPLES.glob("*.png"))]
-    port = free_port()
-    url = f"http://127.0.0.1:{port}"
     with tempfile.TemporaryDirectory() as tmp:
-        process = start_server(Path(tmp) / "registry", port)
+        server = ServiceProcess(Path(tmp) / "registry", admin_token=TOKEN)
+        url = server.url
         try:
-            info = wait_ready(url, process)["backbone"]
+            info = server.wait_ready()["backbone"]
             ref = BackboneRef(info["model"], info["pretrained"], info["fingerprint"])
             versions = Versions()
             with httpx.Client(timeout=60) as client:
                 versions.upload(client, url, ref, 1)
-            rss_start = rss_mib(process.pid)
+            rss_start = server.rss() / 2**20
             stop = threading.Event()
             results: list[list] = [[] for _ in range(args.clients)]
             threads = [threading.Thread(target=classify_loop, args=(url, files, stop, out)) for out in results]
@@ -152,10 +115,9 @@ def main() -> None:
             for thread in threads:
                 thread.join()
             wall = time.perf_counter() - started
-            rss_end = rss_mib(process.pid)
+            rss_end = server.rss() / 2**20
         finally:
-            process.terminate()
-            process.wait(timeout=30)
+            server.stop()
 
     answers = [r for out in results for r in out]
     failed = sum(1 for _, version, _ in answers if version is None)

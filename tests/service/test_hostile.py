@@ -26,8 +26,10 @@ import torch
 from PIL import Image
 
 from service.bundle import MANIFEST_KEY, BackboneRef, Manifest, PromptLayout, encode_bundle
-from tests.service.hostile_server import ADMIN, Server, registry_snapshot
+from service.process import ServiceProcess
+from tests.service.hostile_server import ADMIN, hostile_server, registry_snapshot
 
+pytestmark = pytest.mark.slow  # one real server process for the module (~15 s to start on 2 cores)
 RSS_BOUND = 64 * 1024 * 1024  # per case: the cheapest real refusal stays far below, any decode bomb far above
 TIME_BOUND_S = 15.0
 OCTET = {"Content-Type": "application/octet-stream"}
@@ -38,7 +40,7 @@ LIMITS = dict(max_image_pixels="1000000", max_request_pixels="1500000", max_aspe
 
 @dataclass
 class Context:
-    server: Server
+    server: ServiceProcess
     ref: BackboneRef
     width: int
     good: dict[str, Any] = field(default_factory=dict)
@@ -46,7 +48,7 @@ class Context:
 
 @pytest.fixture(scope="module")
 def ctx(tmp_path_factory) -> Context:
-    server = Server(tmp_path_factory.mktemp("hostile") / "registry", **LIMITS)
+    server = hostile_server(tmp_path_factory.mktemp("hostile") / "registry", **LIMITS)
     try:
         backbone = server.wait_ready()["backbone"]
         ref = BackboneRef(backbone["model"], backbone["pretrained"], backbone["fingerprint"])
