@@ -5,10 +5,9 @@ from __future__ import annotations
 import argparse
 import logging
 
-import uvicorn
-
 from service.app import create_app
 from service.config import Settings
+from service.server import serve
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -18,7 +17,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--port", type=int, default=settings.port)
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    uvicorn.run(create_app(settings), host=args.host, port=args.port, log_level="info")
+    serve(create_app(settings), settings, args.host, args.port)
 
 
 if __name__ == "__main__":

@@ -10,7 +10,7 @@ import anyio
 import torch
 from fastapi import APIRouter, Depends, Path, Query, Request, Response
 from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
-from pydantic import SecretStr
+from pydantic import SecretStr, StringConstraints
 from starlette.datastructures import UploadFile
 from starlette.exceptions import HTTPException
 
@@ -18,8 +18,8 @@ from service.backbone import Backbone
 from service.batcher import MicroBatcher, Overloaded
 from service.bundle import BundleError
 from service.config import Settings
-from service.errors import ServiceError
-from service.images import ImagePreprocessor, decode_image
+from service.errors import ServiceError, storage_error
+from service.images import DecodeLimits, ImagePreprocessor, decode_images
 from service.metrics import Metrics
 from service.registry import TASK_NAME_PATTERN
 from service.runtime import ClassifyJob, ClassifyRuntime
@@ -50,6 +50,8 @@ class AppState:
     # Activations run in a worker thread one at a time, so the event loop stays free and a large task's
     # activation never runs twice over alongside classification.
     activation_limiter: anyio.CapacityLimiter
+    # Decoding is bounded per process, so many concurrent requests cannot hold many decoded images at once.
+    decode_limiter: anyio.CapacityLimiter
 
     def refresh_task_gauges(self) -> None:
         self.metrics.cached_tasks.set(len(self.tasks.all()))
@@ -111,8 +113,10 @@ async def healthz() -> dict[str, str]:
 
 @router.get("/readyz", tags=["health"], summary="Readiness: backbone loaded and tasks restored")
 async def readyz(state: State) -> Readiness:
-    return Readiness(ready=True, tasks=len(state.tasks.all()), failed_tasks=state.tasks.restore_failures,
-                     backbone=state.backbone.describe())
+    active = state.tasks.all()
+    serving = {t.name for t in active}  # a task republished since (upload, demo seeding) no longer counts as failed
+    failed = {name: why for name, why in state.tasks.restore_failures.items() if name not in serving}
+    return Readiness(ready=True, tasks=len(active), failed_tasks=failed, backbone=state.backbone.describe())
 
 
 @router.get("/v1/tasks", tags=["tasks"], summary="List active tasks")
@@ -143,7 +147,9 @@ async def upload_bundle(task: TaskName, request: Request, state: State) -> TaskD
         active = await anyio.to_thread.run_sync(state.tasks.publish, task, data,
                                                 limiter=state.activation_limiter)
     except BundleError as exc:
-        raise ServiceError(422, "invalid_bundle", str(exc)) from exc
+        raise ServiceError(422, "invalid_bundle", str(exc), field=exc.field) from exc
+    except OSError as exc:  # storing failed: nothing was activated
+        raise storage_error(exc) from exc
     state.refresh_task_gauges()
     return TaskDetail.of(active)
 
@@ -151,44 +157,74 @@ async def upload_bundle(task: TaskName, request: Request, state: State) -> TaskD
 @router.delete("/v1/tasks/{task}", tags=["tasks"], status_code=204, dependencies=AdminOnly,
                summary="Delete a task and all its versions")
 async def delete_task(task: TaskName, state: State) -> Response:
-    await anyio.to_thread.run_sync(state.tasks.delete, task)
+    try:
+        await anyio.to_thread.run_sync(state.tasks.delete, task)
+    except OSError as exc:
+        raise storage_error(exc) from exc
+    state.tasks.restore_failures.pop(task, None)
+    state.metrics.forget_task(task)
     state.refresh_task_gauges()
     return Response(status_code=204)
 
 
 TopK = Annotated[int, Query(ge=1, le=1000, description="predictions per image")]
-TaskNames = Annotated[list[str], Query(min_length=1, max_length=64, description="tasks to answer, repeatable")]
+TaskNames = Annotated[list[Annotated[str, StringConstraints(pattern=TASK_NAME_PATTERN)]],
+                     Query(min_length=1, max_length=64, description="tasks to answer, repeatable")]
 
 
-@router.post("/v1/tasks/{task}/classify", tags=["classify"], dependencies=ClassifyAccess,
-             openapi_extra=IMAGES_BODY, summary="Classify one or more images (multipart field 'images')")
-async def classify(task: TaskName, request: Request, state: State, top_k: TopK = 5) -> ClassifyResponse:
+@router.post("/v1/tasks/{task}/classify", tags=["classify"], dependencies=ClassifyAccess, openapi_extra=IMAGES_BODY,
+             response_model=ClassifyResponse, summary="Classify one or more images (multipart field 'images')")
+async def classify(task: TaskName, request: Request, state: State, top_k: TopK = 5) -> Response:
     active = state.tasks.get(task)  # this one version answers every image of the request
-    filenames, (probabilities,) = await _classify(request, state, (active,))
-    return ClassifyResponse(task=task, version=active.version, results=[
-        ImageResult(filename=name, predictions=p)
-        for name, p in zip(filenames, _top_predictions(active, probabilities, top_k), strict=True)])
+    filenames, (probabilities,) = await _classify(request, state, (active,), top_k)
+
+    def answer() -> Response:
+        predictions = _top_predictions(active, probabilities, top_k)
+        return _json(ClassifyResponse(task=task, version=active.version, results=[
+            ImageResult(filename=name, predictions=p) for name, p in zip(filenames, predictions, strict=True)]))
+
+    return await anyio.to_thread.run_sync(answer)
 
 
 @router.post("/v1/classify", tags=["classify"], dependencies=ClassifyAccess, openapi_extra=IMAGES_BODY,
+             response_model=MultiClassifyResponse,
              summary="Classify images for several tasks in one micro-batched pass")
-async def classify_many(request: Request, state: State, tasks: TaskNames, top_k: TopK = 5) -> MultiClassifyResponse:
+async def classify_many(request: Request, state: State, tasks: TaskNames, top_k: TopK = 5) -> Response:
     """Tasks that leave the image tower untouched share one image forward; each vision-side task adds one."""
     active = tuple(state.tasks.get(name) for name in dict.fromkeys(tasks))
-    filenames, per_task = await _classify(request, state, active)
-    predictions = [_top_predictions(t, p, top_k) for t, p in zip(active, per_task, strict=True)]
-    return MultiClassifyResponse(results=[
-        MultiImageResult(filename=name, answers=[
-            TaskAnswer(task=t.name, version=t.version, predictions=task_predictions[i])
-            for t, task_predictions in zip(active, predictions, strict=True)])
-        for i, name in enumerate(filenames)])
+    filenames, per_task = await _classify(request, state, active, top_k)
+
+    def answer() -> Response:
+        predictions = [_top_predictions(t, p, top_k) for t, p in zip(active, per_task, strict=True)]
+        return _json(MultiClassifyResponse(results=[
+            MultiImageResult(filename=name, answers=[
+                TaskAnswer(task=t.name, version=t.version, predictions=task_predictions[i])
+                for t, task_predictions in zip(active, predictions, strict=True)])
+            for i, name in enumerate(filenames)]))
+
+    return await anyio.to_thread.run_sync(answer)
 
 
-async def _classify(request: Request, state: AppState,
-                    tasks: tuple[ActiveTask, ...]) -> tuple[list[str], list[torch.Tensor]]:
+def _check_answer_size(tasks: tuple[ActiveTask, ...], images: int, top_k: int, settings: Settings) -> None:
+    """Answers grow as tasks × images × top_k: refuse ones beyond the configured size."""
+    predictions = images * sum(min(top_k, len(t.manifest.classnames)) for t in tasks)
+    if predictions > settings.max_answer_predictions:
+        raise ServiceError(413, "answer_too_large", f"{len(tasks)} task(s) × {images} image(s) × top_k={top_k} "
+                           f"make {predictions} predictions; the limit is {settings.max_answer_predictions}")
+
+
+def _json(model: ClassifyResponse | MultiClassifyResponse) -> Response:
+    """Serialized in the calling worker thread, so a large answer never occupies the event loop."""
+    return Response(model.model_dump_json(), media_type="application/json")
+
+
+async def _classify(request: Request, state: AppState, tasks: tuple[ActiveTask, ...],
+                    top_k: int) -> tuple[list[str], list[torch.Tensor]]:
     """decode → preprocess (worker thread) → micro-batched forward → probabilities [B, C] per task."""
+    _check_answer_size(tasks, 1, top_k, state.settings)  # before the body is read
     uploads = await _read_image_uploads(request, state.settings)
-    pixels = await anyio.to_thread.run_sync(_decode_and_preprocess, uploads, state)
+    _check_answer_size(tasks, len(uploads), top_k, state.settings)
+    pixels = await anyio.to_thread.run_sync(_decode_and_preprocess, uploads, state, limiter=state.decode_limiter)
     try:
         probabilities = await state.batcher.submit(ClassifyJob(pixels, tasks))
     except Overloaded as exc:
@@ -227,7 +263,6 @@ async def _read_image_uploads(request: Request, settings: Settings) -> list[tupl
 
 
 def _decode_and_preprocess(uploads: list[tuple[str, bytes]], state: AppState) -> torch.Tensor:
-    limits = state.settings
-    images = [decode_image(data, max_bytes=limits.max_image_bytes, max_pixels=limits.max_image_pixels,
-                           filename=name) for name, data in uploads]
-    return state.preprocessor.batch(images)
+    s = state.settings
+    limits = DecodeLimits(s.max_image_bytes, s.max_image_pixels, s.max_request_pixels, s.max_aspect_ratio)
+    return state.preprocessor.batch(decode_images(uploads, limits))

@@ -9,18 +9,20 @@ from operator import attrgetter
 
 import anyio
 from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, PlainTextResponse
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+from starlette.exceptions import HTTPException
 from starlette.types import Scope
 
 from service import __version__
 from service.api import AppState, router
 from service.backbone import Backbone, load_backbone
 from service.batcher import MicroBatcher
-from service.body_limit import BodySizeLimit
+from service.body_limit import RequestLimits, RouteLimits
 from service.config import MiB, Settings
 from service.demo import seed_demo_tasks
-from service.errors import ServiceError
+from service.errors import ServiceError, error_body
 from service.images import ImagePreprocessor
 from service.metrics import Metrics, MetricsMiddleware
 from service.registry import UnknownTask, open_registry
@@ -33,7 +35,7 @@ log = logging.getLogger(__name__)
 def build_state(settings: Settings, metrics: Metrics, backbone: Backbone | None = None) -> AppState:
     """Load the backbone (unless given), restore every task, and seed the demo task on a fresh registry."""
     backbone = backbone or load_backbone(settings.backbone_spec())
-    tasks = TaskManager(backbone, open_registry(settings.registry), settings.max_classes)
+    tasks = TaskManager(backbone, open_registry(settings.registry), settings.bundle_limits())
     tasks.restore()
     if settings.demo:
         seed_demo_tasks(tasks)
@@ -42,7 +44,7 @@ def build_state(settings: Settings, metrics: Metrics, backbone: Backbone | None 
                            max_wait_s=settings.batch_max_wait_ms / 1000,
                            max_queued_rows=settings.batch_max_queued_images)
     state = AppState(settings, backbone, tasks, metrics, ImagePreprocessor(backbone.preprocess), runtime, batcher,
-                     anyio.CapacityLimiter(1))
+                     anyio.CapacityLimiter(1), anyio.CapacityLimiter(settings.decode_concurrency))
     state.refresh_task_gauges()
     return state
 
@@ -69,22 +71,50 @@ def create_app(settings: Settings | None = None, backbone: Backbone | None = Non
     async def prometheus_metrics() -> PlainTextResponse:
         return PlainTextResponse(generate_latest(metrics.registry), media_type=CONTENT_TYPE_LATEST)
 
+    add_error_handlers(app)
+    app.add_middleware(RequestLimits, limits_for=lambda scope: route_limits(scope, settings),
+                       max_header_bytes=settings.max_header_bytes, body_timeout_s=settings.body_timeout_s,
+                       max_inflight=settings.max_inflight_requests)
+    app.add_middleware(MetricsMiddleware, metrics=metrics)
+    return app
+
+
+def route_limits(scope: Scope, settings: Settings) -> RouteLimits:
+    path, post = scope["path"], scope["method"] == "POST"
+    if path.endswith("/versions"):
+        return RouteLimits(settings.max_bundle_bytes, expensive=post)
+    if path.endswith("classify"):
+        return RouteLimits(settings.max_classify_body_bytes, expensive=post)
+    return RouteLimits(MiB, expensive=False)
+
+
+HTTP_CODES = {404: "not_found", 405: "method_not_allowed"}
+
+
+def add_error_handlers(app: FastAPI) -> None:
+    """Every error leaves as {"detail", "code"} JSON; an unexpected one as a logged 500, never a bare page."""
+
     @app.exception_handler(ServiceError)
     async def service_error(request: Request, exc: ServiceError) -> JSONResponse:
-        return JSONResponse({"detail": exc.message, "code": exc.code}, status_code=exc.status, headers=exc.headers)
+        return JSONResponse(exc.body(), status_code=exc.status, headers=exc.headers)
 
     @app.exception_handler(UnknownTask)
     async def unknown_task(request: Request, exc: UnknownTask) -> JSONResponse:
-        return JSONResponse({"detail": exc.args[0], "code": "unknown_task"}, status_code=404)
+        return JSONResponse(error_body(exc.args[0], "unknown_task"), status_code=404)
 
-    def body_limit(scope: Scope) -> int:
-        path = scope["path"]
-        if path.endswith("/versions"):
-            return settings.max_bundle_bytes
-        if path.endswith("classify"):
-            return settings.max_classify_body_bytes
-        return MiB
+    @app.exception_handler(RequestValidationError)
+    async def invalid_request(request: Request, exc: RequestValidationError) -> JSONResponse:
+        first = exc.errors()[0]
+        where = ".".join(str(part) for part in first.get("loc", ()))
+        return JSONResponse(error_body(f"{where}: {first.get('msg', 'invalid')}", "invalid_request", where),
+                            status_code=422)
 
-    app.add_middleware(BodySizeLimit, limit_for=body_limit)
-    app.add_middleware(MetricsMiddleware, metrics=metrics)
-    return app
+    @app.exception_handler(HTTPException)
+    async def http_error(request: Request, exc: HTTPException) -> JSONResponse:
+        return JSONResponse(error_body(str(exc.detail), HTTP_CODES.get(exc.status_code, "http_error")),
+                            status_code=exc.status_code, headers=exc.headers)
+
+    @app.exception_handler(Exception)
+    async def internal_error(request: Request, exc: Exception) -> JSONResponse:
+        log.exception("unhandled error on %s %s", request.method, request.url.path)
+        return JSONResponse(error_body("internal error; the service logged it", "internal_error"), status_code=500)

@@ -1,54 +1,109 @@
-"""Request body limits enforced while the body streams in, before anything is parsed or buffered."""
+"""Request limits enforced at the ASGI level, before anything is parsed or buffered.
+
+Per request: header size (431), declared or streamed body size (413), the time the body may take to arrive
+(408: a client trickling its body cannot hold a worker), and for the expensive routes a cap on requests in
+progress, answered 503 before a byte of the body is read.
+"""
 
 from __future__ import annotations
 
-import json
 from collections.abc import Callable
+from dataclasses import dataclass
 
+import anyio
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
+from service.errors import error_bytes
 
-class BodySizeLimit:
-    """Answer 413 as soon as a body exceeds `limit_for(scope)` bytes, declared or streamed."""
 
-    def __init__(self, app: ASGIApp, limit_for: Callable[[Scope], int]):
-        self.app, self.limit_for = app, limit_for
+@dataclass(frozen=True)
+class RouteLimits:
+    max_body_bytes: int
+    expensive: bool  # counts against the in-progress cap
+
+
+class RequestLimits:
+    def __init__(self, app: ASGIApp, limits_for: Callable[[Scope], RouteLimits], *, max_header_bytes: int,
+                 body_timeout_s: float, max_inflight: int):
+        self.app, self.limits_for = app, limits_for
+        self.max_header_bytes, self.body_timeout_s, self.max_inflight = max_header_bytes, body_timeout_s, max_inflight
+        self.inflight = 0  # the event loop is single-threaded: a plain counter is exact
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
             await self.app(scope, receive, send)
             return
-        limit = self.limit_for(scope)
-        declared = dict(scope["headers"]).get(b"content-length")
-        if declared is not None and declared.isdigit() and int(declared) > limit:
-            await _reject(send, limit)
+        header_bytes = sum(len(k) + len(v) for k, v in scope["headers"])
+        if header_bytes > self.max_header_bytes:
+            await reject(send, 431, "headers_too_large",
+                         f"request headers hold {header_bytes} bytes, more than the {self.max_header_bytes} allowed")
             return
-        received, rejected = 0, False
+        limits = self.limits_for(scope)
+        declared = dict(scope["headers"]).get(b"content-length")
+        if declared is not None and declared.isdigit() and int(declared) > limits.max_body_bytes:
+            await _reject_size(send, limits.max_body_bytes)
+            return
+        if not limits.expensive:
+            await self._guarded(scope, receive, send, limits)
+            return
+        if self.inflight >= self.max_inflight:
+            await reject(send, 503, "overloaded", f"{self.inflight} requests in progress; retry shortly",
+                         [(b"retry-after", b"1")])
+            return
+        self.inflight += 1
+        try:
+            await self._guarded(scope, receive, send, limits)
+        finally:
+            self.inflight -= 1
+
+    async def _guarded(self, scope: Scope, receive: Receive, send: Send, limits: RouteLimits) -> None:
+        deadline = anyio.current_time() + self.body_timeout_s
+        received, body_done, rejected = 0, False, False
 
         async def limited_receive() -> Message:
-            nonlocal received, rejected
-            message = await receive()
+            nonlocal received, body_done, rejected
+            if rejected:
+                return {"type": "http.disconnect"}
+            if body_done:
+                return await receive()
+            with anyio.move_on_after(deadline - anyio.current_time()) as timer:
+                message = await receive()
+            if timer.cancelled_caught:
+                rejected = True
+                await reject(send, 408, "body_timeout", f"the request body did not arrive within "
+                             f"{self.body_timeout_s:g} s", CLOSE)
+                return {"type": "http.disconnect"}
             if message["type"] == "http.request":
                 received += len(message.get("body", b""))
-                if received > limit and not rejected:
+                body_done = not message.get("more_body", False)
+                if received > limits.max_body_bytes:
                     rejected = True
-                    await _reject(send, limit)
+                    await _reject_size(send, limits.max_body_bytes)
                     return {"type": "http.disconnect"}
             return message
 
         async def guarded_send(message: Message) -> None:
-            if not rejected:  # the 413 already went out; drop whatever the app says after the disconnect
+            if not rejected:  # the 4xx already went out; drop whatever the app says after the disconnect
                 await send(message)
 
         try:
             await self.app(scope, limited_receive, guarded_send)
         except Exception:
-            if not rejected:  # after a 413 the app only fails on the disconnect we fed it
+            if not rejected:  # after a rejection the app only fails on the disconnect we fed it
                 raise
 
 
-async def _reject(send: Send, limit: int) -> None:
-    body = json.dumps({"detail": f"request body exceeds the {limit}-byte limit", "code": "body_too_large"}).encode()
-    headers = [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode())]
-    await send({"type": "http.response.start", "status": 413, "headers": headers})
+CLOSE = [(b"connection", b"close")]  # the rest of the body is never read, so the connection cannot be reused
+
+
+async def _reject_size(send: Send, limit: int) -> None:
+    await reject(send, 413, "body_too_large", f"request body exceeds the {limit}-byte limit", CLOSE)
+
+
+async def reject(send: Send, status: int, code: str, detail: str,
+                 extra_headers: list[tuple[bytes, bytes]] | None = None) -> None:
+    body = error_bytes(detail, code)
+    headers = [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode()),
+               *(extra_headers or [])]
+    await send({"type": "http.response.start", "status": status, "headers": headers})
     await send({"type": "http.response.body", "body": body})

@@ -15,26 +15,44 @@ import os
 import struct
 import tempfile
 from collections.abc import Callable, Mapping
-from dataclasses import asdict, dataclass, field
-from datetime import datetime, timezone
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Annotated, Any
 
+import pydantic_core
 import safetensors.torch
 import torch
+from pydantic import BaseModel, ConfigDict, Field, TypeAdapter, ValidationError
 
 from service.bitpack import packed_size, unpack_indices
+from service.manifest import (
+    CLASS_TOKEN_POSITIONS,
+    DEFAULT_TEMPLATES,
+    FORMAT_NAME,
+    FORMAT_VERSION,
+    MAX_CLASSNAME_CHARS,
+    MAX_CONTEXT_ELEMENTS,
+    BackboneRef,
+    Manifest,
+    NoOptions,
+    PromptLayout,
+    QPromptOptions,
+    ZeroShotOptions,
+    describe_input,
+)
 
 log = logging.getLogger(__name__)
 
-FORMAT_NAME = "promptserve.bundle"
-FORMAT_VERSION = 1
+__all__ = [
+    "CLASS_TOKEN_POSITIONS", "DEFAULT_TEMPLATES", "FORMAT_NAME", "FORMAT_VERSION", "MANIFEST_KEY",
+    "MAX_CLASSNAME_CHARS", "METHODS", "BackboneRef", "Bundle", "BundleError", "Manifest", "PromptLayout",
+    "decode_bundle", "encode_bundle", "fill_template", "read_bundle", "write_bundle",
+]
+
 MANIFEST_KEY = "promptserve.manifest"
 MAX_HEADER_BYTES = 8 * 1024 * 1024
-MAX_CLASSNAME_CHARS = 200
-CLASS_TOKEN_POSITIONS = ("end", "middle", "front")
+MAX_ABS_VALUE = 1e4  # learned prompt values live near token-embedding scale; far larger ones only overflow
 FLOAT_DTYPES = {"F16": torch.float16, "BF16": torch.bfloat16, "F32": torch.float32}
-DEFAULT_TEMPLATES = ("a photo of a {}.",)
 
 
 class BundleError(ValueError):
@@ -42,46 +60,24 @@ class BundleError(ValueError):
 
     def __init__(self, field_name: str, problem: str):
         self.field = field_name
+        self.problem = problem
         super().__init__(f"bundle field '{field_name}': {problem}")
 
-
-@dataclass(frozen=True)
-class BackboneRef:
-    """Which frozen backbone a bundle was trained for; `fingerprint` hashes its text-tower weights."""
-
-    model: str
-    pretrained: str | None
-    fingerprint: str
-
-
-@dataclass(frozen=True)
-class PromptLayout:
-    """Where learned context vectors go: `n_ctx` slots of width `ctx_dim` around the class name.
-
-    `class_specific` means one context per class (CoOp's CSC) instead of one shared by all classes.
-    """
-
-    n_ctx: int = 0
-    ctx_dim: int = 0
-    class_token_position: str = "end"
-    class_specific: bool = False
+    @classmethod
+    def from_validation(cls, exc: ValidationError, prefix: str = "") -> BundleError:
+        """The first problem pydantic found, named by its field path (list indexes dropped)."""
+        first = exc.errors(include_url=False)[0]
+        path = ".".join(str(part) for part in first["loc"] if isinstance(part, str))
+        field_name = ".".join(p for p in (prefix, path) if p) or "manifest"
+        problem = first["msg"].removeprefix("Value error, ")
+        if first["type"] not in ("missing", "json_invalid", "value_error"):
+            problem += f" (got {describe_input(first.get('input'))})"
+        return cls(field_name, problem)
 
 
-@dataclass(frozen=True)
-class Manifest:
-    method: str
-    backbone: BackboneRef
-    classnames: tuple[str, ...]
-    prompt: PromptLayout = PromptLayout()
-    options: Mapping[str, Any] = field(default_factory=dict)
-    metrics: Mapping[str, Any] = field(default_factory=dict)
-    created: str = field(default_factory=lambda: datetime.now(timezone.utc).isoformat(timespec="seconds"))
-    trainer_version: str | None = None
-    format: str = FORMAT_NAME
-    format_version: int = FORMAT_VERSION
-
-    def to_json(self) -> str:
-        return json.dumps(asdict(self), sort_keys=True)
+def fill_template(template: str, classname: str) -> str:
+    """A validated template with its one `{}` replaced: no format-string syntax is ever interpreted."""
+    return template.replace("{}", classname, 1)
 
 
 @dataclass(frozen=True)
@@ -132,23 +128,22 @@ def _qprompt_tensors(m: Manifest) -> dict[str, TensorRule]:
     }
 
 
-def _check_zeroshot_options(options: Mapping[str, Any]) -> None:
-    templates = options.get("templates", list(DEFAULT_TEMPLATES))
-    if not isinstance(templates, list) or not templates:
-        raise BundleError("options.templates", "must be a non-empty list of strings")
-    for t in templates:
-        if not isinstance(t, str) or t.count("{}") != 1:
-            raise BundleError("options.templates", f"each template needs exactly one '{{}}', got {t!r}")
+class OptionsCheck:
+    """Validates a method's `options` with its typed model; `model` also feeds the published JSON Schema."""
+
+    def __init__(self, model: type[BaseModel]):
+        self.model = model
+
+    def __call__(self, options: Mapping[str, Any]) -> None:
+        try:
+            self.model.model_validate(options, strict=True)
+        except ValidationError as exc:
+            raise BundleError.from_validation(exc, "options") from exc
 
 
-def _check_qprompt_options(options: Mapping[str, Any]) -> None:
-    bits = options.get("bits")
-    if not isinstance(bits, int) or isinstance(bits, bool) or not 1 <= bits <= 8:
-        raise BundleError("options.bits", f"must be an integer from 1 to 8, got {bits!r}")
-
-
-def _no_options(options: Mapping[str, Any]) -> None:
-    return None
+_check_zeroshot_options = OptionsCheck(ZeroShotOptions)
+_check_qprompt_options = OptionsCheck(QPromptOptions)
+_no_options = OptionsCheck(NoOptions)
 
 
 def _plain_ctx(bundle: Bundle) -> torch.Tensor:
@@ -199,7 +194,7 @@ def write_bundle(path: str | os.PathLike, manifest: Manifest, tensors: Mapping[s
 
 def atomic_write(path: Path, data: bytes) -> None:
     """Readers see either the old file or the complete new one, never a partial write."""
-    path.parent.mkdir(parents=True, exist_ok=True)
+    make_dirs(path.parent)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     try:
         with os.fdopen(fd, "wb") as f:
@@ -210,7 +205,22 @@ def atomic_write(path: Path, data: bytes) -> None:
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
-    dir_fd = os.open(path.parent, os.O_RDONLY)
+    fsync_dir(path.parent)
+
+
+def make_dirs(path: Path) -> None:
+    """mkdir -p, fsyncing each new directory's parent so the new entry survives a crash."""
+    missing = []
+    while not path.is_dir():
+        missing.append(path)
+        path = path.parent
+    for directory in reversed(missing):
+        directory.mkdir(exist_ok=True)
+        fsync_dir(directory.parent)
+
+
+def fsync_dir(path: Path) -> None:
+    dir_fd = os.open(path, os.O_RDONLY)
     try:
         os.fsync(dir_fd)
     finally:
@@ -225,22 +235,33 @@ def read_bundle(path: str | os.PathLike) -> Bundle:
 
 
 def decode_bundle(data: bytes) -> Bundle:
-    """Parse and fully validate a bundle from bytes (untrusted input)."""
+    """Parse and fully validate a bundle from bytes (untrusted input).
+
+    Order matters for cost: the manifest and the tensor header are checked (sizes included) before any
+    tensor byte is materialized, and nothing here dequantizes a prompt.
+    """
     header = _read_header(data)
     manifest = _parse_manifest(header.pop("__metadata__", None))
-    spec = METHODS[manifest.method]
-    rules = spec.tensor_rules(manifest)
+    rules = METHODS[manifest.method].tensor_rules(manifest)
     _check_header_tensors(header, rules)
     try:
         tensors = safetensors.torch.load(data)
     except Exception as exc:  # the library reports offsets and lengths it cannot honour
         raise BundleError("tensors", f"tensor data is malformed ({exc})") from exc
     for name, t in tensors.items():
-        if t.is_floating_point() and not torch.isfinite(t).all():
-            raise BundleError(name, "contains NaN or infinite values")
+        _check_values(name, t)
     if "sigma" in tensors and not (tensors["sigma"] > 0).all():
         raise BundleError("sigma", "must be positive")
     return Bundle(manifest, tensors)
+
+
+def _check_values(name: str, tensor: torch.Tensor) -> None:
+    if not tensor.is_floating_point():
+        return
+    if not torch.isfinite(tensor).all():
+        raise BundleError(name, "contains NaN or infinite values")
+    if tensor.numel() and tensor.abs().max().item() > MAX_ABS_VALUE:
+        raise BundleError(name, f"values must lie within ±{MAX_ABS_VALUE:g} (larger ones overflow the encoder)")
 
 
 def _read_header(data: bytes) -> dict[str, Any]:
@@ -249,13 +270,23 @@ def _read_header(data: bytes) -> dict[str, Any]:
     (header_len,) = struct.unpack("<Q", data[:8])
     if header_len > min(MAX_HEADER_BYTES, len(data) - 8):
         raise BundleError("file", "not a safetensors bundle (header length is out of range)")
-    try:
-        header = json.loads(data[8 : 8 + header_len].decode("utf-8"))
-    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+    try:  # pydantic-core's parser bounds nesting depth, where json.loads would overflow the stack
+        header = pydantic_core.from_json(data[8 : 8 + header_len])
+    except ValueError as exc:
         raise BundleError("file", f"not a safetensors bundle (header is not JSON: {exc})") from exc
     if not isinstance(header, dict):
         raise BundleError("file", "not a safetensors bundle (header is not a JSON object)")
     return header
+
+
+class TensorEntry(BaseModel):
+    """One tensor's safetensors header entry; checked before the library reads it."""
+
+    model_config = ConfigDict(strict=True)
+
+    dtype: str
+    shape: Annotated[list[Annotated[int, Field(ge=0)]], Field(max_length=8)]
+    data_offsets: Annotated[list[Annotated[int, Field(ge=0)]], Field(min_length=2, max_length=2)]
 
 
 def _check_header_tensors(header: Mapping[str, Any], rules: Mapping[str, TensorRule]) -> None:
@@ -265,106 +296,89 @@ def _check_header_tensors(header: Mapping[str, Any], rules: Mapping[str, TensorR
     if extra:
         raise BundleError(sorted(extra)[0], "tensor is not part of this method's bundle")
     for name, rule in rules.items():
-        entry = header[name]
-        if not isinstance(entry, dict):
-            raise BundleError(name, "tensor header entry is malformed")
-        if entry.get("dtype") not in rule.dtypes:
-            raise BundleError(name, f"dtype must be one of {list(rule.dtypes)}, got {entry.get('dtype')!r}")
-        if tuple(entry.get("shape", ())) != rule.shape:
-            raise BundleError(name, f"shape must be {list(rule.shape)}, got {entry.get('shape')}")
+        try:
+            entry = TensorEntry.model_validate(header[name])
+        except ValidationError as exc:
+            raise BundleError(name, "tensor header entry is malformed") from exc
+        if entry.dtype not in rule.dtypes:
+            raise BundleError(name, f"dtype must be one of {list(rule.dtypes)}, got {describe_input(entry.dtype)}")
+        if tuple(entry.shape) != rule.shape:
+            raise BundleError(name, f"shape must be {list(rule.shape)}, got {entry.shape}")
+
+
+_MANIFEST = TypeAdapter(Manifest)
 
 
 def _parse_manifest(metadata: Any) -> Manifest:
-    if not isinstance(metadata, dict) or MANIFEST_KEY not in metadata:
+    if not isinstance(metadata, dict) or not isinstance(metadata.get(MANIFEST_KEY), str):
         raise BundleError("manifest", f"missing: the safetensors metadata has no '{MANIFEST_KEY}' entry")
+    text = metadata[MANIFEST_KEY]
     try:
-        raw = json.loads(metadata[MANIFEST_KEY])
-    except json.JSONDecodeError as exc:
+        raw = pydantic_core.from_json(text)
+    except ValueError as exc:
         raise BundleError("manifest", f"is not valid JSON ({exc})") from exc
     if not isinstance(raw, dict):
         raise BundleError("manifest", "must be a JSON object")
     _check_format(raw)
-    unknown = set(raw) - {f for f in Manifest.__dataclass_fields__}
+    unknown = set(raw) - set(Manifest.__dataclass_fields__)
     if unknown:
-        log.warning("bundle manifest has unknown fields, ignored: %s", sorted(unknown))
-    method = _require(raw, "method", str)
-    if method not in METHODS:
-        raise BundleError("method", f"unknown method {method!r}; this reader knows {sorted(METHODS)}")
-    manifest = Manifest(
-        method=method,
-        backbone=_parse_backbone(_require(raw, "backbone", dict)),
-        classnames=_parse_classnames(_require(raw, "classnames", list)),
-        prompt=_parse_prompt(raw.get("prompt", {}), METHODS[method].uses_context),
-        options=_optional(raw, "options", dict),
-        metrics=_optional(raw, "metrics", dict),
-        created=_require(raw, "created", str),
-        trainer_version=raw.get("trainer_version"),
-    )
-    METHODS[method].check_options(manifest.options)
+        log.warning("bundle manifest has unknown fields, ignored: %s", sorted(unknown)[:10])
+    try:
+        manifest = _MANIFEST.validate_json(text, strict=True)
+    except ValidationError as exc:
+        raise BundleError.from_validation(exc) from exc
+    _check_method(manifest)
     return manifest
 
 
 def _check_format(raw: Mapping[str, Any]) -> None:
+    """Format first: a bundle of another format or version is named as such, not by its first odd field."""
     if raw.get("format") != FORMAT_NAME:
-        raise BundleError("format", f"must be {FORMAT_NAME!r}, got {raw.get('format')!r}")
+        raise BundleError("format", f"must be {FORMAT_NAME!r}, got {describe_input(raw.get('format'))}")
     version = raw.get("format_version")
-    if not isinstance(version, int) or not 1 <= version <= FORMAT_VERSION:
-        raise BundleError("format_version", f"this reader handles 1..{FORMAT_VERSION}, got {version!r}")
+    if type(version) is not int or not 1 <= version <= FORMAT_VERSION:
+        raise BundleError("format_version", f"this reader handles 1..{FORMAT_VERSION}, got {describe_input(version)}")
 
 
-def _require(raw: Mapping[str, Any], key: str, kind: type) -> Any:
-    value = raw.get(key)
-    if not isinstance(value, kind):
-        raise BundleError(key, f"must be a {kind.__name__}, got {type(value).__name__}")
-    return value
-
-
-def _optional(raw: Mapping[str, Any], key: str, kind: type) -> Any:
-    return _require(raw, key, kind) if key in raw else kind()
-
-
-def _parse_backbone(raw: Mapping[str, Any]) -> BackboneRef:
-    model = raw.get("model")
-    fingerprint = raw.get("fingerprint")
-    pretrained = raw.get("pretrained")
-    if not isinstance(model, str) or not model:
-        raise BundleError("backbone.model", "must be a non-empty open_clip model name")
-    if not isinstance(fingerprint, str) or not fingerprint:
-        raise BundleError("backbone.fingerprint", "must be a non-empty string")
-    if pretrained is not None and not isinstance(pretrained, str):
-        raise BundleError("backbone.pretrained", "must be a string or null")
-    return BackboneRef(model, pretrained, fingerprint)
-
-
-def _parse_classnames(raw: list[Any]) -> tuple[str, ...]:
-    if not raw:
-        raise BundleError("classnames", "must name at least one class")
-    for name in raw:
-        if not isinstance(name, str) or not name.strip() or len(name) > MAX_CLASSNAME_CHARS:
-            raise BundleError("classnames", f"each must be a non-empty string of ≤ {MAX_CLASSNAME_CHARS} chars")
-    if len(set(raw)) != len(raw):
-        duplicate = next(n for n in raw if raw.count(n) > 1)
-        raise BundleError("classnames", f"duplicate class {duplicate!r}")
-    return tuple(raw)
-
-
-def _parse_prompt(raw: Any, uses_context: bool) -> PromptLayout:
-    if not isinstance(raw, dict):
-        raise BundleError("prompt", "must be a JSON object")
-    layout = PromptLayout(
-        n_ctx=raw.get("n_ctx", 0),
-        ctx_dim=raw.get("ctx_dim", 0),
-        class_token_position=raw.get("class_token_position", "end"),
-        class_specific=raw.get("class_specific", False),
-    )
-    for key in ("n_ctx", "ctx_dim"):
-        value = getattr(layout, key)
-        if not isinstance(value, int) or isinstance(value, bool) or not 0 <= value <= 4096:
-            raise BundleError(f"prompt.{key}", f"must be an integer in [0, 4096], got {value!r}")
-    if uses_context and (layout.n_ctx < 1 or layout.ctx_dim < 1):
+def _check_method(manifest: Manifest) -> None:
+    """The checks that span fields: the method exists, its prompt layout and its options."""
+    spec = METHODS.get(manifest.method)
+    if spec is None:
+        raise BundleError("method", f"unknown method {manifest.method!r}; this reader knows {sorted(METHODS)}")
+    layout = manifest.prompt
+    if spec.uses_context and (layout.n_ctx < 1 or layout.ctx_dim < 1):
         raise BundleError("prompt.n_ctx", "this method needs n_ctx ≥ 1 and ctx_dim ≥ 1")
-    if layout.class_token_position not in CLASS_TOKEN_POSITIONS:
-        raise BundleError("prompt.class_token_position", f"must be one of {list(CLASS_TOKEN_POSITIONS)}")
-    if not isinstance(layout.class_specific, bool):
-        raise BundleError("prompt.class_specific", "must be true or false")
-    return layout
+    if spec.uses_context and math.prod(_ctx_shape(manifest)) > MAX_CONTEXT_ELEMENTS:
+        raise BundleError("prompt", f"the context would hold more than {MAX_CONTEXT_ELEMENTS} values")
+    spec.check_options(manifest.options)
+
+
+# --- the published schema ----------------------------------------------------------------------------
+
+
+def manifest_json_schema() -> dict[str, Any]:
+    """JSON Schema of the manifest, with each method's options schema attached by `if method == ...`."""
+    schema = _MANIFEST.json_schema()
+    definitions = schema.setdefault("$defs", {})
+    rules = []
+    for method, spec in sorted(METHODS.items()):
+        model = getattr(spec.check_options, "model", NoOptions)
+        options = model.model_json_schema(ref_template="#/$defs/{model}")
+        definitions.update(options.pop("$defs", {}))
+        definitions[model.__name__] = options
+        rules.append({"if": {"properties": {"method": {"const": method}}},
+                      "then": {"properties": {"options": {"$ref": f"#/$defs/{model.__name__}"}}}})
+    schema["properties"]["method"]["enum"] = sorted(METHODS)
+    return {
+        "$schema": "https://json-schema.org/draft/2020-12/schema",
+        "$id": "https://promptserve.invalid/bundle-format.schema.json",
+        "title": "promptserve bundle manifest",
+        "description": f"The JSON object stored under '{MANIFEST_KEY}' in a bundle's safetensors metadata "
+                       f"(format {FORMAT_NAME!r} version {FORMAT_VERSION}). Generated from service/manifest.py.",
+        **schema,
+        "allOf": rules,
+    }
+
+
+if __name__ == "__main__":  # python -m service.bundle > docs/bundle-format.schema.json
+    print(json.dumps(manifest_json_schema(), indent=2, sort_keys=True))

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Literal
 
 from pydantic import Field, SecretStr
@@ -10,6 +11,17 @@ from pydantic_settings import BaseSettings, SettingsConfigDict
 from service.backbone import BackboneSpec
 
 MiB = 1024 * 1024
+
+
+@dataclass(frozen=True)
+class BundleLimits:
+    """What this service agrees to serve, beyond what the bundle format allows (cost of activation)."""
+
+    max_classes: int = 2000
+    max_classname_chars: int = 200
+    max_template_chars: int = 300
+    max_templates: int = 64
+    max_text_prompts: int = 20_000
 
 
 class Settings(BaseSettings):
@@ -33,6 +45,21 @@ class Settings(BaseSettings):
     max_image_pixels: int = Field(40_000_000, gt=0, description="refuse larger images (decompression bombs)")
     max_images_per_request: int = Field(32, gt=0)
     max_classes: int = Field(2000, gt=0)
+    max_request_pixels: int = Field(64_000_000, gt=0, description="decoded pixels summed over one request's images")
+    max_aspect_ratio: float = Field(20.0, ge=1, description="refuse images longer than this many times their width")
+    decode_concurrency: int = Field(4, gt=0, description="requests decoding images at once, per process")
+    max_classname_chars: int = Field(200, gt=0, description="longest class name a bundle may use (format max 200)")
+    max_template_chars: int = Field(300, gt=0, description="longest zero-shot template (format max 300)")
+    max_templates: int = Field(64, gt=0, description="most zero-shot templates per bundle (format max 64)")
+    max_text_prompts: int = Field(20_000, gt=0, description="classes × templates a bundle may ask to encode")
+    max_answer_predictions: int = Field(100_000, gt=0, description="tasks × images × top_k in one answer")
+    max_inflight_requests: int = Field(64, gt=0, description="classify/upload requests in progress at once; "
+                                       "beyond this, answer 503 before reading the body")
+    body_timeout_s: float = Field(30.0, gt=0, description="a request body must arrive within this time (else 408)")
+    header_timeout_s: float = Field(10.0, gt=0, description="request headers must arrive within this time")
+    keep_alive_timeout_s: float = Field(5.0, gt=0, description="idle keep-alive connections close after this")
+    max_header_bytes: int = Field(16 * 1024, gt=0, description="request headers larger than this get 431")
+    max_connections: int | None = Field(1000, gt=0, description="uvicorn's connection cap (plain 503 beyond)")
 
     batch_max_images: int = Field(32, gt=0, description="most rows (image forwards) in one micro-batch")
     batch_max_wait_ms: float = Field(2.0, ge=0, description="how long a batch waits for more requests")
@@ -44,6 +71,10 @@ class Settings(BaseSettings):
     def backbone_spec(self) -> BackboneSpec:
         return BackboneSpec(model=self.model, pretrained=self.pretrained or None, device=self.device, seed=self.seed,
                             image_backend=self.image_backend, onnx_cache_dir=self.onnx_cache_dir)
+
+    def bundle_limits(self) -> BundleLimits:
+        return BundleLimits(self.max_classes, self.max_classname_chars, self.max_template_chars, self.max_templates,
+                            self.max_text_prompts)
 
     @property
     def max_classify_body_bytes(self) -> int:

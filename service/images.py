@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import io
+import math
 import warnings
 from collections.abc import Callable
+from dataclasses import dataclass
 
 import numpy as np
 import torch
@@ -12,29 +14,76 @@ from PIL import Image, UnidentifiedImageError
 
 from service.errors import ServiceError
 
+# Formats with well-trodden decoders only: no EPS (it runs Ghostscript), no TIFF (many rarely used codecs).
+FORMATS = ("PNG", "JPEG", "GIF", "WEBP", "BMP")
 
-def decode_image(data: bytes, *, max_bytes: int, max_pixels: int, filename: str = "image") -> Image.Image:
+
+@dataclass(frozen=True)
+class DecodeLimits:
+    max_bytes: int
+    max_pixels: int  # per image
+    max_request_pixels: int  # summed over a request
+    max_aspect_ratio: float
+
+
+def decode_images(uploads: list[tuple[str, bytes]], limits: DecodeLimits) -> list[Image.Image]:
+    """Every upload as RGB, or a ServiceError; all sizes are checked from headers before any pixel is decoded."""
+    opened = [open_image(data, limits, filename=name) for name, data in uploads]
+    total = sum(image.width * image.height for image in opened)
+    if total > limits.max_request_pixels:
+        raise ServiceError(413, "request_too_many_pixels", f"the request's images hold {total} pixels together, "
+                           f"more than the {limits.max_request_pixels} allowed")
+    return [load_rgb(image, name) for image, (name, _) in zip(opened, uploads, strict=True)]
+
+
+def decode_image(data: bytes, *, max_bytes: int, max_pixels: int, filename: str = "image",
+                 max_aspect_ratio: float = math.inf) -> Image.Image:
     """An RGB image, or a ServiceError: 413 too large, 415 not an image, 422 corrupt."""
-    if len(data) > max_bytes:
-        raise ServiceError(413, "image_too_large", f"{filename}: {len(data)} bytes exceed the {max_bytes}-byte limit")
+    limits = DecodeLimits(max_bytes, max_pixels, max_pixels, max_aspect_ratio)
+    return load_rgb(open_image(data, limits, filename=filename), filename)
+
+
+def open_image(data: bytes, limits: DecodeLimits, *, filename: str) -> Image.Image:
+    """Parse the header only (PIL opens lazily) and check size and shape against the limits."""
+    if len(data) > limits.max_bytes:
+        raise ServiceError(413, "image_too_large", f"{filename}: {len(data)} bytes exceed the "
+                           f"{limits.max_bytes}-byte limit")
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", Image.DecompressionBombWarning)
         try:
-            image = Image.open(io.BytesIO(data))
+            image = Image.open(io.BytesIO(data), formats=FORMATS)
         except Image.DecompressionBombError as exc:
             raise ServiceError(413, "image_too_many_pixels", f"{filename}: {exc}") from exc
         except UnidentifiedImageError as exc:
-            raise ServiceError(415, "not_an_image", f"{filename}: not an image format this service decodes") from exc
-        width, height = image.size
-        if width * height > max_pixels:
-            raise ServiceError(
-                413, "image_too_many_pixels", f"{filename}: {width}x{height} exceeds the {max_pixels}-pixel limit"
-            )
+            raise ServiceError(415, "not_an_image", f"{filename}: not an image in a format this service decodes "
+                               f"({', '.join(FORMATS)})") from exc
+        except Exception as exc:  # noqa: BLE001  # a decoder's header parser fails in many ways on hostile bytes
+            raise _corrupt(filename, exc) from exc
+    width, height = image.size
+    if width < 1 or height < 1:
+        raise ServiceError(422, "corrupt_image", f"{filename}: the image is {width}x{height}")
+    if width * height > limits.max_pixels:
+        raise ServiceError(413, "image_too_many_pixels",
+                           f"{filename}: {width}x{height} exceeds the {limits.max_pixels}-pixel limit")
+    if max(width, height) > limits.max_aspect_ratio * min(width, height):
+        raise ServiceError(422, "bad_aspect_ratio", f"{filename}: {width}x{height} is more than "
+                           f"{limits.max_aspect_ratio:g} times longer one way than the other")
+    return image
+
+
+def load_rgb(image: Image.Image, filename: str) -> Image.Image:
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", Image.DecompressionBombWarning)
         try:
             image.load()
             return image.convert("RGB")
-        except (OSError, SyntaxError, ValueError, Image.DecompressionBombError) as exc:
-            raise ServiceError(422, "corrupt_image", f"{filename}: image data is corrupt or truncated ({exc})") from exc
+        except Exception as exc:  # noqa: BLE001  # truncated or malformed data: the decoder's own error types vary
+            raise _corrupt(filename, exc) from exc
+
+
+def _corrupt(filename: str, exc: Exception) -> ServiceError:
+    return ServiceError(422, "corrupt_image", f"{filename}: image data is corrupt or truncated "
+                        f"({type(exc).__name__}: {str(exc)[:200]})")
 
 
 class ImagePreprocessor:

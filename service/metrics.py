@@ -25,8 +25,24 @@ class Metrics:
                                     registry=self.registry)
 
 
+    def forget_task(self, task: str) -> None:
+        """Drop a deleted task's series, so label values stay bounded by the tasks that exist."""
+        for gauge in (self.images, self.active_version):
+            try:
+                gauge.remove(task)
+            except KeyError:
+                pass
+
+
+HTTP_METHODS = frozenset({"GET", "HEAD", "POST", "PUT", "PATCH", "DELETE", "OPTIONS"})
+
+
 class MetricsMiddleware:
-    """Counts every response (including ones produced by other middleware) by route template."""
+    """Counts every response (including ones produced by other middleware) by route template.
+
+    Labels come from fixed sets only: the route template (or "unmatched"), a known HTTP method (or "other"),
+    the status code; never the raw path or method a client sent.
+    """
 
     def __init__(self, app: ASGIApp, metrics: Metrics):
         self.app, self.metrics = app, metrics
@@ -48,7 +64,8 @@ class MetricsMiddleware:
             await self.app(scope, receive, send_and_record)
         finally:
             route = getattr(scope.get("route"), "path", "unmatched")
-            self.metrics.requests.labels(scope["method"], route, str(status)).inc()
+            method = scope["method"] if scope["method"] in HTTP_METHODS else "other"
+            self.metrics.requests.labels(method, route, str(status)).inc()
             self.metrics.latency.labels(route).observe(time.perf_counter() - start)
             if status >= 400:
                 self.metrics.errors.labels(route, str(status)).inc()

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 from typing import Any
 
 from pydantic import BaseModel, Field
@@ -41,7 +42,7 @@ class TaskDetail(TaskSummary):
             classnames=list(m.classnames), bundle_bytes=task.bundle_bytes,
             backbone=BackboneInfo(model=m.backbone.model, pretrained=m.backbone.pretrained,
                                   fingerprint=m.backbone.fingerprint),
-            prompt=vars(m.prompt), options=dict(m.options), metrics=dict(m.metrics), created=m.created,
+            prompt=dataclasses.asdict(m.prompt), options=dict(m.options), metrics=dict(m.metrics), created=m.created,
             trainer_version=m.trainer_version, activated_at=task.activated_at,
         )
 

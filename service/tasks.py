@@ -20,7 +20,8 @@ import torch
 import torch.nn.functional as F
 
 from service.backbone import Backbone
-from service.bundle import DEFAULT_TEMPLATES, Bundle, BundleError, Manifest, decode_bundle
+from service.bundle import DEFAULT_TEMPLATES, METHODS, Bundle, BundleError, Manifest, decode_bundle, fill_template
+from service.config import BundleLimits
 from service.heads import TaskHead, TextSideHead
 from service.registry import Registry, UnknownTask, check_task_name
 
@@ -29,8 +30,8 @@ log = logging.getLogger(__name__)
 TEXT_BATCH = 256
 
 
-def check_compatible(manifest: Manifest, backbone: Backbone, max_classes: int) -> None:
-    """Refuse bundles trained for another backbone or too large to serve."""
+def check_compatible(manifest: Manifest, backbone: Backbone, limits: BundleLimits) -> None:
+    """Refuse bundles trained for another backbone or too costly to serve; nothing here touches a tensor."""
     if manifest.backbone.model != backbone.spec.model:
         raise BundleError(
             "backbone.model", f"bundle is for {manifest.backbone.model!r}, this service runs {backbone.spec.model!r}"
@@ -43,8 +44,39 @@ def check_compatible(manifest: Manifest, backbone: Backbone, max_classes: int) -
         )
     if manifest.prompt.ctx_dim not in (0, backbone.text.width):
         raise BundleError("prompt.ctx_dim", f"is {manifest.prompt.ctx_dim}, the text width is {backbone.text.width}")
-    if len(manifest.classnames) > max_classes:
-        raise BundleError("classnames", f"{len(manifest.classnames)} classes exceed this service's limit {max_classes}")
+    if manifest.prompt.n_ctx + 2 > backbone.text.context_length:  # start and end tokens take two slots
+        raise BundleError("prompt.n_ctx", f"is {manifest.prompt.n_ctx}; the text context holds "
+                          f"{backbone.text.context_length} tokens")
+    _check_cost(manifest, limits)
+
+
+def _check_cost(manifest: Manifest, limits: BundleLimits) -> None:
+    classes = len(manifest.classnames)
+    if classes > limits.max_classes:
+        raise BundleError("classnames", f"{classes} classes exceed this service's limit {limits.max_classes}")
+    longest = max(len(name) for name in manifest.classnames)
+    if longest > limits.max_classname_chars:
+        raise BundleError("classnames", f"a class name of {longest} characters exceeds this service's limit "
+                          f"{limits.max_classname_chars}")
+    templates = manifest.options.get("templates", DEFAULT_TEMPLATES) if bundle_uses_templates(manifest) else ()
+    if len(templates) > limits.max_templates:
+        raise BundleError("options.templates", f"{len(templates)} templates exceed this service's limit "
+                          f"{limits.max_templates}")
+    if any(len(t) > limits.max_template_chars for t in templates):
+        raise BundleError("options.templates", f"templates are limited to {limits.max_template_chars} characters")
+    if classes * max(len(templates), 1) > limits.max_text_prompts:
+        raise BundleError("options.templates", f"{classes} classes × {len(templates)} templates exceed this "
+                          f"service's limit of {limits.max_text_prompts} prompts to encode")
+
+
+def bundle_uses_templates(manifest: Manifest) -> bool:
+    return not METHODS[manifest.method].uses_context
+
+
+def check_finite_features(features: torch.Tensor) -> None:
+    """Finite inputs can still overflow inside the encoder; such a bundle would answer null probabilities."""
+    if not torch.isfinite(features).all():
+        raise BundleError("tensors", "the bundle's text features are not finite (its values overflow the encoder)")
 
 
 @torch.no_grad()
@@ -54,7 +86,8 @@ def text_features(bundle: Bundle, backbone: Backbone) -> torch.Tensor:
     names = list(manifest.classnames)
     if ctx is None:
         templates = manifest.options.get("templates", list(DEFAULT_TEMPLATES))
-        per_template = [_encode_in_batches(backbone, [t.format(n) for n in names], None) for t in templates]
+        per_template = [_encode_in_batches(backbone, [fill_template(t, n) for n in names], None)
+                        for t in templates]
         features = torch.stack(per_template).mean(dim=0)
     else:
         features = _encode_in_batches(backbone, names, ctx, manifest)
@@ -76,7 +109,9 @@ def _encode_in_batches(
 
 
 def text_side_head(bundle: Bundle, backbone: Backbone) -> TextSideHead:
-    return TextSideHead(text_features(bundle, backbone))
+    features = text_features(bundle, backbone)
+    check_finite_features(features)
+    return TextSideHead(features)
 
 
 # How each method's bundle becomes a task head: the method's kind decides what the image forward produces.
@@ -101,10 +136,10 @@ class ActiveTask:
 class TaskManager:
     """Holds the active task of every name; swaps are single dict assignments, so readers see one version."""
 
-    def __init__(self, backbone: Backbone, registry: Registry, max_classes: int):
+    def __init__(self, backbone: Backbone, registry: Registry, limits: BundleLimits):
         self.backbone = backbone
         self.registry = registry
-        self.max_classes = max_classes
+        self.limits = limits
         self._active: dict[str, ActiveTask] = {}
         self._task_locks: defaultdict[str, threading.Lock] = defaultdict(threading.Lock)
         self.restore_failures: dict[str, str] = {}
@@ -121,9 +156,11 @@ class TaskManager:
     def prepare(self, name: str, version: int, data: bytes) -> ActiveTask:
         """Decode, check and compute features; touches no shared state."""
         bundle = decode_bundle(data)
-        check_compatible(bundle.manifest, self.backbone, self.max_classes)
+        check_compatible(bundle.manifest, self.backbone, self.limits)
         try:
             head = HEAD_BUILDERS[bundle.manifest.method](bundle, self.backbone)
+        except BundleError:
+            raise
         except ValueError as exc:  # e.g. a class prompt longer than the text context
             raise BundleError("classnames", str(exc)) from exc
         return ActiveTask(name, version, bundle.manifest, len(data), head, time.time())
@@ -146,11 +183,14 @@ class TaskManager:
             self._active.pop(name, None)
 
     def restore(self) -> None:
-        """Bring back every task's active version after a restart; a broken one is logged, not fatal."""
+        """Bring back every task's active version after a restart; a damaged one is reported, never fatal."""
+        for name, reason in self.registry.damaged_tasks().items():
+            self.restore_failures[name] = reason
+            log.error("task %s could not be restored: %s", name, reason)
         for name, version in self.registry.active_versions().items():
             try:
                 self._active[name] = self.prepare(name, version, self.registry.load(name, version))
-            except (BundleError, UnknownTask, OSError) as exc:
-                self.restore_failures[name] = str(exc)
+            except Exception as exc:  # noqa: BLE001  # whatever one task's files hold, the others still serve
+                self.restore_failures[name] = f"version {version}: {exc}"
                 log.error("task %s version %d could not be restored: %s", name, version, exc)
-        log.info("restored %d task(s)", len(self._active))
+        log.info("restored %d task(s), %d failed", len(self._active), len(self.restore_failures))

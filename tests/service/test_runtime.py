@@ -2,6 +2,7 @@
 
 import torch
 
+from service.config import BundleLimits
 from service.heads import ImageNeed
 from service.runtime import ClassifyJob, ClassifyRuntime, Forward
 from service.tasks import TaskManager
@@ -10,7 +11,7 @@ from service.tasks import TaskManager
 def make_tasks(backbone, tmp_path, make_coop_bundle, count: int):
     from service.registry import DirectoryRegistry
 
-    manager = TaskManager(backbone, DirectoryRegistry(tmp_path), max_classes=100)
+    manager = TaskManager(backbone, DirectoryRegistry(tmp_path), BundleLimits())
     return [manager.publish(f"t{i}", make_coop_bundle(backbone, [f"c{i}{k}" for k in range(i + 2)], seed=i))
             for i in range(count)]
 

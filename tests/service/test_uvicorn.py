@@ -1,10 +1,5 @@
 """The service as users run it: `python -m service` in its own uvicorn process, over real TCP."""
 
-import os
-import socket
-import subprocess
-import sys
-import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
@@ -13,45 +8,15 @@ import pytest
 import torch
 
 from service.bundle import BackboneRef, Manifest, PromptLayout, encode_bundle
+from service.process import ServiceProcess
 
 pytestmark = pytest.mark.slow
 SAMPLES = Path(__file__).parents[2] / "service" / "assets" / "samples"
 TOKEN = "uvicorn-test-token"
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-class ServiceProcess:
-    def __init__(self, registry: Path):
-        self.port = free_port()
-        self.url = f"http://127.0.0.1:{self.port}"
-        env = os.environ | {"PROMPTSERVE_REGISTRY": str(registry), "PROMPTSERVE_ADMIN_TOKEN": TOKEN}
-        self.process = subprocess.Popen(
-            [sys.executable, "-m", "service", "--port", str(self.port)],
-            env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-        )
-
-    def wait_ready(self, timeout: float = 120) -> dict:
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            if self.process.poll() is not None:
-                raise AssertionError(f"service exited early:\n{self.process.stdout.read().decode()}")
-            try:
-                response = httpx.get(f"{self.url}/readyz", timeout=2)
-                if response.status_code == 200:
-                    return response.json()
-            except httpx.TransportError:
-                pass
-            time.sleep(0.2)
-        raise AssertionError("service did not become ready")
-
-    def stop(self) -> None:
-        self.process.terminate()
-        self.process.wait(timeout=30)
+def start(registry: Path) -> ServiceProcess:
+    return ServiceProcess(registry, admin_token=TOKEN)
 
 
 def classify_sample(url: str, task: str) -> httpx.Response:
@@ -67,7 +32,7 @@ def coop_bundle_for(backbone: dict, classes: list[str], seed: int) -> bytes:
 
 
 def test_uvicorn_service_serves_swaps_and_restores(tmp_path):
-    service = ServiceProcess(tmp_path / "registry")
+    service = start(tmp_path / "registry")
     try:
         backbone = service.wait_ready()["backbone"]
         # the README's example: the embedded tiny CLIP names the sample images' shape and colour
@@ -102,7 +67,7 @@ def test_uvicorn_service_serves_swaps_and_restores(tmp_path):
     finally:
         service.stop()
 
-    restarted = ServiceProcess(tmp_path / "registry")
+    restarted = start(tmp_path / "registry")
     try:
         restarted.wait_ready()
         tasks = {t["name"]: t["version"] for t in httpx.get(f"{restarted.url}/v1/tasks").json()["tasks"]}
