@@ -9,6 +9,8 @@ import pytest
 
 from service.backbone import Backbone, BackboneSpec, load_backbone
 
+from pg_fixtures import postgres_url  # noqa: F401  (a fresh PostgreSQL database per test)
+
 open_clip.add_model_config(Path(__file__).parent / "model_configs")
 
 MICRO = BackboneSpec("test-micro", device="cpu", seed=0)
