@@ -21,7 +21,8 @@ from service.config import Settings
 from service.errors import ServiceError
 from service.images import ImagePreprocessor, decode_image
 from service.metrics import Metrics
-from service.registry import TASK_NAME_PATTERN
+from service.propagation import Propagator
+from service.registry import TASK_NAME_PATTERN, VERSION_REF_PATTERN
 from service.schemas import (
     ClassifyResponse,
     ImageResult,
@@ -48,6 +49,7 @@ class AppState:
     # Activations run in a worker thread one at a time, so the event loop stays free and a large task's
     # activation never runs twice over alongside classification.
     activation_limiter: anyio.CapacityLimiter
+    propagation: Propagator | None = None  # keeps this replica in step with the registry; set by build_state
 
     def refresh_task_gauges(self) -> None:
         self.metrics.cached_tasks.set(len(self.tasks.all()))
@@ -107,10 +109,20 @@ async def healthz() -> dict[str, str]:
     return {"status": "ok"}
 
 
-@router.get("/readyz", tags=["health"], summary="Readiness: backbone loaded and tasks restored")
-async def readyz(state: State) -> Readiness:
-    return Readiness(ready=True, tasks=len(state.tasks.all()), failed_tasks=state.tasks.restore_failures,
-                     backbone=state.backbone.describe())
+RequireRegistry = Annotated[bool, Query(description="false: stay ready through a registry outage once restored "
+                                                   "(the replica keeps serving its active versions)")]
+
+
+@router.get("/readyz", tags=["health"], summary="Readiness: backbone loaded, registry reachable, tasks restored",
+            responses={503: {"model": Readiness, "description": "not ready; `reason` says why"}})
+async def readyz(state: State, response: Response, require_registry: RequireRegistry = True) -> Readiness:
+    health = state.propagation.health
+    reason = health.problem()
+    if reason and not require_registry and health.restored:
+        reason = None
+    response.status_code = 200 if reason is None else 503
+    return Readiness(ready=reason is None, reason=reason, registry=vars(health), tasks=len(state.tasks.all()),
+                     failed_tasks=state.tasks.restore_failures, backbone=state.backbone.describe())
 
 
 @router.get("/v1/tasks", tags=["tasks"], summary="List active tasks")
@@ -125,10 +137,12 @@ async def get_task(task: TaskName, state: State) -> TaskDetail:
 
 
 @router.post("/v1/tasks/{task}/versions", tags=["tasks"], status_code=201, dependencies=AdminOnly,
-             openapi_extra=BUNDLE_BODY, summary="Upload a bundle as the task's new active version")
-async def upload_bundle(task: TaskName, request: Request, state: State) -> TaskDetail:
+             openapi_extra=BUNDLE_BODY, summary="Upload a bundle as the task's new active version",
+             responses={200: {"model": TaskDetail, "description": "identical to a stored version: that one is active"}})
+async def upload_bundle(task: TaskName, request: Request, response: Response, state: State) -> TaskDetail:
     """The raw bundle file is the body. It becomes active only after its text features are cached; on
-    any error the previous version keeps serving."""
+    any error the previous version keeps serving. A bundle identical (sha256) to a stored version
+    activates that version (200) instead of storing a copy."""
     content_type = request.headers.get("content-type", "application/octet-stream").split(";")[0].strip()
     if content_type != "application/octet-stream":
         raise ServiceError(415, "bad_content_type",
@@ -138,11 +152,13 @@ async def upload_bundle(task: TaskName, request: Request, state: State) -> TaskD
     if not data:
         raise ServiceError(422, "empty_bundle", "the request body is empty: send the bundle file")
     try:
-        active = await anyio.to_thread.run_sync(state.tasks.publish, task, data,
-                                                limiter=state.activation_limiter)
+        active, created = await anyio.to_thread.run_sync(state.tasks.upload, task, data,
+                                                         state.settings.retain_versions,
+                                                         limiter=state.activation_limiter)
     except BundleError as exc:
         raise ServiceError(422, "invalid_bundle", str(exc)) from exc
     state.refresh_task_gauges()
+    response.status_code = 201 if created else 200
     return TaskDetail.of(active)
 
 
@@ -155,13 +171,17 @@ async def delete_task(task: TaskName, state: State) -> Response:
 
 
 TopK = Annotated[int, Query(ge=1, le=1000, description="predictions per image")]
+PinnedVersion = Annotated[str | None, Query(pattern=VERSION_REF_PATTERN,
+                                            description="answer with this version number or alias, not the active one")]
 TaskNames = Annotated[list[str], Query(min_length=1, max_length=64, description="tasks to answer, repeatable")]
 
 
 @router.post("/v1/tasks/{task}/classify", tags=["classify"], dependencies=ClassifyAccess,
              openapi_extra=IMAGES_BODY, summary="Classify one or more images (multipart field 'images')")
-async def classify(task: TaskName, request: Request, state: State, top_k: TopK = 5) -> ClassifyResponse:
-    active = state.tasks.get(task)  # this one version answers every image of the request
+async def classify(task: TaskName, request: Request, state: State, top_k: TopK = 5,
+                   version: PinnedVersion = None) -> ClassifyResponse:
+    # this one version answers every image of the request
+    active = state.tasks.get(task) if version is None else await _pinned(state, task, version)
     filenames, image_features = await _image_features(request, state)
     predictions = _top_predictions(active, image_features, state.backbone.logit_scale, top_k)
     state.metrics.images.labels(task).inc(len(filenames))
@@ -183,6 +203,14 @@ async def classify_many(request: Request, state: State, tasks: TaskNames, top_k:
             TaskAnswer(task=t.name, version=t.version, predictions=predictions[i])
             for t, predictions in zip(active, per_task, strict=True)])
         for i, name in enumerate(filenames)])
+
+
+async def _pinned(state: AppState, task: str, ref: str) -> ActiveTask:
+    """A pinned version, prepared on demand in the activation worker (and cached) if it is not at hand."""
+    try:
+        return await anyio.to_thread.run_sync(state.tasks.pinned, task, ref, limiter=state.activation_limiter)
+    except BundleError as exc:
+        raise ServiceError(422, "invalid_bundle", f"version {ref} of {task!r} cannot be served: {exc}") from exc
 
 
 async def _image_features(request: Request, state: AppState) -> tuple[list[str], torch.Tensor]:

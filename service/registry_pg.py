@@ -72,10 +72,17 @@ class PostgresRegistry(Registry):
     def __init__(self, url: str, connect_timeout_s: float = 3.0):
         self.url = url
         self.connect_timeout_s = connect_timeout_s
-        self.migrate()
+        self._schema_ready = False  # migrated on first use: a replica may start while PostgreSQL is down
 
     @contextmanager
     def _transaction(self) -> Iterator[psycopg.Cursor]:
+        if not self._schema_ready:
+            self.migrate()
+        with self._connection() as cur:
+            yield cur
+
+    @contextmanager
+    def _connection(self) -> Iterator[psycopg.Cursor]:
         """One connection and transaction: committed when the block ends, rolled back on any error."""
         try:
             with psycopg.connect(self.url, connect_timeout=max(1, round(self.connect_timeout_s))) as conn:
@@ -86,7 +93,7 @@ class PostgresRegistry(Registry):
 
     def migrate(self) -> int:
         """Create or upgrade the schema; returns the schema version now in force."""
-        with self._transaction() as cur:
+        with self._connection() as cur:
             cur.execute("SELECT pg_advisory_xact_lock(%s)", (MIGRATION_LOCK,))
             cur.execute("CREATE TABLE IF NOT EXISTS schema_version (version integer NOT NULL)")
             cur.execute("SELECT max(version) FROM schema_version")
@@ -95,6 +102,7 @@ class PostgresRegistry(Registry):
                 cur.execute(sql)
                 cur.execute("INSERT INTO schema_version (version) VALUES (%s)", (number,))
                 log.info("registry schema migrated to version %d", number)
+        self._schema_ready = True
         return len(MIGRATIONS)
 
     @staticmethod
