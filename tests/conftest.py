@@ -6,10 +6,9 @@ from pathlib import Path
 
 import open_clip
 import pytest
+from pg_fixtures import postgres_url  # noqa: F401  (a fresh PostgreSQL database per test)
 
 from service.backbone import Backbone, BackboneSpec, load_backbone
-
-from pg_fixtures import postgres_url  # noqa: F401  (a fresh PostgreSQL database per test)
 
 open_clip.add_model_config(Path(__file__).parent / "model_configs")
 

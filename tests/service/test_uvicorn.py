@@ -4,6 +4,7 @@ import os
 import socket
 import subprocess
 import sys
+import tempfile
 import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -26,20 +27,27 @@ def free_port() -> int:
 
 
 class ServiceProcess:
-    def __init__(self, registry: Path):
+    def __init__(self, registry: Path | str, **settings: str):
+        """`python -m service` on a free port; `settings` are extra PROMPTSERVE_* variables (lower-case names)."""
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
         env = os.environ | {"PROMPTSERVE_REGISTRY": str(registry), "PROMPTSERVE_ADMIN_TOKEN": TOKEN}
+        env |= {f"PROMPTSERVE_{name.upper()}": value for name, value in settings.items()}
+        self.log = tempfile.TemporaryFile()  # a file, not a pipe: a chatty service never blocks on a full pipe
         self.process = subprocess.Popen(
             [sys.executable, "-m", "service", "--port", str(self.port)],
-            env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+            env=env, stdout=self.log, stderr=subprocess.STDOUT,
         )
+
+    def output(self) -> str:
+        self.log.seek(0)
+        return self.log.read().decode(errors="replace")
 
     def wait_ready(self, timeout: float = 120) -> dict:
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
             if self.process.poll() is not None:
-                raise AssertionError(f"service exited early:\n{self.process.stdout.read().decode()}")
+                raise AssertionError(f"service exited early:\n{self.output()}")
             try:
                 response = httpx.get(f"{self.url}/readyz", timeout=2)
                 if response.status_code == 200:
