@@ -161,7 +161,7 @@ class TaskManager:
     def activate(self, name: str, version: int) -> ActiveTask:
         """Make a stored version active (rollback): prepared before the swap, so a failure leaves the old one."""
         with self._task_locks[name]:
-            candidate = self._prepared_version(name, version)
+            candidate = self._active[name] if self._serves(name, version) else self._prepared_version(name, version)
             self.registry.activate(name, version)
             task = dataclasses.replace(candidate, activated_at=time.time())
             self._swap(task)
@@ -181,8 +181,7 @@ class TaskManager:
     def pinned(self, name: str, ref: str) -> ActiveTask:
         """The task at a given version or alias, prepared on demand, without touching the active one."""
         version = self.resolve(name, ref)
-        active = self._active.get(name)
-        return active if active is not None and active.version == version else self._prepared_version(name, version)
+        return self._active[name] if self._serves(name, version) else self._prepared_version(name, version)
 
     def aliases(self, name: str) -> dict[str, int]:
         return dict(self._aliases.get(name, {}))
@@ -235,9 +234,14 @@ class TaskManager:
         return self._settled(name, state.active) and self._aliases.get(name) == state.aliases
 
     def _settled(self, name: str, version: int) -> bool:
-        """Already serving `version`, or already failed to prepare it."""
+        """Serving `version` with no failure left to clear, or already failed to prepare it."""
+        if self._failed_versions.get(name) == version:
+            return True
+        return self._serves(name, version) and name not in self.restore_failures
+
+    def _serves(self, name: str, version: int) -> bool:
         current = self._active.get(name)
-        return (current is not None and current.version == version) or self._failed_versions.get(name) == version
+        return current is not None and current.version == version
 
     def _apply(self, name: str, state: TaskState | None) -> None:
         if state is None:
@@ -250,7 +254,11 @@ class TaskManager:
                     del self._prepared[key]
             return
         self._aliases[name] = dict(state.aliases)
-        if self._settled(name, state.active):
+        if self._serves(name, state.active):  # e.g. the registry moved back to the version this replica kept
+            self.restore_failures.pop(name, None)
+            self._failed_versions.pop(name, None)
+            return
+        if self._failed_versions.get(name) == state.active:
             return
         current = self._active.get(name)
         try:
