@@ -278,10 +278,10 @@ class DirectoryRegistry(Registry):
             return doomed
 
 
-def open_registry(location: str, **options) -> Registry:
+def open_registry(location: str) -> Registry:
     """A registry from a settings string: a postgresql:// URL, or else a directory path."""
     if location.startswith(("postgresql://", "postgres://")):
         from service.registry_pg import PostgresRegistry  # psycopg is only needed for this registry
 
-        return PostgresRegistry(location, **options)
+        return PostgresRegistry(location)
     return DirectoryRegistry(location)

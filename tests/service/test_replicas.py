@@ -51,12 +51,31 @@ def backbone_of(replica: ServiceProcess) -> dict:
     return httpx.get(f"{replica.url}/readyz", timeout=5).json()["backbone"]
 
 
-def upload(replica: ServiceProcess, backbone: dict, classes: list[str], seed: int) -> httpx.Response:
+def upload(replica: ServiceProcess, backbone: dict, classes: list[str], seed: int, task: str = "things"
+           ) -> httpx.Response:
     data = coop_bundle_for(backbone, classes, seed)
-    return httpx.post(f"{replica.url}/v1/tasks/things/versions", content=data, headers=UPLOAD, timeout=60)
+    return httpx.post(f"{replica.url}/v1/tasks/{task}/versions", content=data, headers=UPLOAD, timeout=60)
 
 
-def test_changes_on_one_replica_are_served_by_the_other_within_a_second_and_survive_a_restart(postgres_url):
+def concurrent_uploads_agree(replicas: list[ServiceProcess], backbone: dict) -> None:
+    """Four uploads to each replica at once for one task: distinct versions, increasing per replica, none lost,
+    and both replicas end on the newest."""
+    def upload_series(replica: ServiceProcess, name: str) -> list[int]:
+        answers = [upload(replica, backbone, [f"{name}{i} x", f"{name}{i} y"], i, task="race") for i in range(4)]
+        assert all(r.status_code == 201 for r in answers), [r.text for r in answers]
+        return [r.json()["version"] for r in answers]
+
+    with ThreadPoolExecutor(2) as pool:
+        from_a, from_b = pool.map(upload_series, replicas, ["a", "b"])
+    assert from_a == sorted(from_a) and from_b == sorted(from_b)
+    assert sorted(from_a + from_b) == list(range(1, 9))
+    stored = httpx.get(f"{replicas[0].url}/v1/tasks/race/versions").json()["versions"]
+    assert [v["version"] for v in stored] == list(range(1, 9)) and len({v["sha256"] for v in stored}) == 8
+    seconds_until(lambda: {active_version(r, "race") for r in replicas} == {8}, timeout=5)
+
+
+def test_changes_on_one_replica_reach_the_other_within_a_second_concurrent_uploads_agree_and_a_restart_restores(
+        postgres_url):
     a, b = replicas = start_replicas(postgres_url)
     try:
         backbone = backbone_of(a)
@@ -81,6 +100,7 @@ def test_changes_on_one_replica_are_served_by_the_other_within_a_second_and_surv
         print("propagation lag A→B:", {k: f"{v * 1000:.0f} ms" for k, v in lags.items()})
         assert max(lags.values()) < 1.0, lags
         before = classify_sample(b.url, "things").json()
+        concurrent_uploads_agree(replicas, backbone)
     finally:
         stop(replicas)
 
@@ -89,31 +109,10 @@ def test_changes_on_one_replica_are_served_by_the_other_within_a_second_and_surv
         assert active_version(restarted, "things") == 1
         assert httpx.get(f"{restarted.url}/v1/tasks/things/aliases").json()["aliases"] == {"prod": 2}
         assert classify_sample(restarted.url, "things").json() == before
+        assert active_version(restarted, "race") == 8
         assert httpx.delete(f"{restarted.url}/v1/tasks/things", headers=ADMIN).status_code == 204
     finally:
         restarted.stop()
-
-
-def test_concurrent_uploads_to_both_replicas_get_distinct_monotonic_versions_and_none_is_lost(postgres_url):
-    a, b = replicas = start_replicas(postgres_url)
-    try:
-        backbone = backbone_of(a)
-
-        def upload_series(replica: ServiceProcess, name: str) -> list[int]:
-            answers = [upload(replica, backbone, [f"{name}{i} x", f"{name}{i} y"], i) for i in range(4)]
-            assert all(r.status_code == 201 for r in answers), [r.text for r in answers]
-            return [r.json()["version"] for r in answers]
-
-        with ThreadPoolExecutor(2) as pool:
-            from_a, from_b = pool.map(upload_series, replicas, ["a", "b"])
-        assert from_a == sorted(from_a) and from_b == sorted(from_b)
-        assert sorted(from_a + from_b) == list(range(1, 9))
-        stored = httpx.get(f"{a.url}/v1/tasks/things/versions").json()["versions"]
-        assert [v["version"] for v in stored] == list(range(1, 9)) and len({v["sha256"] for v in stored}) == 8
-        # the newest commit is the active one, and both replicas agree
-        seconds_until(lambda: active_version(a, "things") == active_version(b, "things") == 8, timeout=5)
-    finally:
-        stop(replicas)
 
 
 def test_replicas_keep_serving_through_a_postgres_outage_and_resync_after(postgres_url):
