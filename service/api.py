@@ -21,7 +21,8 @@ from service.config import Settings
 from service.errors import ServiceError, storage_error
 from service.images import DecodeLimits, ImagePreprocessor, decode_images
 from service.metrics import Metrics
-from service.registry import TASK_NAME_PATTERN
+from service.propagation import Propagator
+from service.registry import TASK_NAME_PATTERN, VERSION_REF_PATTERN
 from service.runtime import ClassifyJob, ClassifyRuntime
 from service.schemas import (
     ClassifyResponse,
@@ -52,6 +53,7 @@ class AppState:
     activation_limiter: anyio.CapacityLimiter
     # Decoding is bounded per process, so many concurrent requests cannot hold many decoded images at once.
     decode_limiter: anyio.CapacityLimiter
+    propagation: Propagator | None = None  # keeps this replica in step with the registry; set by build_state
 
     def refresh_task_gauges(self) -> None:
         self.metrics.cached_tasks.set(len(self.tasks.all()))
@@ -111,12 +113,20 @@ async def healthz() -> dict[str, str]:
     return {"status": "ok"}
 
 
-@router.get("/readyz", tags=["health"], summary="Readiness: backbone loaded and tasks restored")
-async def readyz(state: State) -> Readiness:
-    active = state.tasks.all()
-    serving = {t.name for t in active}  # a task republished since (upload, demo seeding) no longer counts as failed
-    failed = {name: why for name, why in state.tasks.restore_failures.items() if name not in serving}
-    return Readiness(ready=True, tasks=len(active), failed_tasks=failed, backbone=state.backbone.describe())
+RequireRegistry = Annotated[bool, Query(description="false: stay ready through a registry outage once restored "
+                                                   "(the replica keeps serving its active versions)")]
+
+
+@router.get("/readyz", tags=["health"], summary="Readiness: backbone loaded, registry reachable, tasks restored",
+            responses={503: {"model": Readiness, "description": "not ready; `reason` says why"}})
+async def readyz(state: State, response: Response, require_registry: RequireRegistry = True) -> Readiness:
+    health = state.propagation.health
+    reason = health.problem()
+    if reason and not require_registry and health.restored:
+        reason = None
+    response.status_code = 200 if reason is None else 503
+    return Readiness(ready=reason is None, reason=reason, registry=vars(health), tasks=len(state.tasks.all()),
+                     failed_tasks=state.tasks.restore_failures, backbone=state.backbone.describe())
 
 
 @router.get("/v1/tasks", tags=["tasks"], summary="List active tasks")
@@ -131,10 +141,12 @@ async def get_task(task: TaskName, state: State) -> TaskDetail:
 
 
 @router.post("/v1/tasks/{task}/versions", tags=["tasks"], status_code=201, dependencies=AdminOnly,
-             openapi_extra=BUNDLE_BODY, summary="Upload a bundle as the task's new active version")
-async def upload_bundle(task: TaskName, request: Request, state: State) -> TaskDetail:
+             openapi_extra=BUNDLE_BODY, summary="Upload a bundle as the task's new active version",
+             responses={200: {"model": TaskDetail, "description": "identical to a stored version: that one is active"}})
+async def upload_bundle(task: TaskName, request: Request, response: Response, state: State) -> TaskDetail:
     """The raw bundle file is the body. It becomes active only after its text features are cached; on
-    any error the previous version keeps serving."""
+    any error the previous version keeps serving. A bundle identical (sha256) to a stored version
+    activates that version (200) instead of storing a copy."""
     content_type = request.headers.get("content-type", "application/octet-stream").split(";")[0].strip()
     if content_type != "application/octet-stream":
         raise ServiceError(415, "bad_content_type",
@@ -144,13 +156,15 @@ async def upload_bundle(task: TaskName, request: Request, state: State) -> TaskD
     if not data:
         raise ServiceError(422, "empty_bundle", "the request body is empty: send the bundle file")
     try:
-        active = await anyio.to_thread.run_sync(state.tasks.publish, task, data,
-                                                limiter=state.activation_limiter)
+        active, created = await anyio.to_thread.run_sync(state.tasks.upload, task, data,
+                                                         state.settings.retain_versions,
+                                                         limiter=state.activation_limiter)
     except BundleError as exc:
         raise ServiceError(422, "invalid_bundle", str(exc), field=exc.field) from exc
     except OSError as exc:  # storing failed: nothing was activated
         raise storage_error(exc) from exc
     state.refresh_task_gauges()
+    response.status_code = 201 if created else 200
     return TaskDetail.of(active)
 
 
@@ -168,14 +182,18 @@ async def delete_task(task: TaskName, state: State) -> Response:
 
 
 TopK = Annotated[int, Query(ge=1, le=1000, description="predictions per image")]
+PinnedVersion = Annotated[str | None, Query(pattern=VERSION_REF_PATTERN,
+                                            description="answer with this version number or alias, not the active one")]
 TaskNames = Annotated[list[Annotated[str, StringConstraints(pattern=TASK_NAME_PATTERN)]],
                      Query(min_length=1, max_length=64, description="tasks to answer, repeatable")]
 
 
 @router.post("/v1/tasks/{task}/classify", tags=["classify"], dependencies=ClassifyAccess, openapi_extra=IMAGES_BODY,
              response_model=ClassifyResponse, summary="Classify one or more images (multipart field 'images')")
-async def classify(task: TaskName, request: Request, state: State, top_k: TopK = 5) -> Response:
-    active = state.tasks.get(task)  # this one version answers every image of the request
+async def classify(task: TaskName, request: Request, state: State, top_k: TopK = 5,
+                   version: PinnedVersion = None) -> Response:
+    # this one version answers every image of the request
+    active = state.tasks.get(task) if version is None else await _pinned(state, task, version)
     filenames, (probabilities,) = await _classify(request, state, (active,), top_k)
 
     def answer() -> Response:
@@ -203,6 +221,14 @@ async def classify_many(request: Request, state: State, tasks: TaskNames, top_k:
             for i, name in enumerate(filenames)]))
 
     return await anyio.to_thread.run_sync(answer)
+
+
+async def _pinned(state: AppState, task: str, ref: str) -> ActiveTask:
+    """A pinned version, prepared on demand in the activation worker (and cached) if it is not at hand."""
+    try:
+        return await anyio.to_thread.run_sync(state.tasks.pinned, task, ref, limiter=state.activation_limiter)
+    except BundleError as exc:
+        raise ServiceError(422, "invalid_bundle", f"version {ref} of {task!r} cannot be served: {exc}") from exc
 
 
 def _check_answer_size(tasks: tuple[ActiveTask, ...], images: int, top_k: int, settings: Settings) -> None:

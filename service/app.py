@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+from collections.abc import Callable
 from contextlib import asynccontextmanager
 from operator import attrgetter
 
@@ -17,6 +18,7 @@ from starlette.types import Scope
 
 from service import __version__
 from service.api import AppState, router
+from service.api_versions import router as versions_router
 from service.backbone import Backbone, load_backbone
 from service.batcher import MicroBatcher
 from service.body_limit import RequestLimits, RouteLimits
@@ -25,7 +27,8 @@ from service.demo import seed_demo_tasks
 from service.errors import ServiceError, error_body
 from service.images import ImagePreprocessor
 from service.metrics import Metrics, MetricsMiddleware
-from service.registry import UnknownTask, open_registry
+from service.propagation import Propagator
+from service.registry import RegistryUnavailable, UnknownTask, open_registry
 from service.runtime import ClassifyRuntime
 from service.tasks import TaskManager
 
@@ -33,20 +36,33 @@ log = logging.getLogger(__name__)
 
 
 def build_state(settings: Settings, metrics: Metrics, backbone: Backbone | None = None) -> AppState:
-    """Load the backbone (unless given), restore every task, and seed the demo task on a fresh registry."""
+    """Load the backbone (unless given), restore every task, and seed the demo task on a fresh registry.
+    If the registry is unreachable, the propagation thread restores them once it answers."""
     backbone = backbone or load_backbone(settings.backbone_spec())
     tasks = TaskManager(backbone, open_registry(settings.registry), settings.bundle_limits())
-    tasks.restore()
-    if settings.demo:
-        seed_demo_tasks(tasks)
+    tasks.prepared_cache_size = settings.prepared_versions
     runtime = ClassifyRuntime(backbone)
     batcher = MicroBatcher(runtime, attrgetter("rows"), max_rows=settings.batch_max_images,
                            max_wait_s=settings.batch_max_wait_ms / 1000,
                            max_queued_rows=settings.batch_max_queued_images)
     state = AppState(settings, backbone, tasks, metrics, ImagePreprocessor(backbone.preprocess), runtime, batcher,
                      anyio.CapacityLimiter(1), anyio.CapacityLimiter(settings.decode_concurrency))
-    state.refresh_task_gauges()
+    state.propagation = Propagator(tasks, settings.resync_interval_s, after_sync=_after_sync(state))
+    state.propagation.resync()
     return state
+
+
+def _after_sync(state: AppState) -> Callable[[], None]:
+    """After each sync: seed the demo tasks the first time (a fresh registry), and refresh the gauges."""
+    demo_pending = [True] if state.settings.demo else []
+
+    def after_sync() -> None:
+        if demo_pending:
+            seed_demo_tasks(state.tasks)
+            demo_pending.clear()
+        state.refresh_task_gauges()
+
+    return after_sync
 
 
 def create_app(settings: Settings | None = None, backbone: Backbone | None = None) -> FastAPI:
@@ -58,14 +74,17 @@ def create_app(settings: Settings | None = None, backbone: Backbone | None = Non
         state = await anyio.to_thread.run_sync(build_state, settings, metrics, backbone)
         app.state.promptserve = state
         batch_worker = asyncio.create_task(state.batcher.run())
+        state.propagation.start()
         try:
             yield
         finally:
             batch_worker.cancel()
+            await anyio.to_thread.run_sync(state.propagation.stop)
 
     app = FastAPI(title="promptserve", version=__version__, lifespan=lifespan,
                   description="Many few-shot prompt classifiers on one frozen open_clip backbone.")
     app.include_router(router)
+    app.include_router(versions_router)
 
     @app.get("/metrics", tags=["health"], summary="Prometheus metrics", response_class=PlainTextResponse)
     async def prometheus_metrics() -> PlainTextResponse:
@@ -108,6 +127,11 @@ def add_error_handlers(app: FastAPI) -> None:
         where = ".".join(str(part) for part in first.get("loc", ()))
         return JSONResponse(error_body(f"{where}: {first.get('msg', 'invalid')}", "invalid_request", where),
                             status_code=422)
+
+    @app.exception_handler(RegistryUnavailable)
+    async def registry_unavailable(request: Request, exc: RegistryUnavailable) -> JSONResponse:
+        return JSONResponse(error_body(f"{exc}; nothing was changed, retry later", "registry_unavailable"),
+                            status_code=503, headers={"Retry-After": "5"})
 
     @app.exception_handler(HTTPException)
     async def http_error(request: Request, exc: HTTPException) -> JSONResponse:

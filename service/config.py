@@ -34,7 +34,14 @@ class Settings(BaseSettings):
     device: str = Field("auto", description="'auto' (cuda when available), 'cpu' or 'cuda[:N]'")
     image_backend: Literal["torch", "onnx"] = Field("torch", description="image encoder: torch, or onnx (CPU)")
     onnx_cache_dir: str = Field("var/onnx", description="where exported ONNX image towers are cached")
-    registry: str = Field("var/registry", description="directory that stores bundles and active versions")
+    registry: str = Field("var/registry", description="directory that stores bundles and active versions, or a "
+                          "postgresql:// URL of a registry shared by every replica")
+    resync_interval_s: float = Field(10.0, gt=0, description="full resync with the registry this often, beside the "
+                                     "changes it announces (heals a missed notification)")
+    retain_versions: int = Field(0, ge=0, description="after an upload keep this many newest versions per task (and "
+                                 "always the active one and alias targets); 0 keeps every version")
+    prepared_versions: int = Field(4, ge=0, description="prepared inactive versions kept for pinned requests and "
+                                   "instant rollback")
     demo: bool = Field(True, description="seed zero-shot demo tasks (shapes, colours) into an empty registry")
 
     admin_token: SecretStr | None = Field(None, description="bearer token for uploads and deletes")

@@ -4,20 +4,27 @@
 on local disk. Every write is atomic (temp file, fsync, rename), so a crash leaves either the old state
 or the new one, and a restart finds every task with its active version.
 
-Layout: <root>/<task>/<version:08d>.bundle and <root>/<task>/ACTIVE (the active version number).
+Layout: <root>/<task>/<version:08d>.bundle and <root>/<task>/ACTIVE (the active version number);
+<version:08d>.json beside each bundle holds its sha256, size, created time and method, and <task>/ALIASES
+maps alias names to versions (JSON). `service.registry_pg.PostgresRegistry` keeps the same in tables, for
+replicas that share one registry.
 """
 
 from __future__ import annotations
 
 import abc
 import fcntl
+import hashlib
+import json
 import os
 import re
 import shutil
 import threading
+import time
 import uuid
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from contextlib import contextmanager
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from service.bundle import atomic_write, make_dirs
@@ -26,6 +33,10 @@ TASK_NAME_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$"
 _TASK_NAME = re.compile(TASK_NAME_PATTERN)
 _VERSION_FILE = re.compile(r"^(\d{8})\.bundle$")
 MAX_ACTIVE_BYTES = 32
+# Aliases start with a letter, so a version reference is unambiguous: digits are a number, anything else an alias.
+ALIAS_PATTERN = r"^[a-z][a-z0-9_-]{0,31}$"
+_ALIAS = re.compile(ALIAS_PATTERN)
+VERSION_REF_PATTERN = r"^([0-9]{1,9}|[a-z][a-z0-9_-]{0,31})$"
 
 
 class UnknownTask(KeyError):
@@ -34,6 +45,8 @@ class UnknownTask(KeyError):
 
 class RegistryDamage(ValueError):
     """A file in the registry is not what the registry wrote (empty, garbage, wrong kind of file)."""
+class RegistryUnavailable(RuntimeError):
+    """The registry's storage cannot be reached right now (e.g. PostgreSQL is down)."""
 
 
 def check_task_name(task: str) -> str:
@@ -42,10 +55,45 @@ def check_task_name(task: str) -> str:
     return task
 
 
+def check_alias(alias: str) -> str:
+    if not _ALIAS.match(alias):
+        raise ValueError(f"alias {alias!r} must match {ALIAS_PATTERN}")
+    return alias
+
+
+def bundle_sha256(data: bytes) -> str:
+    return hashlib.sha256(data).hexdigest()
+
+
+@dataclass(frozen=True)
+class VersionInfo:
+    version: int
+    sha256: str
+    size: int
+    created: float = field(metadata={"help": "unix time the version was stored"})
+    method: str
+
+
+@dataclass(frozen=True)
+class TaskState:
+    """What a replica needs to serve a task: its active version and its aliases."""
+
+    active: int
+    aliases: dict[str, int]
+
+
+def prunable(versions: Iterable[int], keep: int, protected: set[int]) -> list[int]:
+    """Versions older than the `keep` newest that neither the active pointer nor an alias holds."""
+    ordered = sorted(versions, reverse=True)
+    return sorted(v for v in ordered[keep:] if v not in protected)
+
+
 class Registry(abc.ABC):
     @abc.abstractmethod
-    def store(self, task: str, data: bytes) -> int:
-        """Durably store a new version of `task` (not yet active); returns its version number."""
+    def store(self, task: str, data: bytes, method: str = "") -> int:
+        """Durably store a new version of `task` (not yet active); returns its version number.
+
+        Bytes identical (same sha256) to a stored version of the task return that version instead."""
 
     @abc.abstractmethod
     def activate(self, task: str, version: int) -> None:
@@ -65,6 +113,61 @@ class Registry(abc.ABC):
     def damaged_tasks(self) -> dict[str, str]:
         """Tasks whose active-version record cannot be read, and why (they are left out of active_versions)."""
         return {}
+    @abc.abstractmethod
+    def versions(self, task: str) -> list[VersionInfo]:
+        """Every stored version of `task`, oldest first (empty if none)."""
+
+    @abc.abstractmethod
+    def aliases(self, task: str) -> dict[str, int]: ...
+
+    @abc.abstractmethod
+    def set_alias(self, task: str, alias: str, version: int) -> None:
+        """Point `alias` at a stored version (raises UnknownTask if it is not stored)."""
+
+    @abc.abstractmethod
+    def delete_alias(self, task: str, alias: str) -> None:
+        """Remove an alias; raises UnknownTask if the task has no such alias."""
+
+    @abc.abstractmethod
+    def prune(self, task: str, keep: int) -> list[int]:
+        """Delete versions older than the `keep` newest, except the active one and alias targets; returns them."""
+
+    def store_and_activate(self, task: str, data: bytes, method: str = "") -> int:
+        """`store` then `activate`; a shared registry does both in one transaction."""
+        version = self.store(task, data, method)
+        self.activate(task, version)
+        return version
+
+    def find_version(self, task: str, sha256: str) -> int | None:
+        return next((v.version for v in self.versions(task) if v.sha256 == sha256), None)
+
+    def resolve(self, task: str, ref: str | int) -> int:
+        """A version number or alias name → a stored version number; raises UnknownTask if there is none."""
+        if isinstance(ref, int) or ref.isdigit():
+            version = int(ref)
+            if version not in {v.version for v in self.versions(task)}:
+                raise UnknownTask(f"task {task!r} has no version {version}")
+            return version
+        aliases = self.aliases(task)
+        if ref not in aliases:
+            raise UnknownTask(f"task {task!r} has no alias {ref!r}")
+        return aliases[ref]
+
+    def task_state(self, task: str) -> TaskState | None:
+        """The task's active version and aliases, or None if it has no active version."""
+        active = self.active_versions().get(task)
+        return None if active is None else TaskState(active, self.aliases(task))
+
+    def snapshot(self) -> dict[str, TaskState]:
+        return {task: TaskState(active, self.aliases(task)) for task, active in self.active_versions().items()}
+
+    def changes(self, poll_s: float) -> Iterator[str | None]:
+        """Names of tasks that other writers change, as they commit, and None at least every `poll_s`.
+
+        A plain directory cannot tell: it only ticks, so readers rely on periodic resync."""
+        while True:
+            time.sleep(poll_s)
+            yield None
 
 
 class DirectoryRegistry(Registry):
@@ -96,11 +199,17 @@ class DirectoryRegistry(Registry):
         # Every name that looks like a version counts, even a damaged one, so a new version never reuses it.
         return sorted(int(m.group(1)) for p in task_dir.iterdir() if (m := _VERSION_FILE.match(p.name)))
 
-    def store(self, task: str, data: bytes) -> int:
+    def store(self, task: str, data: bytes, method: str = "") -> int:
+        sha256 = bundle_sha256(data)
         with self._locked():
             self._set_aside_if_damaged(self._task_dir(task), expect_dir=True)
+            known = self.find_version(task, sha256)
+            if known is not None:
+                return known
             version = max(self._versions(task), default=0) + 1
             atomic_write(self._bundle_path(task, version), data)
+            info = VersionInfo(version, sha256, len(data), time.time(), method)
+            atomic_write(self._info_path(task, version), json.dumps(vars(info)).encode())
             return version
 
     def activate(self, task: str, version: int) -> None:
@@ -171,7 +280,66 @@ class DirectoryRegistry(Registry):
             task_dir.rename(trash)
             shutil.rmtree(trash, ignore_errors=True)
 
+    def _info_path(self, task: str, version: int) -> Path:
+        return self._task_dir(task) / f"{version:08d}.json"
+
+    def _version_info(self, task: str, version: int) -> VersionInfo:
+        info_path = self._info_path(task, version)
+        if info_path.is_file():
+            try:
+                return VersionInfo(**json.loads(info_path.read_text()))
+            except (ValueError, TypeError):
+                pass  # damaged metadata: the bundle file itself still tells everything but the method
+        # A version stored before versions carried metadata: derive what the file itself tells.
+        path = self._bundle_path(task, version)
+        return VersionInfo(version, bundle_sha256(path.read_bytes()), path.stat().st_size, path.stat().st_mtime, "")
+
+    def versions(self, task: str) -> list[VersionInfo]:
+        return [self._version_info(task, v) for v in self._versions(task)]
+
+    def aliases(self, task: str) -> dict[str, int]:
+        path = self._task_dir(task) / "ALIASES"
+        if not path.exists():
+            return {}
+        try:
+            aliases = json.loads(path.read_bytes()) if path.is_file() else None
+        except (ValueError, OSError) as exc:
+            raise RegistryDamage(f"ALIASES of task {task!r} cannot be read ({exc})") from exc
+        if not isinstance(aliases, dict) or not all(isinstance(v, int) for v in aliases.values()):
+            raise RegistryDamage(f"ALIASES of task {task!r} is not a JSON object of version numbers")
+        return aliases
+
+    def _write_aliases(self, task: str, aliases: dict[str, int]) -> None:
+        atomic_write(self._task_dir(task) / "ALIASES", json.dumps(aliases, sort_keys=True).encode())
+
+    def set_alias(self, task: str, alias: str, version: int) -> None:
+        check_alias(alias)
+        with self._locked():
+            if not self._bundle_path(task, version).is_file():
+                raise UnknownTask(f"task {task!r} has no version {version}")
+            self._write_aliases(task, self.aliases(task) | {alias: version})
+
+    def delete_alias(self, task: str, alias: str) -> None:
+        with self._locked():
+            aliases = self.aliases(task)
+            if aliases.pop(alias, None) is None:
+                raise UnknownTask(f"task {task!r} has no alias {alias!r}")
+            self._write_aliases(task, aliases)
+
+    def prune(self, task: str, keep: int) -> list[int]:
+        with self._locked():
+            protected = set(self.aliases(task).values()) | {self.active_versions().get(task)}
+            doomed = prunable(self._versions(task), keep, protected)
+            for version in doomed:
+                self._info_path(task, version).unlink(missing_ok=True)
+                self._bundle_path(task, version).unlink()
+            return doomed
+
 
 def open_registry(location: str) -> Registry:
-    """A registry from a settings string: for now a directory path."""
+    """A registry from a settings string: a postgresql:// URL, or else a directory path."""
+    if location.startswith(("postgresql://", "postgres://")):
+        from service.registry_pg import PostgresRegistry  # psycopg is only needed for this registry
+
+        return PostgresRegistry(location)
     return DirectoryRegistry(location)

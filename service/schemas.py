@@ -3,10 +3,11 @@
 from __future__ import annotations
 
 import dataclasses
-from typing import Any
+from typing import Annotated, Any
 
 from pydantic import BaseModel, Field
 
+from service.registry import VERSION_REF_PATTERN
 from service.tasks import ActiveTask
 
 
@@ -84,6 +85,36 @@ class MultiClassifyResponse(BaseModel):
 
 class Readiness(BaseModel):
     ready: bool
+    reason: str | None = Field(None, description="why the replica is not ready (e.g. the registry is unreachable)")
+    registry: dict[str, Any] = Field(default_factory=dict, description="reachable, restored, error, down_since, "
+                                     "last_sync")
     tasks: int
     failed_tasks: dict[str, str] = Field(description="tasks whose active version could not be restored, and why")
     backbone: dict[str, Any]
+
+
+class VersionEntry(BaseModel):
+    version: int
+    sha256: str
+    size: int
+    created: float = Field(description="unix time the version was stored")
+    method: str
+    active: bool
+    aliases: list[str]
+
+
+class VersionList(BaseModel):
+    task: str
+    active: int | None
+    aliases: dict[str, int]
+    versions: list[VersionEntry] = Field(description="oldest first")
+
+
+class AliasTarget(BaseModel):
+    version: Annotated[int, Field(ge=1)] | Annotated[str, Field(pattern=VERSION_REF_PATTERN)] = Field(
+        description="a version number or another alias", examples=[3, "canary"])
+
+
+class AliasList(BaseModel):
+    task: str
+    aliases: dict[str, int]

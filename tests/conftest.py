@@ -6,6 +6,7 @@ from pathlib import Path
 
 import open_clip
 import pytest
+from pg_fixtures import postgres_url  # noqa: F401  (a fresh PostgreSQL database per test)
 
 from service.backbone import Backbone, BackboneSpec, load_backbone
 
