@@ -15,6 +15,7 @@ from starlette.types import Scope
 
 from service import __version__
 from service.api import AppState, router
+from service.api_v2 import router as v2_router
 from service.backbone import Backbone, load_backbone
 from service.batcher import MicroBatcher
 from service.body_limit import BodySizeLimit
@@ -26,6 +27,7 @@ from service.metrics import Metrics, MetricsMiddleware
 from service.registry import UnknownTask, open_registry
 from service.runtime import ClassifyRuntime
 from service.tasks import TaskManager
+from service.web import add_web_page
 
 log = logging.getLogger(__name__)
 
@@ -64,6 +66,8 @@ def create_app(settings: Settings | None = None, backbone: Backbone | None = Non
     app = FastAPI(title="promptserve", version=__version__, lifespan=lifespan,
                   description="Many few-shot prompt classifiers on one frozen open_clip backbone.")
     app.include_router(router)
+    app.include_router(v2_router)
+    add_web_page(app)
 
     @app.get("/metrics", tags=["health"], summary="Prometheus metrics", response_class=PlainTextResponse)
     async def prometheus_metrics() -> PlainTextResponse:
@@ -81,7 +85,7 @@ def create_app(settings: Settings | None = None, backbone: Backbone | None = Non
         path = scope["path"]
         if path.endswith("/versions"):
             return settings.max_bundle_bytes
-        if path.endswith("classify"):
+        if path.endswith(("classify", "/infer")):
             return settings.max_classify_body_bytes
         return MiB
 
