@@ -17,6 +17,7 @@ RUN pip install --index-url ${TORCH_INDEX_URL} --extra-index-url https://pypi.or
 COPY pyproject.toml README.md ./
 COPY service ./service
 COPY trainer ./trainer
+COPY promptserve_client ./promptserve_client
 RUN pip install .
 
 RUN useradd --create-home --uid 10001 promptserve \

@@ -5,6 +5,7 @@ import importlib.util
 import json
 import re
 import shlex
+import tomllib
 from pathlib import Path
 
 import pytest
@@ -49,6 +50,12 @@ def test_every_copied_path_exists():
         *sources, _ = shlex.split(args)
         for source in sources:
             assert (ROOT / source).exists(), f"Dockerfile copies {source}, which is not in the repository"
+
+
+def test_the_image_copies_every_package_the_project_installs():
+    packages = tomllib.loads((ROOT / "pyproject.toml").read_text())["tool"]["setuptools"]["packages"]["find"]
+    copied = {shlex.split(args)[0] for args in instructions("COPY")}
+    assert {name.rstrip("*") for name in packages["include"]} <= copied
 
 
 def test_command_and_healthcheck_name_real_modules_routes_and_settings(app_routes):
