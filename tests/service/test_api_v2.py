@@ -132,3 +132,16 @@ async def test_malformed_infer_requests_get_4xx_with_a_code_and_reach_no_encoder
         assert not forwards, "a refused request must not reach the image encoder"
         good_body, good_headers = binary_request([png()])
         assert (await client.post("/v2/models/t/infer", content=good_body, headers=good_headers)).status_code == 200
+
+
+@pytest.mark.anyio
+async def test_infer_needs_the_classify_token_when_one_is_set(backbone, tmp_path, make_coop_bundle):
+    async with running(backbone, settings_for(tmp_path, classify_token="reader")) as client:
+        await upload(client, "t", make_coop_bundle(backbone, ["a", "b"]))
+        body, headers = binary_request([png()])
+        refused = await client.post("/v2/models/t/infer", content=body, headers=headers)
+        assert refused.status_code == 401 and refused.json()["code"] == "missing_token" and refused.json()["error"]
+        allowed = await client.post("/v2/models/t/infer", content=body,
+                                    headers=headers | {"Authorization": "Bearer reader"})
+        assert allowed.status_code == 200 and allowed.headers["content-type"] == "application/json"
+        assert [o["name"] for o in allowed.json()["outputs"]] == ["labels", "probabilities"]
