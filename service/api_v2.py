@@ -174,6 +174,9 @@ def _images(infer_request: InferRequest, binary: bytes, state: AppState) -> Uplo
             raise ServiceError(422, "bad_binary_data", f"binary_data_size is {size} but {len(binary)} bytes follow "
                                "the JSON header")
         elements = list(_unpack_bytes(binary, state.settings.max_image_bytes))
+    elif binary:
+        raise ServiceError(422, "bad_binary_data", f"{len(binary)} bytes follow the JSON header but no input "
+                           "declares binary_data_size")
     else:
         elements = _json_elements(tensor, state.settings.max_image_bytes)
     if len(elements) != count:

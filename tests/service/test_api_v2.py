@@ -103,6 +103,11 @@ def json_request(data: list, shape: list[int] | None = None, **fields) -> Reques
     return json.dumps({"inputs": [tensor], **fields}).encode(), {}
 
 
+def with_trailing_bytes(request: Request) -> Request:
+    header, _ = request
+    return header + b"stray", {"Inference-Header-Content-Length": str(len(header))}
+
+
 @pytest.mark.anyio
 @pytest.mark.parametrize(("request_", "status", "code"), [
     (binary_request([b"\x00" * 10], cut=3), 422, "bad_binary_data"),
@@ -115,6 +120,7 @@ def json_request(data: list, shape: list[int] | None = None, **fields) -> Reques
     (binary_request([png()], parameters={"top_k": 0}), 422, "bad_top_k"),
     (binary_request([png()], outputs=[{"name": "logits"}]), 422, "unknown_output"),
     ((b'{"inputs": "nope"}', {}), 422, "bad_infer_request"),
+    (with_trailing_bytes(json_request([base64.b64encode(png()).decode()])), 422, "bad_binary_data"),
     (json_request([1]), 422, "bad_input"),
     (json_request(["%%"]), 422, "bad_base64"),
     (json_request([], shape=[0]), 422, "no_images"),
