@@ -16,10 +16,10 @@ import json
 import math
 import struct
 from collections.abc import Callable, Coroutine, Iterator
-from typing import Any
+from typing import Annotated, Any
 
 import numpy as np
-from fastapi import APIRouter, Request, Response
+from fastapi import APIRouter, Depends, Path, Request, Response
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from fastapi.routing import APIRoute
@@ -30,6 +30,7 @@ from service.api import AppState, ClassifyAccess, State, TaskName, classify_uplo
 from service.errors import ServiceError
 from service.registry import UnknownTask
 from service.schemas import Prediction
+from service.tasks import ActiveTask
 from service.uploads import Uploads, check_image_count, decode_base64_image
 
 INPUT = "images"
@@ -104,11 +105,35 @@ async def server_metadata() -> dict[str, Any]:
     return {"name": "promptserve", "version": __version__, "extensions": ["binary_tensor_data", "model_repository"]}
 
 
-@router.get("/models/{task}", summary="Model metadata: a task's input and outputs")
-async def model_metadata(task: TaskName, state: State) -> dict[str, Any]:
+def active_task(task: TaskName, state: State) -> ActiveTask:
+    return state.tasks.get(task)  # this one version answers the whole request
+
+
+def active_version(task: TaskName, version: Annotated[str, Path(description="must be the active version")],
+                   state: State) -> ActiveTask:
     active = state.tasks.get(task)
+    if version != str(active.version):
+        raise ServiceError(404, "unknown_version", f"task '{task}' serves version {active.version}, not {version}")
+    return active
+
+
+Model = Annotated[ActiveTask, Depends(active_task)]
+ModelVersion = Annotated[ActiveTask, Depends(active_version)]
+
+
+@router.get("/models/{task}", summary="Model metadata: a task's input and outputs")
+async def model_metadata(active: Model) -> dict[str, Any]:
+    return _metadata(active)
+
+
+@router.get("/models/{task}/versions/{version}", summary="Model metadata of the active version")
+async def model_version_metadata(active: ModelVersion) -> dict[str, Any]:
+    return _metadata(active)
+
+
+def _metadata(active: ActiveTask) -> dict[str, Any]:
     return {
-        "name": task, "versions": [str(active.version)], "platform": f"promptserve_{active.manifest.method}",
+        "name": active.name, "versions": [str(active.version)], "platform": f"promptserve_{active.manifest.method}",
         "inputs": [{"name": INPUT, "datatype": "BYTES", "shape": [-1]}],
         "outputs": [{"name": "labels", "datatype": "BYTES", "shape": [-1, -1]},
                     {"name": "probabilities", "datatype": "FP32", "shape": [-1, -1]}],
@@ -117,8 +142,17 @@ async def model_metadata(task: TaskName, state: State) -> dict[str, Any]:
 
 
 @router.get("/models/{task}/ready", summary="Model readiness")
-async def model_ready(task: TaskName, state: State) -> dict[str, Any]:
-    return {"name": task, "ready": True, "version": str(state.tasks.get(task).version)}
+async def model_ready(active: Model) -> dict[str, Any]:
+    return _readiness(active)
+
+
+@router.get("/models/{task}/versions/{version}/ready", summary="Model readiness of the active version")
+async def model_version_ready(active: ModelVersion) -> dict[str, Any]:
+    return _readiness(active)
+
+
+def _readiness(active: ActiveTask) -> dict[str, Any]:
+    return {"name": active.name, "ready": True, "version": str(active.version)}
 
 
 @router.post("/repository/index", summary="The models (tasks) this server holds")
@@ -127,8 +161,17 @@ async def repository_index(state: State) -> list[dict[str, str]]:
 
 
 @router.post("/models/{task}/infer", dependencies=ClassifyAccess, summary="Classify a BYTES tensor of images")
-async def infer(task: TaskName, request: Request, state: State) -> Response:
-    active = state.tasks.get(task)  # this one version answers every image of the request
+async def infer(active: Model, request: Request, state: State) -> Response:
+    return await _infer(active, request, state)
+
+
+@router.post("/models/{task}/versions/{version}/infer", dependencies=ClassifyAccess,
+             summary="Classify a BYTES tensor of images with the active version")
+async def infer_version(active: ModelVersion, request: Request, state: State) -> Response:
+    return await _infer(active, request, state)
+
+
+async def _infer(active: ActiveTask, request: Request, state: AppState) -> Response:
     if request.headers.get("content-encoding", "identity") != "identity":
         raise ServiceError(415, "unsupported_encoding", "send the request body uncompressed")
     infer_request, binary = _parse(await request.body(), request.headers.get(HEADER_LENGTH))
@@ -137,7 +180,7 @@ async def infer(task: TaskName, request: Request, state: State) -> Response:
     requested = _requested(infer_request)
     (probabilities,) = await classify_uploads(state, uploads, (active,))
     header, binary_parts = _outputs(top_predictions(active, probabilities, top_k), requested)
-    header = {"model_name": task, "model_version": str(active.version), **header}
+    header = {"model_name": active.name, "model_version": str(active.version), **header}
     if infer_request.id is not None:
         header["id"] = infer_request.id
     encoded = json.dumps(header).encode()

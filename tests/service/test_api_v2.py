@@ -45,6 +45,8 @@ def test_tritonclient_sees_a_live_server_and_its_tasks_as_models(v2):
     assert metadata["inputs"] == [{"name": "images", "datatype": "BYTES", "shape": [-1]}]
     assert [(o["name"], o["datatype"]) for o in metadata["outputs"]] == [("labels", "BYTES"), ("probabilities", "FP32")]
     assert v2.is_model_ready("shapes") and not v2.is_model_ready("no-such-task")
+    assert v2.get_model_metadata("shapes", "1")["versions"] == ["1"]
+    assert v2.is_model_ready("shapes", "1") and not v2.is_model_ready("shapes", "7")
 
 
 @pytest.mark.slow
@@ -80,6 +82,9 @@ def test_tritonclient_infers_json_tensors_with_a_top_k_parameter(v2):
 def test_tritonclient_gets_the_servers_error_messages(v2):
     with pytest.raises(InferenceServerException, match="no-such-task"):
         v2.infer("no-such-task", [images_input(binary=True)])
+    with pytest.raises(InferenceServerException, match="serves version 1, not 7"):
+        v2.infer("shapes", [images_input(binary=True)], model_version="7")
+    assert v2.infer("colours", [images_input(binary=True)], model_version="1").get_response()["model_version"] == "1"
     wrong = triton.InferInput("pixels", [1], "BYTES").set_data_from_numpy(np.array([b"x"], dtype=np.object_))
     with pytest.raises(InferenceServerException, match="'images' of datatype BYTES"):
         v2.infer("shapes", [wrong])
