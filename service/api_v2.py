@@ -19,7 +19,7 @@ from collections.abc import Callable, Coroutine, Iterator
 from typing import Annotated, Any
 
 import numpy as np
-from fastapi import APIRouter, Depends, Path, Request, Response
+from fastapi import APIRouter, Depends, Request, Response
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from fastapi.routing import APIRoute
@@ -105,33 +105,24 @@ async def server_metadata() -> dict[str, Any]:
     return {"name": "promptserve", "version": __version__, "extensions": ["binary_tensor_data", "model_repository"]}
 
 
-def active_task(task: TaskName, state: State) -> ActiveTask:
-    return state.tasks.get(task)  # this one version answers the whole request
-
-
-def active_version(task: TaskName, version: Annotated[str, Path(description="must be the active version")],
-                   state: State) -> ActiveTask:
+def active_task(task: TaskName, request: Request, state: State) -> ActiveTask:
+    """The task's active version, which answers the whole request; a path's {version} must name it."""
     active = state.tasks.get(task)
-    if version != str(active.version):
+    version = request.path_params.get("version")
+    if version is not None and version != str(active.version):
         raise ServiceError(404, "unknown_version", f"task '{task}' serves version {active.version}, not {version}")
     return active
 
 
 Model = Annotated[ActiveTask, Depends(active_task)]
-ModelVersion = Annotated[ActiveTask, Depends(active_version)]
+VERSION = "/models/{task}/versions/{version}"  # each model route also answers under its active version
+VERSION_PARAMETER = {"parameters": [{"name": "version", "in": "path", "required": True, "schema": {"type": "string"},
+                                     "description": "the task's active version"}]}
 
 
 @router.get("/models/{task}", summary="Model metadata: a task's input and outputs")
+@router.get(VERSION, summary="Model metadata of the active version", openapi_extra=VERSION_PARAMETER)
 async def model_metadata(active: Model) -> dict[str, Any]:
-    return _metadata(active)
-
-
-@router.get("/models/{task}/versions/{version}", summary="Model metadata of the active version")
-async def model_version_metadata(active: ModelVersion) -> dict[str, Any]:
-    return _metadata(active)
-
-
-def _metadata(active: ActiveTask) -> dict[str, Any]:
     return {
         "name": active.name, "versions": [str(active.version)], "platform": f"promptserve_{active.manifest.method}",
         "inputs": [{"name": INPUT, "datatype": "BYTES", "shape": [-1]}],
@@ -142,16 +133,8 @@ def _metadata(active: ActiveTask) -> dict[str, Any]:
 
 
 @router.get("/models/{task}/ready", summary="Model readiness")
+@router.get(f"{VERSION}/ready", summary="Model readiness of the active version", openapi_extra=VERSION_PARAMETER)
 async def model_ready(active: Model) -> dict[str, Any]:
-    return _readiness(active)
-
-
-@router.get("/models/{task}/versions/{version}/ready", summary="Model readiness of the active version")
-async def model_version_ready(active: ModelVersion) -> dict[str, Any]:
-    return _readiness(active)
-
-
-def _readiness(active: ActiveTask) -> dict[str, Any]:
     return {"name": active.name, "ready": True, "version": str(active.version)}
 
 
@@ -161,17 +144,9 @@ async def repository_index(state: State) -> list[dict[str, str]]:
 
 
 @router.post("/models/{task}/infer", dependencies=ClassifyAccess, summary="Classify a BYTES tensor of images")
-async def infer(active: Model, request: Request, state: State) -> Response:
-    return await _infer(active, request, state)
-
-
-@router.post("/models/{task}/versions/{version}/infer", dependencies=ClassifyAccess,
+@router.post(f"{VERSION}/infer", dependencies=ClassifyAccess, openapi_extra=VERSION_PARAMETER,
              summary="Classify a BYTES tensor of images with the active version")
-async def infer_version(active: ModelVersion, request: Request, state: State) -> Response:
-    return await _infer(active, request, state)
-
-
-async def _infer(active: ActiveTask, request: Request, state: AppState) -> Response:
+async def infer(active: Model, request: Request, state: State) -> Response:
     if request.headers.get("content-encoding", "identity") != "identity":
         raise ServiceError(415, "unsupported_encoding", "send the request body uncompressed")
     infer_request, binary = _parse(await request.body(), request.headers.get(HEADER_LENGTH))
