@@ -26,6 +26,7 @@ RUN pip install --index-url "${TORCH_INDEX_URL}" --extra-index-url https://pypi.
 COPY pyproject.toml README.md ./
 COPY service ./service
 COPY trainer ./trainer
+COPY promptserve_client ./promptserve_client
 # hadolint ignore=DL3013
 RUN pip install ".[postgres]"
 

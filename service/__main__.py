@@ -1,4 +1,4 @@
-"""`python -m service` (or `promptserve`): serve the configured backbone and registry with uvicorn."""
+"""`python -m service` (or `promptserve serve`): serve the configured backbone and registry with uvicorn."""
 
 from __future__ import annotations
 
@@ -20,5 +20,7 @@ def main(argv: list[str] | None = None) -> None:
     serve(create_app(settings), settings, args.host, args.port)
 
 
-if __name__ == "__main__":
-    main()
+if __name__ == "__main__":  # `python -m service` is the `promptserve` command: serve by default, or a subcommand
+    from service.cli import main as cli
+
+    raise SystemExit(cli())

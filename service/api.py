@@ -11,8 +11,6 @@ import torch
 from fastapi import APIRouter, Depends, Path, Query, Request, Response
 from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 from pydantic import SecretStr, StringConstraints
-from starlette.datastructures import UploadFile
-from starlette.exceptions import HTTPException
 
 from service.backbone import Backbone
 from service.batcher import MicroBatcher, Overloaded
@@ -37,6 +35,7 @@ from service.schemas import (
     TaskSummary,
 )
 from service.tasks import ActiveTask, TaskManager
+from service.uploads import JSON_IMAGES_SCHEMA, Uploads, read_image_uploads
 
 
 @dataclass
@@ -105,7 +104,8 @@ BUNDLE_BODY = {"requestBody": {"required": True, "content": {"application/octet-
     "schema": {"type": "string", "format": "binary"}}}}}
 IMAGES_BODY = {"requestBody": {"required": True, "content": {"multipart/form-data": {"schema": {
     "type": "object", "required": ["images"],
-    "properties": {"images": {"type": "array", "items": {"type": "string", "format": "binary"}}}}}}}}
+    "properties": {"images": {"type": "array", "items": {"type": "string", "format": "binary"}}}}},
+    "application/json": {"schema": JSON_IMAGES_SCHEMA}}}}
 
 
 @router.get("/healthz", tags=["health"], summary="Liveness")
@@ -197,7 +197,7 @@ async def classify(task: TaskName, request: Request, state: State, top_k: TopK =
     filenames, (probabilities,) = await _classify(request, state, (active,), top_k)
 
     def answer() -> Response:
-        predictions = _top_predictions(active, probabilities, top_k)
+        predictions = top_predictions(active, probabilities, top_k)
         return _json(ClassifyResponse(task=task, version=active.version, results=[
             ImageResult(filename=name, predictions=p) for name, p in zip(filenames, predictions, strict=True)]))
 
@@ -213,7 +213,7 @@ async def classify_many(request: Request, state: State, tasks: TaskNames, top_k:
     filenames, per_task = await _classify(request, state, active, top_k)
 
     def answer() -> Response:
-        predictions = [_top_predictions(t, p, top_k) for t, p in zip(active, per_task, strict=True)]
+        predictions = [top_predictions(t, p, top_k) for t, p in zip(active, per_task, strict=True)]
         return _json(MultiClassifyResponse(results=[
             MultiImageResult(filename=name, answers=[
                 TaskAnswer(task=t.name, version=t.version, predictions=task_predictions[i])
@@ -246,9 +246,14 @@ def _json(model: ClassifyResponse | MultiClassifyResponse) -> Response:
 
 async def _classify(request: Request, state: AppState, tasks: tuple[ActiveTask, ...],
                     top_k: int) -> tuple[list[str], list[torch.Tensor]]:
-    """decode → preprocess (worker thread) → micro-batched forward → probabilities [B, C] per task."""
     _check_answer_size(tasks, 1, top_k, state.settings)  # before the body is read
-    uploads = await _read_image_uploads(request, state.settings)
+    uploads = await read_image_uploads(request, state.settings)
+    return [name for name, _ in uploads], await classify_uploads(state, uploads, tasks, top_k)
+
+
+async def classify_uploads(state: AppState, uploads: Uploads, tasks: tuple[ActiveTask, ...],
+                           top_k: int) -> list[torch.Tensor]:
+    """decode → preprocess (worker thread) → micro-batched forward → probabilities [B, C] per task."""
     _check_answer_size(tasks, len(uploads), top_k, state.settings)
     pixels = await anyio.to_thread.run_sync(_decode_and_preprocess, uploads, state, limiter=state.decode_limiter)
     try:
@@ -257,38 +262,17 @@ async def _classify(request: Request, state: AppState, tasks: tuple[ActiveTask, 
         raise ServiceError(503, "overloaded", f"{exc}; retry shortly", headers={"Retry-After": "1"}) from exc
     for task in tasks:
         state.metrics.images.labels(task.name).inc(len(uploads))
-    return [name for name, _ in uploads], probabilities
+    return probabilities
 
 
-def _top_predictions(task: ActiveTask, probabilities: torch.Tensor, top_k: int) -> list[list[Prediction]]:
+def top_predictions(task: ActiveTask, probabilities: torch.Tensor, top_k: int) -> list[list[Prediction]]:
     top = probabilities.topk(min(top_k, probabilities.shape[1]), dim=-1)
     names = task.manifest.classnames
     return [[Prediction(label=names[i], probability=p) for p, i in zip(values, indices, strict=True)]
             for values, indices in zip(top.values.tolist(), top.indices.tolist(), strict=True)]
 
 
-async def _read_image_uploads(request: Request, settings: Settings) -> list[tuple[str, bytes]]:
-    content_type = request.headers.get("content-type", "")
-    if not content_type.startswith("multipart/form-data"):
-        raise ServiceError(415, "bad_content_type", "send images as multipart/form-data in the field 'images'")
-    try:
-        form = await request.form(max_files=settings.max_images_per_request, max_fields=16,
-                                  max_part_size=settings.max_image_bytes)
-    except HTTPException as exc:  # Starlette reports multipart limits and syntax errors as 400s
-        if "Too many files" in str(exc.detail):
-            limit = settings.max_images_per_request
-            raise ServiceError(413, "too_many_images", f"at most {limit} images a request") from exc
-        raise ServiceError(422, "bad_multipart", f"the multipart body could not be parsed: {exc.detail}") from exc
-    try:
-        files = [v for _, v in form.multi_items() if isinstance(v, UploadFile)]
-        if not files:
-            raise ServiceError(422, "no_images", "no image files in the request: use the multipart field 'images'")
-        return [(f.filename or f"image{i}", await f.read()) for i, f in enumerate(files)]
-    finally:
-        await form.close()
-
-
-def _decode_and_preprocess(uploads: list[tuple[str, bytes]], state: AppState) -> torch.Tensor:
+def _decode_and_preprocess(uploads: Uploads, state: AppState) -> torch.Tensor:
     s = state.settings
     limits = DecodeLimits(s.max_image_bytes, s.max_image_pixels, s.max_request_pixels, s.max_aspect_ratio)
     return state.preprocessor.batch(decode_images(uploads, limits))

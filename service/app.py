@@ -18,6 +18,7 @@ from starlette.types import Scope
 
 from service import __version__
 from service.api import AppState, router
+from service.api_v2 import router as v2_router
 from service.api_versions import router as versions_router
 from service.backbone import Backbone, load_backbone
 from service.batcher import MicroBatcher
@@ -31,6 +32,7 @@ from service.propagation import Propagator
 from service.registry import RegistryUnavailable, UnknownTask, open_registry
 from service.runtime import ClassifyRuntime
 from service.tasks import TaskManager
+from service.web import add_web_page
 
 log = logging.getLogger(__name__)
 
@@ -85,6 +87,8 @@ def create_app(settings: Settings | None = None, backbone: Backbone | None = Non
                   description="Many few-shot prompt classifiers on one frozen open_clip backbone.")
     app.include_router(router)
     app.include_router(versions_router)
+    app.include_router(v2_router)
+    add_web_page(app)
 
     @app.get("/metrics", tags=["health"], summary="Prometheus metrics", response_class=PlainTextResponse)
     async def prometheus_metrics() -> PlainTextResponse:
@@ -102,7 +106,7 @@ def route_limits(scope: Scope, settings: Settings) -> RouteLimits:
     path, post = scope["path"], scope["method"] == "POST"
     if path.endswith("/versions"):
         return RouteLimits(settings.max_bundle_bytes, expensive=post)
-    if path.endswith("classify"):
+    if path.endswith(("classify", "/infer")):
         return RouteLimits(settings.max_classify_body_bytes, expensive=post)
     return RouteLimits(MiB, expensive=False)
 

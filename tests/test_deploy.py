@@ -122,6 +122,13 @@ def test_every_writable_directory_is_absolute_owned_by_the_non_root_user_and_a_v
         assert any(path.startswith(v) for v in volumes), f"{name}={path} is not on a volume"
 
 
+def test_the_image_copies_every_package_the_project_installs():
+    pyproject = (ROOT / "pyproject.toml").read_text()
+    include = re.search(r"\[tool\.setuptools\.packages\.find\]\ninclude = (\[.*?\])", pyproject)
+    copied = {shlex.split(args)[0] for args in instructions("COPY")}
+    assert include and {name.rstrip("*") for name in json.loads(include.group(1))} <= copied
+
+
 def test_command_and_healthcheck_name_real_modules_routes_and_settings(openapi):
     cmd = json.loads(instructions("CMD")[0])
     assert cmd[:2] == ["python", "-m"] and importlib.util.find_spec(cmd[2]) is not None

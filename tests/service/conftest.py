@@ -1,0 +1,24 @@
+"""Fixtures shared by the service tests: the service running in its own uvicorn process."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+
+import pytest
+from test_uvicorn import ServiceProcess
+
+
+@pytest.fixture
+def anyio_backend():
+    return "asyncio"
+
+
+@pytest.fixture(scope="session")
+def live_service(tmp_path_factory) -> Iterator[ServiceProcess]:
+    """`python -m service` on a free port: embedded tiny CLIP, demo tasks shapes/colours, admin token set."""
+    service = ServiceProcess(tmp_path_factory.mktemp("live") / "registry")
+    try:
+        service.wait_ready()
+        yield service
+    finally:
+        service.stop()
