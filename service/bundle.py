@@ -35,6 +35,7 @@ MAX_CLASSNAME_CHARS = 200
 CLASS_TOKEN_POSITIONS = ("end", "middle", "front")
 FLOAT_DTYPES = {"F16": torch.float16, "BF16": torch.bfloat16, "F32": torch.float32}
 DEFAULT_TEMPLATES = ("a photo of a {}.",)
+MAX_PROMPT_DEPTH = 64
 
 
 class BundleError(ValueError):
@@ -47,11 +48,16 @@ class BundleError(ValueError):
 
 @dataclass(frozen=True)
 class BackboneRef:
-    """Which frozen backbone a bundle was trained for; `fingerprint` hashes its text-tower weights."""
+    """Which frozen backbone a bundle was trained for; `fingerprint` hashes its text-tower weights.
+
+    `image_fingerprint` hashes the image tower's weights: required by vision-side methods (their prompts
+    enter the image tower), absent (None) in text-side and older bundles.
+    """
 
     model: str
     pretrained: str | None
     fingerprint: str
+    image_fingerprint: str | None = None
 
 
 @dataclass(frozen=True)
@@ -98,6 +104,20 @@ class Bundle:
         """The plain float32 prompt context ([n_ctx, d] or [C, n_ctx, d]); None for methods without one."""
         return METHODS[self.manifest.method].context(self)
 
+    def deep_text_prompts(self) -> torch.Tensor | None:
+        """Float32 [J-1, n_ctx, d_t] prompts replacing the ctx rows before text blocks 1..J-1 (MaPLe); else None."""
+        prompts = METHODS[self.manifest.method].text_prompts(self)
+        return None if prompts is None else prompts[1:]
+
+    def vision_prompts(self) -> torch.Tensor | None:
+        """Float32 [J, n_ctx, d_v] merged vision prompts (MaPLe), for `service.vision_prompts`; else None."""
+        return METHODS[self.manifest.method].vision_prompts(self)
+
+    @property
+    def vision_side(self) -> bool:
+        """Whether this bundle changes the image forward (needs its own prompted image forward)."""
+        return METHODS[self.manifest.method].vision_side
+
 
 # --- per-method tensor rules -------------------------------------------------------------------------
 
@@ -132,6 +152,29 @@ def _qprompt_tensors(m: Manifest) -> dict[str, TensorRule]:
     }
 
 
+def _maple_shapes(m: Manifest) -> tuple[tuple[int, ...], tuple[int, ...]]:
+    """(text prompts [J, n, d_t], vision prompts [J, n, d_v]) of a MaPLe manifest."""
+    depth, n = m.options["depth"], m.prompt.n_ctx
+    return (depth, n, m.prompt.ctx_dim), (depth, n, m.options["vision_width"])
+
+
+def _maple_tensors(m: Manifest) -> dict[str, TensorRule]:
+    text, vision = _maple_shapes(m)
+    return {"text_prompts": TensorRule(text, tuple(FLOAT_DTYPES)), "vision_prompts": TensorRule(vision, ("F16", "F32"))}
+
+
+def _qmaple_tensors(m: Manifest) -> dict[str, TensorRule]:
+    """Text prompts packed b-bit with one codebook and (mu, sigma) per depth row (one quantizer per tensor)."""
+    (text, vision), bits = _maple_shapes(m), m.options["bits"]
+    return {
+        "indices": TensorRule((packed_size(bits, math.prod(text)),), ("U8",)),
+        "codebook": TensorRule((text[0], 2**bits), ("F16", "F32")),
+        "mu": TensorRule((text[0],), ("F32",)),
+        "sigma": TensorRule((text[0],), ("F32",)),
+        "vision_prompts": TensorRule(vision, ("F16", "F32")),
+    }
+
+
 def _check_zeroshot_options(options: Mapping[str, Any]) -> None:
     templates = options.get("templates", list(DEFAULT_TEMPLATES))
     if not isinstance(templates, list) or not templates:
@@ -147,6 +190,25 @@ def _check_qprompt_options(options: Mapping[str, Any]) -> None:
         raise BundleError("options.bits", f"must be an integer from 1 to 8, got {bits!r}")
 
 
+def _check_int_option(options: Mapping[str, Any], key: str, low: int, high: int) -> None:
+    value = options.get(key)
+    if not isinstance(value, int) or isinstance(value, bool) or not low <= value <= high:
+        raise BundleError(f"options.{key}", f"must be an integer from {low} to {high}, got {value!r}")
+
+
+def _check_maple_options(options: Mapping[str, Any]) -> None:
+    _check_int_option(options, "depth", 1, MAX_PROMPT_DEPTH)
+    _check_int_option(options, "vision_width", 1, 4096)
+    fixed = options.get("fixed_text", "")
+    if not isinstance(fixed, str) or len(fixed) > MAX_CLASSNAME_CHARS:
+        raise BundleError("options.fixed_text", f"must be a string of ≤ {MAX_CLASSNAME_CHARS} chars")
+
+
+def _check_qmaple_options(options: Mapping[str, Any]) -> None:
+    _check_maple_options(options)
+    _check_qprompt_options(options)
+
+
 def _no_options(options: Mapping[str, Any]) -> None:
     return None
 
@@ -155,12 +217,34 @@ def _plain_ctx(bundle: Bundle) -> torch.Tensor:
     return bundle.tensors["ctx"].float()
 
 
+def _dequantize(bundle: Bundle, shape: tuple[int, ...]) -> torch.Tensor:
+    """W = sigma * codebook[index] + mu per group (the leading rows of `shape` split evenly into groups)."""
+    t = bundle.tensors
+    codebook = t["codebook"].float().reshape(-1, t["codebook"].shape[-1])
+    groups = codebook.shape[0]
+    indices = unpack_indices(t["indices"], bundle.manifest.options["bits"], math.prod(shape)).reshape(groups, -1)
+    rows = torch.arange(groups)[:, None]
+    return (t["sigma"].float()[:, None] * codebook[rows, indices] + t["mu"].float()[:, None]).reshape(shape)
+
+
 def _dequantized_ctx(bundle: Bundle) -> torch.Tensor:
-    """W = sigma * codebook[index] + mu: the quantized prompt back in its original space."""
-    t, m = bundle.tensors, bundle.manifest
-    shape = _ctx_shape(m)
-    indices = unpack_indices(t["indices"], m.options["bits"], math.prod(shape))
-    return (t["sigma"].float() * t["codebook"].float()[indices] + t["mu"].float()).reshape(shape)
+    return _dequantize(bundle, _ctx_shape(bundle.manifest))
+
+
+def _maple_text_prompts(bundle: Bundle) -> torch.Tensor:
+    return bundle.tensors["text_prompts"].float()
+
+
+def _qmaple_text_prompts(bundle: Bundle) -> torch.Tensor:
+    return _dequantize(bundle, _maple_shapes(bundle.manifest)[0])
+
+
+def _merged_vision_prompts(bundle: Bundle) -> torch.Tensor:
+    return bundle.tensors["vision_prompts"].float()
+
+
+def _none(bundle: Bundle) -> None:
+    return None
 
 
 @dataclass(frozen=True)
@@ -169,13 +253,24 @@ class MethodSpec:
     tensor_rules: Callable[[Manifest], dict[str, TensorRule]]
     check_options: Callable[[Mapping[str, Any]], None]
     context: Callable[[Bundle], torch.Tensor | None]
+    # Deep (MaPLe) methods: all J text prompt rows (row 0 is the context), and the merged vision prompts.
+    text_prompts: Callable[[Bundle], torch.Tensor | None] = _none
+    vision_prompts: Callable[[Bundle], torch.Tensor | None] = _none
+
+    @property
+    def vision_side(self) -> bool:
+        return self.vision_prompts is not _none
 
 
 METHODS: dict[str, MethodSpec] = {
-    "zeroshot": MethodSpec(False, _no_tensors, _check_zeroshot_options, lambda b: None),
+    "zeroshot": MethodSpec(False, _no_tensors, _check_zeroshot_options, _none),
     "coop": MethodSpec(True, _plain_ctx_tensors, _no_options, _plain_ctx),
     "rlp": MethodSpec(True, _plain_ctx_tensors, _no_options, _plain_ctx),
     "qprompt": MethodSpec(True, _qprompt_tensors, _check_qprompt_options, _dequantized_ctx),
+    "maple": MethodSpec(True, _maple_tensors, _check_maple_options, lambda b: _maple_text_prompts(b)[0],
+                        _maple_text_prompts, _merged_vision_prompts),
+    "qmaple": MethodSpec(True, _qmaple_tensors, _check_qmaple_options, lambda b: _qmaple_text_prompts(b)[0],
+                         _qmaple_text_prompts, _merged_vision_prompts),
 }
 
 
@@ -301,6 +396,11 @@ def _parse_manifest(metadata: Any) -> Manifest:
         trainer_version=raw.get("trainer_version"),
     )
     METHODS[method].check_options(manifest.options)
+    if METHODS[method].vision_side and manifest.backbone.image_fingerprint is None:
+        raise BundleError("backbone.image_fingerprint", f"is required: method {method!r} prompts the image tower")
+    shared_at_end = not manifest.prompt.class_specific and manifest.prompt.class_token_position == "end"
+    if METHODS[method].vision_side and not shared_at_end:
+        raise BundleError("prompt.class_token_position", f"method {method!r} needs a shared context at 'end'")
     return manifest
 
 
@@ -333,7 +433,10 @@ def _parse_backbone(raw: Mapping[str, Any]) -> BackboneRef:
         raise BundleError("backbone.fingerprint", "must be a non-empty string")
     if pretrained is not None and not isinstance(pretrained, str):
         raise BundleError("backbone.pretrained", "must be a string or null")
-    return BackboneRef(model, pretrained, fingerprint)
+    image_fingerprint = raw.get("image_fingerprint")
+    if image_fingerprint is not None and (not isinstance(image_fingerprint, str) or not image_fingerprint):
+        raise BundleError("backbone.image_fingerprint", "must be a non-empty string or null")
+    return BackboneRef(model, pretrained, fingerprint, image_fingerprint)
 
 
 def _parse_classnames(raw: list[Any]) -> tuple[str, ...]:
