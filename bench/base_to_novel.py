@@ -49,7 +49,7 @@ class Recipe:
 # model's prompt where it started. RLP trains its factors with AdamW, which its zero-initialized A needs.
 SGD = {"optimizer": "sgd", "lr": 0.02}
 # MaPLe (n_ctx 2, depth 9 clamped to the tiny CLIP's 3 text blocks): SGD as above, MAPLE_EPOCHS epochs.
-MAPLE_EPOCHS = 5
+MAPLE_EPOCHS = 10
 MAPLE = {"optimizer": "sgd", "lr": 0.02, "epochs": MAPLE_EPOCHS}
 RECIPES: dict[str, Recipe] = {
     "zero-shot CLIP": Recipe(None),

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import shlex
 import statistics
 import sys
 import time
@@ -99,16 +100,20 @@ def timing_row(name: str, backbone: Backbone, batch: int, n_classes: int, repeat
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--backbones", nargs="+", default=list(BACKBONES), choices=list(BACKBONES))
+    parser.add_argument("--no-timing", dest="timing", action="store_false", help="sizes only")
     parser.add_argument("--out", help="write the Markdown tables here (default: print only)")
     args = parser.parse_args()
     logging.basicConfig(level=logging.ERROR)
     sizes, steps = [], []
-    for name, (model, pretrained) in BACKBONES.items():
-        backbone = load_backbone(BackboneSpec(model, pretrained, device="cpu"))
+    for name in args.backbones:
+        backbone = load_backbone(BackboneSpec(*BACKBONES[name], device="cpu"))
         sizes += size_rows(name, backbone)
-        batch, n_classes = (4, 10) if name == "ViT-B/16" else (32, 8)
-        steps.append(timing_row(name, backbone, batch, n_classes, args.repeats))
-        print(sizes[-2], sizes[-1], steps[-1], sep="\n", flush=True)
+        print(*sizes[-2:], sep="\n", flush=True)
+        if args.timing:
+            batch, n_classes = (4, 10) if name == "ViT-B/16" else (32, 8)
+            steps.append(timing_row(name, backbone, batch, n_classes, args.repeats))
+            print(steps[-1], flush=True)
     report = "\n".join([
         "| backbone | method | full-form values (no biases) | full form bytes (fp16 / 4-bit) | paper (KB) "
         "| merged payload bytes | merged bundle file bytes |",
@@ -117,7 +122,7 @@ def main() -> None:
         "| backbone | batch | classes | plain image forward (no grad) | CoOp step (cached features) "
         "| MaPLe step | QMaPLe 4-bit step |",
         "|---|---|---|---|---|---|---|", *steps,
-        "", f"Command: `python bench/maple.py {' '.join(sys.argv[1:])}`",
+        "", f"Command: `python bench/maple.py {shlex.join(sys.argv[1:])}`",
     ])
     print("\n" + report)
     if args.out:
