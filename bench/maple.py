@@ -115,7 +115,7 @@ def main() -> None:
             steps.append(timing_row(name, backbone, batch, n_classes, args.repeats))
             print(steps[-1], flush=True)
     report = "\n".join([
-        "| backbone | method | full-form values (no biases) | full form bytes (fp16 / 4-bit) | paper (KB) "
+        "| backbone | method | full-form values (no biases) | full form bytes (MaPLe fp16, QMaPLe 4-bit) | paper (KB) "
         "| merged payload bytes | merged bundle file bytes |",
         "|---|---|---|---|---|---|---|", *sizes, "",
         f"Seconds per training step ({torch.get_num_threads()} CPU threads, median of {args.repeats}):", "",
