@@ -133,6 +133,8 @@ def run_eval(args: argparse.Namespace) -> dict[str, Any]:
     backbone = _backbone(ref.model, args.pretrained or ref.pretrained, args.weights_seed, args.device)
     if backbone.fingerprint != ref.fingerprint:
         raise BundleError("backbone.fingerprint", "these backbone weights are not the ones the bundle was trained on")
+    if bundle.vision_side and backbone.image_fingerprint != ref.image_fingerprint:
+        raise BundleError("backbone.image_fingerprint", "this image tower is not the one the bundle was trained on")
     dataset = load_dataset(args.data, args.layout, args.split_file)
     if args.protocol == "base2novel":
         return evaluate_base_novel(bundle, backbone, dataset, args.split, args.progress).as_dict()
@@ -142,11 +144,11 @@ def run_eval(args: argparse.Namespace) -> dict[str, Any]:
 
 def run_inspect(args: argparse.Namespace) -> dict[str, Any]:
     bundle = read_bundle(args.bundle)
-    context = bundle.context()
+    prompts = (bundle.context(), bundle.deep_text_prompts(), bundle.vision_prompts())
     return {
         "file_bytes": Path(args.bundle).stat().st_size,
         "payload_bytes": bundle.payload_bytes,
-        "prompt_values": 0 if context is None else context.numel(),
+        "prompt_values": sum(t.numel() for t in prompts if t is not None),
         "trainable_parameters": bundle.manifest.options.get("trainable_parameters"),
         "tensors": {k: {"dtype": str(t.dtype), "shape": list(t.shape)} for k, t in bundle.tensors.items()},
         "manifest": json.loads(bundle.manifest.to_json()),

@@ -3,6 +3,7 @@ reproduce the learner exactly through the service's functions."""
 
 from __future__ import annotations
 
+import json
 import logging
 from pathlib import Path
 
@@ -113,18 +114,22 @@ def test_qmaple_defaults_to_4_bits(deep_backbone):
 
 
 @pytest.mark.slow
-def test_cli_trains_a_maple_bundle_on_the_tiny_world_that_the_service_accepts(tiny_backbone, tmp_path: Path,
+@pytest.mark.parametrize("method", ["maple", "qmaple"])
+def test_cli_trains_a_maple_bundle_on_the_tiny_world_that_the_service_accepts(method, tiny_backbone, tmp_path: Path,
                                                                              capsys):
     data = tmp_path / "shapes"
     write_imagefolder(data / "train", "colour", 2, seed=1, style="faint", size=48)
     write_imagefolder(data / "test", "colour", 1, seed=2, style="faint", size=48)
     output = tmp_path / "maple.safetensors"
-    code = main(["train", "--method", "qmaple", "--bits", "2", "--depth", "2", "--data", str(data), "--layout",
+    code = main(["train", "--method", method, "--depth", "2", "--data", str(data), "--layout",
                  "imagefolder", "--protocol", "base2novel", "--shots", "2", "--epochs", "1", "--warmup-epochs", "0",
                  "--batch-size", "8", "--model", "promptserve-tiny", "--pretrained", "world-v1", "--device", "cpu",
                  "--no-progress", "--output", str(output)])
     assert code == 0, capsys.readouterr().err
     bundle = decode_bundle(output.read_bytes())
-    assert bundle.manifest.method == "qmaple" and bundle.manifest.options["depth"] == 2
+    assert bundle.manifest.method == method and bundle.manifest.options["depth"] == 2
     assert {"base", "novel", "hm"} <= set(bundle.manifest.metrics)
     check_compatible(bundle.manifest, tiny_backbone, max_classes=100)
+    capsys.readouterr()
+    assert main(["inspect", str(output)]) == 0
+    assert json.loads(capsys.readouterr().out)["prompt_values"] == 2 * 2 * 128 + 2 * 2 * 128  # text + vision
