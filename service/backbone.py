@@ -7,6 +7,7 @@ producing wrong answers.
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import logging
 from collections.abc import Callable
@@ -103,6 +104,11 @@ class Backbone:
         key = image_tower_fingerprint(self.model).removeprefix("sha256:")[:32]
         path = Path(self.spec.onnx_cache_dir) / f"visual-{image_size}px-{key}.onnx"
         return OnnxImageEncoder(self.model.visual, image_size, path)
+
+    @functools.cached_property
+    def image_fingerprint(self) -> str:
+        """SHA-256 of the image tower's weights (computed on first use: vision-side bundles need it)."""
+        return image_tower_fingerprint(self.model)
 
     @property
     def logit_scale(self) -> float:

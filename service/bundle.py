@@ -34,8 +34,10 @@ from service.manifest import (
     MAX_CONTEXT_ELEMENTS,
     BackboneRef,
     Manifest,
+    MapleOptions,
     NoOptions,
     PromptLayout,
+    QMapleOptions,
     QPromptOptions,
     ZeroShotOptions,
     describe_input,
@@ -94,6 +96,20 @@ class Bundle:
         """The plain float32 prompt context ([n_ctx, d] or [C, n_ctx, d]); None for methods without one."""
         return METHODS[self.manifest.method].context(self)
 
+    def deep_text_prompts(self) -> torch.Tensor | None:
+        """Float32 [J-1, n_ctx, d_t] prompts replacing the ctx rows before text blocks 1..J-1 (MaPLe); else None."""
+        prompts = METHODS[self.manifest.method].text_prompts(self)
+        return None if prompts is None else prompts[1:]
+
+    def vision_prompts(self) -> torch.Tensor | None:
+        """Float32 [J, n_ctx, d_v] merged vision prompts (MaPLe), for `service.vision_prompts`; else None."""
+        return METHODS[self.manifest.method].vision_prompts(self)
+
+    @property
+    def vision_side(self) -> bool:
+        """Whether this bundle changes the image forward (needs its own prompted image forward)."""
+        return METHODS[self.manifest.method].vision_side
+
 
 # --- per-method tensor rules -------------------------------------------------------------------------
 
@@ -144,18 +160,65 @@ class OptionsCheck:
 _check_zeroshot_options = OptionsCheck(ZeroShotOptions)
 _check_qprompt_options = OptionsCheck(QPromptOptions)
 _no_options = OptionsCheck(NoOptions)
+_check_maple_options = OptionsCheck(MapleOptions)
+_check_qmaple_options = OptionsCheck(QMapleOptions)
+
+
+def _maple_shapes(m: Manifest) -> tuple[tuple[int, ...], tuple[int, ...]]:
+    """(text prompts [J, n, d_t], vision prompts [J, n, d_v]) of a MaPLe manifest."""
+    depth, n = m.options["depth"], m.prompt.n_ctx
+    return (depth, n, m.prompt.ctx_dim), (depth, n, m.options["vision_width"])
+
+
+def _maple_tensors(m: Manifest) -> dict[str, TensorRule]:
+    text, vision = _maple_shapes(m)
+    return {"text_prompts": TensorRule(text, tuple(FLOAT_DTYPES)), "vision_prompts": TensorRule(vision, ("F16", "F32"))}
+
+
+def _qmaple_tensors(m: Manifest) -> dict[str, TensorRule]:
+    """Text prompts packed b-bit with one codebook and (mu, sigma) per depth row (one quantizer per tensor)."""
+    (text, vision), bits = _maple_shapes(m), m.options["bits"]
+    return {
+        "indices": TensorRule((packed_size(bits, math.prod(text)),), ("U8",)),
+        "codebook": TensorRule((text[0], 2**bits), ("F16", "F32")),
+        "mu": TensorRule((text[0],), ("F32",)),
+        "sigma": TensorRule((text[0],), ("F32",)),
+        "vision_prompts": TensorRule(vision, ("F16", "F32")),
+    }
 
 
 def _plain_ctx(bundle: Bundle) -> torch.Tensor:
     return bundle.tensors["ctx"].float()
 
 
+def _dequantize(bundle: Bundle, shape: tuple[int, ...]) -> torch.Tensor:
+    """W = sigma * codebook[index] + mu per group (the leading rows of `shape` split evenly into groups)."""
+    t = bundle.tensors
+    codebook = t["codebook"].float().reshape(-1, t["codebook"].shape[-1])
+    groups = codebook.shape[0]
+    indices = unpack_indices(t["indices"], bundle.manifest.options["bits"], math.prod(shape)).reshape(groups, -1)
+    rows = torch.arange(groups)[:, None]
+    return (t["sigma"].float()[:, None] * codebook[rows, indices] + t["mu"].float()[:, None]).reshape(shape)
+
+
 def _dequantized_ctx(bundle: Bundle) -> torch.Tensor:
-    """W = sigma * codebook[index] + mu: the quantized prompt back in its original space."""
-    t, m = bundle.tensors, bundle.manifest
-    shape = _ctx_shape(m)
-    indices = unpack_indices(t["indices"], m.options["bits"], math.prod(shape))
-    return (t["sigma"].float() * t["codebook"].float()[indices] + t["mu"].float()).reshape(shape)
+    return _dequantize(bundle, _ctx_shape(bundle.manifest))
+
+
+def _maple_text_prompts(bundle: Bundle) -> torch.Tensor:
+    return bundle.tensors["text_prompts"].float()
+
+
+def _qmaple_text_prompts(bundle: Bundle) -> torch.Tensor:
+    return _dequantize(bundle, _maple_shapes(bundle.manifest)[0])
+
+
+def _merged_vision_prompts(bundle: Bundle) -> torch.Tensor:
+    return bundle.tensors["vision_prompts"].float()
+
+
+def _none(bundle: Bundle) -> None:
+    return None
 
 
 @dataclass(frozen=True)
@@ -164,13 +227,24 @@ class MethodSpec:
     tensor_rules: Callable[[Manifest], dict[str, TensorRule]]
     check_options: Callable[[Mapping[str, Any]], None]
     context: Callable[[Bundle], torch.Tensor | None]
+    # Deep (MaPLe) methods: all J text prompt rows (row 0 is the context), and the merged vision prompts.
+    text_prompts: Callable[[Bundle], torch.Tensor | None] = _none
+    vision_prompts: Callable[[Bundle], torch.Tensor | None] = _none
+
+    @property
+    def vision_side(self) -> bool:
+        return self.vision_prompts is not _none
 
 
 METHODS: dict[str, MethodSpec] = {
-    "zeroshot": MethodSpec(False, _no_tensors, _check_zeroshot_options, lambda b: None),
+    "zeroshot": MethodSpec(False, _no_tensors, _check_zeroshot_options, _none),
     "coop": MethodSpec(True, _plain_ctx_tensors, _no_options, _plain_ctx),
     "rlp": MethodSpec(True, _plain_ctx_tensors, _no_options, _plain_ctx),
     "qprompt": MethodSpec(True, _qprompt_tensors, _check_qprompt_options, _dequantized_ctx),
+    "maple": MethodSpec(True, _maple_tensors, _check_maple_options, lambda b: _maple_text_prompts(b)[0],
+                        _maple_text_prompts, _merged_vision_prompts),
+    "qmaple": MethodSpec(True, _qmaple_tensors, _check_qmaple_options, lambda b: _qmaple_text_prompts(b)[0],
+                         _qmaple_text_prompts, _merged_vision_prompts),
 }
 
 
@@ -328,6 +402,8 @@ def _parse_manifest(metadata: Any) -> Manifest:
     except ValidationError as exc:
         raise BundleError.from_validation(exc) from exc
     _check_method(manifest)
+    if METHODS[manifest.method].vision_side:
+        _check_vision_side(manifest)
     return manifest
 
 
@@ -351,6 +427,14 @@ def _check_method(manifest: Manifest) -> None:
     if spec.uses_context and math.prod(_ctx_shape(manifest)) > MAX_CONTEXT_ELEMENTS:
         raise BundleError("prompt", f"the context would hold more than {MAX_CONTEXT_ELEMENTS} values")
     spec.check_options(manifest.options)
+
+
+def _check_vision_side(manifest: Manifest) -> None:
+    if manifest.backbone.image_fingerprint is None:
+        raise BundleError("backbone.image_fingerprint", f"is required: method {manifest.method!r} prompts the image "
+                          "tower")
+    if manifest.prompt.class_specific or manifest.prompt.class_token_position != "end":
+        raise BundleError("prompt.class_token_position", f"method {manifest.method!r} needs a shared context at 'end'")
 
 
 # --- the published schema ----------------------------------------------------------------------------

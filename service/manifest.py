@@ -33,6 +33,8 @@ MAX_JSON_DEPTH = 8  # of `options` / `metrics`
 MAX_JSON_NODES = 4096
 MAX_JSON_STRING_CHARS = 4096
 MAX_NAME_CHARS = 256  # model names, tags, fingerprints, method and version strings
+MAX_PROMPT_DEPTH = 64  # layers a deep (MaPLe) prompt may reach
+MAX_VISION_WIDTH = 8192
 
 _STRICT = ConfigDict(strict=True)
 Name = Annotated[str, StringConstraints(min_length=1, max_length=MAX_NAME_CHARS)]
@@ -95,11 +97,16 @@ Template = Annotated[str, StringConstraints(max_length=MAX_TEMPLATE_CHARS, patte
 
 @dataclass(frozen=True)
 class BackboneRef:
-    """Which frozen backbone a bundle was trained for; `fingerprint` hashes its text-tower weights."""
+    """Which frozen backbone a bundle was trained for; `fingerprint` hashes its text-tower weights.
+
+    `image_fingerprint` hashes the image tower's weights: required by vision-side methods (their prompts
+    enter the image tower), absent (None) in text-side and older bundles.
+    """
 
     model: Name
     pretrained: Annotated[str, StringConstraints(max_length=4096)] | None
     fingerprint: Name
+    image_fingerprint: Name | None = None
 
 
 @dataclass(frozen=True)
@@ -151,6 +158,20 @@ class ZeroShotOptions(BaseModel):
 class QPromptOptions(BaseModel):
     model_config = ConfigDict(strict=True, extra="allow")
 
+    bits: Annotated[int, Field(ge=1, le=8)]
+
+
+class MapleOptions(BaseModel):
+    """Deep prompts: `depth` J layers of `prompt.n_ctx` tokens; `fixed_text` follows the context as plain text."""
+
+    model_config = ConfigDict(strict=True, extra="allow")
+
+    depth: Annotated[int, Field(ge=1, le=MAX_PROMPT_DEPTH)]
+    vision_width: Annotated[int, Field(ge=1, le=MAX_VISION_WIDTH)]
+    fixed_text: Annotated[str, StringConstraints(max_length=MAX_CLASSNAME_CHARS)] = ""
+
+
+class QMapleOptions(MapleOptions):
     bits: Annotated[int, Field(ge=1, le=8)]
 
 

@@ -35,6 +35,8 @@ def prompt_capable_vit(visual: nn.Module) -> VisionTransformer:
         raise ValueError(f"this method needs an open_clip VisionTransformer image tower, not {type(visual).__name__}")
     if visual.attn_pool is not None:
         raise ValueError("this method does not support image towers with attentional pooling (attn_pool)")
+    if not visual.transformer.batch_first:
+        raise ValueError("this method needs a batch-first image transformer (open_clip's default)")
     return visual
 
 

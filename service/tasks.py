@@ -42,6 +42,8 @@ def check_compatible(manifest: Manifest, backbone: Backbone, limits: BundleLimit
             "bundle was trained on other text-tower weights than this service's "
             f"({manifest.backbone.fingerprint[:19]}… vs {backbone.fingerprint[:19]}…); retrain it on this backbone",
         )
+    if METHODS[manifest.method].vision_side:
+        _check_image_tower(manifest, backbone)
     if manifest.prompt.ctx_dim not in (0, backbone.text.width):
         raise BundleError("prompt.ctx_dim", f"is {manifest.prompt.ctx_dim}, the text width is {backbone.text.width}")
     if manifest.prompt.n_ctx + 2 > backbone.text.context_length:  # start and end tokens take two slots
@@ -79,6 +81,24 @@ def check_finite_features(features: torch.Tensor) -> None:
         raise BundleError("tensors", "the bundle's text features are not finite (its values overflow the encoder)")
 
 
+def _check_image_tower(manifest: Manifest, backbone: Backbone) -> None:
+    """A vision-side bundle's prompts enter the image tower: it must be the very tower they were trained on."""
+    if manifest.backbone.image_fingerprint != backbone.image_fingerprint:
+        raise BundleError(
+            "backbone.image_fingerprint",
+            f"bundle was trained on another image tower than this service's ({manifest.backbone.image_fingerprint}"
+            f" vs {backbone.image_fingerprint[:19]}…); retrain it on this backbone",
+        )
+    visual, text_layers = backbone.model.visual, len(backbone.text.tower.transformer.resblocks)
+    depth_limit = min(len(visual.transformer.resblocks), text_layers)
+    depth = manifest.options["depth"]
+    if depth > depth_limit:
+        raise BundleError("options.depth", f"is {depth}, this backbone allows at most {depth_limit}")
+    if manifest.options["vision_width"] != visual.transformer.width:
+        raise BundleError("options.vision_width",
+                          f"is {manifest.options['vision_width']}, the image width is {visual.transformer.width}")
+
+
 @torch.no_grad()
 def text_features(bundle: Bundle, backbone: Backbone) -> torch.Tensor:
     """L2-normalized class text features [C, D] (float32, CPU) for a text-side bundle."""
@@ -90,12 +110,13 @@ def text_features(bundle: Bundle, backbone: Backbone) -> torch.Tensor:
                         for t in templates]
         features = torch.stack(per_template).mean(dim=0)
     else:
-        features = _encode_in_batches(backbone, names, ctx, manifest)
+        features = _encode_in_batches(backbone, names, ctx, manifest, bundle.deep_text_prompts())
     return F.normalize(features.float(), dim=-1).cpu()
 
 
 def _encode_in_batches(
-    backbone: Backbone, items: list[str], ctx: torch.Tensor | None, manifest: Manifest | None = None
+    backbone: Backbone, items: list[str], ctx: torch.Tensor | None, manifest: Manifest | None = None,
+    deep: torch.Tensor | None = None,
 ) -> torch.Tensor:
     chunks = []
     for start in range(0, len(items), TEXT_BATCH):
@@ -104,7 +125,8 @@ def _encode_in_batches(
             chunks.append(F.normalize(backbone.text.encode_texts(batch).float(), dim=-1))
         else:
             batch_ctx = ctx[start : start + TEXT_BATCH] if manifest.prompt.class_specific else ctx
-            chunks.append(backbone.text.encode_classes(batch, batch_ctx, manifest.prompt).float())
+            fixed_text = manifest.options.get("fixed_text", "") if deep is not None else ""
+            chunks.append(backbone.text.encode_classes(batch, batch_ctx, manifest.prompt, deep, fixed_text).float())
     return torch.cat(chunks)
 
 

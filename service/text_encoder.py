@@ -6,6 +6,10 @@ does that, and then runs the tower exactly as open_clip does (causal transformer
 the end-of-text token, projection). Sequences are cut just after the longest end-of-text token: under
 the causal mask nothing after it can change the pooled row; for the same reason the leading tokens that
 every prompt shares (start token + context, or a template's words) are computed once, not once per class.
+
+Deep prompts (MaPLe): `deep` [J-1, n_ctx, d] replace the context rows' hidden states before blocks 1..J-1
+(no positional embedding is added to them); from block J on the rows are carried forward. The context
+rows sit inside the shared prefix, so prefix reuse stays exact: the replacement is done once, on the prefix.
 """
 
 from __future__ import annotations
@@ -57,9 +61,14 @@ class PromptTextEncoder:
 
     # --- tokens --------------------------------------------------------------------------------------
 
-    def class_prompt_tokens(self, classnames: list[str] | tuple[str, ...], layout: PromptLayout) -> PromptTokens:
-        """Token ids for "<ctx> {class}." (or front/middle), with the context slots marked."""
-        rows = [self._class_prompt_row(name, layout) for name in classnames]
+    def class_prompt_tokens(self, classnames: list[str] | tuple[str, ...], layout: PromptLayout,
+                            fixed_text: str = "") -> PromptTokens:
+        """Token ids for "<ctx> {fixed_text} {class}." (or front/middle), with the context slots marked.
+
+        `fixed_text` is frozen text right before the class name (MaPLe keeps "of a" of "a photo of a").
+        """
+        fixed_ids = self.tokenizer.encode(fixed_text) if fixed_text else []
+        rows = [self._class_prompt_row(name, layout, fixed_ids) for name in classnames]
         return self._pad(rows)
 
     def template_tokens(self, texts: list[str]) -> PromptTokens:
@@ -71,8 +80,9 @@ class PromptTextEncoder:
             rows.append((ids, [False] * len(ids)))
         return self._pad(rows)
 
-    def _class_prompt_row(self, classname: str, layout: PromptLayout) -> tuple[list[int], list[bool]]:
-        name_ids = self.tokenizer.encode(classname)
+    def _class_prompt_row(self, classname: str, layout: PromptLayout,
+                          fixed_ids: list[int]) -> tuple[list[int], list[bool]]:
+        name_ids = fixed_ids + self.tokenizer.encode(classname)
         period = self.tokenizer.encode(".")
         n_front = {"end": layout.n_ctx, "middle": layout.n_ctx // 2, "front": 0}[layout.class_token_position]
         n_back = layout.n_ctx - n_front
@@ -107,30 +117,36 @@ class PromptTextEncoder:
     # --- encoding ------------------------------------------------------------------------------------
 
     def encode_classes(
-        self, classnames: list[str] | tuple[str, ...], ctx: torch.Tensor, layout: PromptLayout
+        self, classnames: list[str] | tuple[str, ...], ctx: torch.Tensor, layout: PromptLayout,
+        deep: torch.Tensor | None = None, fixed_text: str = "",
     ) -> torch.Tensor:
-        """Unnormalized class features with `ctx` ([n_ctx, d] shared, or [C, n_ctx, d]) spliced in.
+        """Unnormalized class features with `ctx` ([n_ctx, d] shared, or [C, n_ctx, d]) spliced in,
+        and optionally deep prompts `deep` [J-1, n_ctx, d] (see the module docstring).
 
-        Differentiable in `ctx`, so the trainer learns prompts through this same function.
+        Differentiable in `ctx` and `deep`, so the trainer learns prompts through this same function.
         """
-        tokens = self.class_prompt_tokens(classnames, layout)
-        return self.encode_tokens(tokens, ctx)
+        tokens = self.class_prompt_tokens(classnames, layout, fixed_text)
+        return self.encode_tokens(tokens, ctx, deep=deep)
 
     def encode_texts(self, texts: list[str]) -> torch.Tensor:
         """Unnormalized features of plain texts; equals open_clip's `encode_text`."""
         return self.encode_tokens(self.template_tokens(texts))
 
     def encode_tokens(self, tokens: PromptTokens, ctx: torch.Tensor | None = None,
-                      reuse_prefix: bool = True) -> torch.Tensor:
+                      reuse_prefix: bool = True, deep: torch.Tensor | None = None) -> torch.Tensor:
         ids = tokens.ids.to(self.device)
         x = self.tower.token_embedding(ids)
         if ctx is not None:
             n_classes, n_slots = ids.shape[0], int(tokens.ctx_mask[0].sum())
             rows = ctx.to(self.device, x.dtype).expand(n_classes, n_slots, self.width)
             x = x.masked_scatter(tokens.ctx_mask.to(self.device)[..., None], rows)
-        return self.encode_embeddings(x, tokens.eot.to(self.device), reuse_prefix)
+        deep_prompts = None
+        if deep is not None:
+            deep_prompts = DeepPrompts(shared_ctx_positions(tokens).to(self.device), deep.to(self.device))
+        return self.encode_embeddings(x, tokens.eot.to(self.device), reuse_prefix, deep_prompts)
 
-    def encode_embeddings(self, x: torch.Tensor, eot: torch.Tensor, reuse_prefix: bool = True) -> torch.Tensor:
+    def encode_embeddings(self, x: torch.Tensor, eot: torch.Tensor, reuse_prefix: bool = True,
+                          deep: DeepPrompts | None = None) -> torch.Tensor:
         """Run the tower on token embeddings [C, L, d]; pool the row at each `eot` position."""
         tower = self.tower
         length = int(eot.max()) + 1
@@ -138,8 +154,12 @@ class PromptTextEncoder:
         x = x + tower.positional_embedding[:length].to(x.dtype)
         mask = tower.attn_mask[:length, :length]
         prefix = shared_prefix_length(x, limit=int(eot.min())) if reuse_prefix and self.can_reuse_prefix else 0
+        if deep is not None and prefix <= int(deep.positions.max()):
+            prefix = 0  # the replaced rows must lie inside the shared prefix to be replaced once
         if prefix >= 2 and x.shape[0] > 1:
-            x, eot = self._run_with_shared_prefix(x, mask, prefix), eot - prefix
+            x, eot = self._run_with_shared_prefix(x, mask, prefix, deep), eot - prefix
+        elif deep is not None:
+            x = self._run_blocks(x, mask, deep)
         else:
             x = tower.transformer(x, attn_mask=mask)
         x = tower.ln_final(x)
@@ -149,11 +169,21 @@ class PromptTextEncoder:
             return x
         return projection(x) if isinstance(projection, torch.nn.Linear) else x @ projection
 
-    def _run_with_shared_prefix(self, x: torch.Tensor, mask: torch.Tensor, prefix: int) -> torch.Tensor:
+    def _run_blocks(self, x: torch.Tensor, mask: torch.Tensor, deep: DeepPrompts) -> torch.Tensor:
+        """The tower's blocks one by one, with the deep prompts put in before blocks 1..J-1."""
+        if not self.tower.transformer.batch_first:
+            raise ValueError("deep text prompts need a batch-first text transformer (open_clip's default)")
+        for i, block in enumerate(self.tower.transformer.resblocks):
+            x = block(deep.apply(x, i), attn_mask=mask)
+        return x
+
+    def _run_with_shared_prefix(self, x: torch.Tensor, mask: torch.Tensor, prefix: int,
+                                deep: DeepPrompts | None = None) -> torch.Tensor:
         """The causal mask makes the first `prefix` rows identical for every sequence at every layer, so
         run them once (batch 1), keep their keys and values, and run only each sequence's suffix."""
         shared, suffix = x[:1, :prefix], x[:, prefix:].contiguous()
-        for block in self.tower.transformer.resblocks:
+        for i, block in enumerate(self.tower.transformer.resblocks):
+            shared = deep.apply(shared, i) if deep is not None else shared
             shared_in = block.ln_1(shared)
             shared_keys, shared_values = _project(block.attn, shared_in)[1:]
             suffix = suffix + block.ls_1(_attend_after_prefix(block.attn, block.ln_1(suffix), shared_keys,
@@ -161,6 +191,30 @@ class PromptTextEncoder:
             suffix = suffix + block.ls_2(block.mlp(block.ln_2(suffix)))
             shared = block(shared, attn_mask=mask[:prefix, :prefix])
         return suffix
+
+
+@dataclass(frozen=True)
+class DeepPrompts:
+    """Deep text prompts `rows` [J-1, n, d] for the sequence positions `positions` [n]."""
+
+    positions: torch.Tensor
+    rows: torch.Tensor
+
+    def apply(self, x: torch.Tensor, block: int) -> torch.Tensor:
+        """`x` [B, L, d] with the prompt rows replaced if `block` is one of 1..J-1 (differentiably)."""
+        if not 1 <= block <= self.rows.shape[0]:
+            return x
+        x = x.clone()
+        x[:, self.positions] = self.rows[block - 1].to(x.dtype).expand(x.shape[0], -1, -1)
+        return x
+
+
+def shared_ctx_positions(tokens: PromptTokens) -> torch.Tensor:
+    """The context slots' positions, which deep prompts need to be the same in every class prompt."""
+    first = tokens.ctx_mask[0]
+    if not (tokens.ctx_mask == first).all() or not first.any():
+        raise ValueError("deep prompts need the context at the same positions in every prompt (position 'end')")
+    return first.nonzero().reshape(-1)
 
 
 def _project(attn: torch.nn.MultiheadAttention, x: torch.Tensor) -> tuple[torch.Tensor, ...]:

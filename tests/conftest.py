@@ -22,6 +22,18 @@ def backbone() -> Backbone:
 
 
 @pytest.fixture(scope="session")
+def deep_backbone() -> Backbone:
+    """A micro CLIP with 3 blocks in both towers (class-token pooling), so deep prompts have depth to go."""
+    return load_backbone(BackboneSpec("test-micro-deep", device="cpu", seed=0))
+
+
+@pytest.fixture(scope="session")
+def tiny_backbone() -> Backbone:
+    """The embedded tiny CLIP (average pooling over image tokens, text context 32)."""
+    return load_backbone(BackboneSpec("promptserve-tiny", "world-v1", device="cpu"))
+
+
+@pytest.fixture(scope="session")
 def other_backbone() -> Backbone:
     """Same architecture, different weights: bundles made for `backbone` must be refused by it."""
     return load_backbone(BackboneSpec("test-micro", device="cpu", seed=1))

@@ -19,7 +19,7 @@ from typing import Any
 from service.backbone import Backbone, BackboneSpec, load_backbone
 from service.bundle import Bundle, BundleError, read_bundle, write_bundle
 from trainer.data import LAYOUTS, DataError, Dataset, Sample, load_dataset
-from trainer.engine import OPTIMIZERS, TrainConfig, train_cached
+from trainer.engine import OPTIMIZERS, TrainConfig, train_cached, train_on_images
 from trainer.evaluate import evaluate, evaluate_base_novel
 from trainer.features import encode_samples
 from trainer.fewshot import base_novel_split, load_split, sample_few_shot, save_split
@@ -28,7 +28,8 @@ from trainer.methods import METHODS, build_learner, make_config
 log = logging.getLogger("promptserve.train")
 
 PROTOCOLS = ("all", "base2novel")
-METHOD_FLAGS = ("n_ctx", "ctx_init", "class_token_position", "bits", "min_steps", "kl_threshold", "rank", "dropout")
+METHOD_FLAGS = ("n_ctx", "ctx_init", "class_token_position", "bits", "min_steps", "kl_threshold", "rank", "dropout",
+                "depth", "export_dtype")
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -54,8 +55,12 @@ def run_train(args: argparse.Namespace) -> dict[str, Any]:
     config = make_config(args.method, **_method_options(args))
     learner = build_learner(args.method, config, backbone, classnames)
     train_cfg = _train_config(args)
-    features = encode_samples(backbone, train_samples, views=args.views, seed=args.seed, progress=args.progress)
-    history = train_cached(learner, features, train_cfg)
+    if learner.needs_image_tower:  # MaPLe: the image tower runs (forward and backward) on every step
+        transform = backbone.preprocess if args.views == 1 else None  # --views 1: clean images, as cached
+        history = train_on_images(learner, backbone, train_samples, train_cfg, transform)
+    else:
+        features = encode_samples(backbone, train_samples, views=args.views, seed=args.seed, progress=args.progress)
+        history = train_cached(learner, features, train_cfg)
     manifest, tensors = learner.export()
     metrics = _train_metrics(args, history, train_cfg)
     metrics.update(_test_metrics(Bundle(manifest, tensors), backbone, dataset, args))
@@ -128,6 +133,8 @@ def run_eval(args: argparse.Namespace) -> dict[str, Any]:
     backbone = _backbone(ref.model, args.pretrained or ref.pretrained, args.weights_seed, args.device)
     if backbone.fingerprint != ref.fingerprint:
         raise BundleError("backbone.fingerprint", "these backbone weights are not the ones the bundle was trained on")
+    if bundle.vision_side and backbone.image_fingerprint != ref.image_fingerprint:
+        raise BundleError("backbone.image_fingerprint", "this image tower is not the one the bundle was trained on")
     dataset = load_dataset(args.data, args.layout, args.split_file)
     if args.protocol == "base2novel":
         return evaluate_base_novel(bundle, backbone, dataset, args.split, args.progress).as_dict()
@@ -137,11 +144,11 @@ def run_eval(args: argparse.Namespace) -> dict[str, Any]:
 
 def run_inspect(args: argparse.Namespace) -> dict[str, Any]:
     bundle = read_bundle(args.bundle)
-    context = bundle.context()
+    prompts = (bundle.context(), bundle.deep_text_prompts(), bundle.vision_prompts())
     return {
         "file_bytes": Path(args.bundle).stat().st_size,
         "payload_bytes": bundle.payload_bytes,
-        "prompt_values": 0 if context is None else context.numel(),
+        "prompt_values": sum(t.numel() for t in prompts if t is not None),
         "trainable_parameters": bundle.manifest.options.get("trainable_parameters"),
         "tensors": {k: {"dtype": str(t.dtype), "shape": list(t.shape)} for k, t in bundle.tensors.items()},
         "manifest": json.loads(bundle.manifest.to_json()),
@@ -185,12 +192,14 @@ def _add_train(p: argparse.ArgumentParser) -> None:
     p.add_argument("--pretrained", help="open_clip tag or checkpoint path (none: seeded random weights)")
     p.add_argument("--shots", type=int, default=16)
     p.add_argument("--seed", type=int, default=1)
-    p.add_argument("--views", type=int, default=1, help="cached views per image: 1 clean + K-1 augmented")
+    p.add_argument("--views", type=int, default=1, help="cached views per image: 1 clean + K-1 augmented "
+                   "(image-tower methods: 1 = clean images, more = a random augmentation every step)")
     p.add_argument("--save-split", help="where to save the few-shot split (default: OUTPUT.split.json)")
     p.add_argument("--load-split", help="repeat a run: train on a saved few-shot split")
     p.add_argument("--eval-split", default="test", help="split scored after training (skipped if absent)")
     for flag, kind in (("n-ctx", int), ("ctx-init", str), ("class-token-position", str), ("bits", int),
-                       ("min-steps", int), ("kl-threshold", float), ("rank", int), ("dropout", float)):
+                       ("min-steps", int), ("kl-threshold", float), ("rank", int), ("dropout", float),
+                       ("depth", int), ("export-dtype", str)):
         p.add_argument(f"--{flag}", type=kind, help="method option (see docs/trainer.md)")
     for flag, kind in (("epochs", int), ("batch-size", int), ("lr", float), ("weight-decay", float),
                        ("warmup-epochs", int), ("warmup-lr", float)):

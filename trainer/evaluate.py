@@ -1,19 +1,23 @@
 """Evaluation of a *bundle*, through the service's own text-feature path, so trainer and service agree.
 
 Class features come from `service.tasks.text_features` (exactly what an activated task caches); image
-features from the backbone's clean transform; the prediction is the arg-max cosine, as the service ranks.
+features from the backbone's clean transform, through the bundle's vision prompts if it has any
+(`service.vision_prompts`); the prediction is the arg-max cosine, as the service ranks.
 """
 
 from __future__ import annotations
 
 import dataclasses
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
+import torch.nn.functional as F
 
 from service.backbone import Backbone
 from service.bundle import Bundle
 from service.tasks import text_features
+from service.vision_prompts import prompted_image_features
 from trainer.data import DataError, Dataset, Sample
 from trainer.features import encode_samples
 from trainer.fewshot import base_novel_split
@@ -40,6 +44,21 @@ def with_classnames(bundle: Bundle, classnames: tuple[str, ...]) -> Bundle:
     return Bundle(dataclasses.replace(bundle.manifest, classnames=tuple(classnames)), bundle.tensors)
 
 
+def image_encoder(bundle: Bundle, backbone: Backbone) -> Callable[[torch.Tensor], torch.Tensor]:
+    """Pixels → normalized float32 features as the service computes them for this bundle's task."""
+    prompts = bundle.vision_prompts()
+    if prompts is None:
+        return backbone.encode_images
+
+    @torch.no_grad()
+    def encode(pixels: torch.Tensor) -> torch.Tensor:
+        batch = prompts.expand(pixels.shape[0], *prompts.shape)
+        features = prompted_image_features(backbone.model.visual, pixels.to(backbone.device), batch)
+        return F.normalize(features.float(), dim=-1).cpu()
+
+    return encode
+
+
 def predict(bundle: Bundle, backbone: Backbone, image_features: torch.Tensor) -> torch.Tensor:
     """Top-1 class index per image, ranked as the service ranks."""
     return (backbone.logit_scale * image_features @ text_features(bundle, backbone).T).argmax(dim=-1)
@@ -59,7 +78,8 @@ def relabel_for_bundle(samples: list[Sample], bundle: Bundle) -> list[Sample]:
 def evaluate(bundle: Bundle, backbone: Backbone, samples: list[Sample], progress: bool = False) -> Accuracy:
     """Top-1 and per-class accuracy of `bundle` on `samples` (labelled by class name)."""
     samples = relabel_for_bundle(samples, bundle)
-    data = encode_samples(backbone, samples, views=1, progress=progress, desc="eval features")
+    data = encode_samples(backbone, samples, views=1, progress=progress, desc="eval features",
+                          encode=image_encoder(bundle, backbone))
     predictions = predict(bundle, backbone, data.features[:, 0])
     return accuracy(predictions, data.labels, len(bundle.manifest.classnames))
 

@@ -56,9 +56,12 @@ def view_transforms(backbone: Backbone, views: int) -> list[Transform]:
 
 def encode_samples(
     backbone: Backbone, samples: list[Sample], views: int = 1, seed: int = 0, batch_size: int = 64,
-    progress: bool = False, desc: str = "image features",
+    progress: bool = False, desc: str = "image features", encode: Callable[[torch.Tensor], torch.Tensor] | None = None,
 ) -> FeatureSet:
-    """Encode every sample under `views` transforms; each image is decoded once."""
+    """Encode every sample under `views` transforms; each image is decoded once.
+
+    `encode` maps pixels to normalized features (default: the backbone's plain image forward).
+    """
     if not samples:
         raise ValueError("no images to encode")
     transforms = view_transforms(backbone, views)
@@ -68,7 +71,7 @@ def encode_samples(
         chunks = []
         for start in tqdm(range(0, len(samples), batch_size), desc=desc, unit="batch", disable=not progress):
             images = [open_image(s.path) for s in samples[start : start + batch_size]]
-            chunks.append(_encode_views(backbone, images, transforms))
+            chunks.append(_encode_views(encode or backbone.encode_images, images, transforms))
     finally:
         torch.random.set_rng_state(state)
     labels = torch.tensor([s.label for s in samples])
@@ -76,6 +79,7 @@ def encode_samples(
     return FeatureSet(torch.cat(chunks), labels)
 
 
-def _encode_views(backbone: Backbone, images: list[Image.Image], transforms: list[Transform]) -> torch.Tensor:
-    per_view = [backbone.encode_images(torch.stack([t(im) for im in images])) for t in transforms]
+def _encode_views(encode: Callable[[torch.Tensor], torch.Tensor], images: list[Image.Image],
+                  transforms: list[Transform]) -> torch.Tensor:
+    per_view = [encode(torch.stack([t(im) for im in images])) for t in transforms]
     return torch.stack(per_view, dim=1)

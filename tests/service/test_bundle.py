@@ -194,3 +194,70 @@ def test_encode_refuses_to_write_an_invalid_bundle(tmp_path):
     with pytest.raises(BundleError):
         write_bundle(tmp_path / "x.bundle", manifest(), {"ctx": torch.zeros(3, 512)})
     assert not list(tmp_path.iterdir())
+
+
+# --- MaPLe / QMaPLe (vision-side) ---------------------------------------------------------------------
+
+IMAGE_REF = BackboneRef("ViT-B-16", "openai", "sha256:" + "ab" * 32, "sha256:" + "cd" * 32)
+MAPLE_LAYOUT = PromptLayout(n_ctx=2, ctx_dim=512)
+MAPLE_OPTIONS = {"depth": 9, "vision_width": 768, "fixed_text": "of a"}
+
+
+def maple_manifest(method: str = "maple", backbone: BackboneRef = IMAGE_REF, **options) -> Manifest:
+    return Manifest(method=method, backbone=backbone, classnames=CLASSES, prompt=MAPLE_LAYOUT,
+                    options=MAPLE_OPTIONS | options)
+
+
+def maple_tensors() -> dict[str, torch.Tensor]:
+    g = torch.Generator().manual_seed(0)
+    return {"text_prompts": torch.randn(9, 2, 512, generator=g).half(),
+            "vision_prompts": torch.randn(9, 2, 768, generator=g).half()}
+
+
+def test_maple_bundle_for_vit_b16_is_46080_payload_bytes_and_splits_its_prompts():
+    tensors = maple_tensors()
+    bundle = decode_bundle(encode_bundle(maple_manifest(), tensors))
+    assert bundle.payload_bytes == 46_080 and bundle.vision_side
+    assert torch.equal(bundle.context(), tensors["text_prompts"][0].float())
+    assert torch.equal(bundle.deep_text_prompts(), tensors["text_prompts"][1:].float())
+    assert torch.equal(bundle.vision_prompts(), tensors["vision_prompts"].float())
+    assert bundle.manifest.backbone.image_fingerprint == IMAGE_REF.image_fingerprint
+
+
+def test_text_side_bundles_have_no_vision_prompts_and_load_without_an_image_fingerprint():
+    bundle = decode_bundle(good_coop())
+    assert bundle.manifest.backbone.image_fingerprint is None
+    assert bundle.vision_prompts() is None and bundle.deep_text_prompts() is None and not bundle.vision_side
+
+
+def test_maple_bundle_without_image_fingerprint_is_refused_naming_it():
+    raw = json.loads(maple_manifest(backbone=REF).to_json())
+    expect_field(with_manifest(raw, maple_tensors()), "backbone.image_fingerprint")
+
+
+@pytest.mark.parametrize(("options", "field"), [
+    ({"depth": 0}, "options.depth"), ({"depth": 65}, "options.depth"), ({"depth": "9"}, "options.depth"),
+    ({"vision_width": 0}, "options.vision_width"), ({"fixed_text": 3}, "options.fixed_text"),
+])
+def test_bad_maple_options_are_named(options, field):
+    raw = json.loads(maple_manifest(**options).to_json())
+    expect_field(with_manifest(raw, maple_tensors()), field)
+
+
+def test_maple_prompts_of_the_wrong_depth_are_refused_naming_the_tensor():
+    raw = json.loads(maple_manifest(depth=8).to_json())
+    expect_field(with_manifest(raw, maple_tensors()), "text_prompts")
+
+
+@pytest.mark.parametrize("bits", [1, 2, 4, 8])
+def test_qmaple_dequantizes_each_depth_row_with_its_own_codebook(bits):
+    g = torch.Generator().manual_seed(bits)
+    indices = torch.randint(0, 2**bits, (9, 2 * 512), generator=g)
+    codebook = torch.randn(9, 2**bits, generator=g).half()
+    mu, sigma = torch.randn(9, generator=g), torch.rand(9, generator=g) + 0.1
+    tensors = {"indices": pack_indices(indices, bits), "codebook": codebook, "mu": mu, "sigma": sigma,
+               "vision_prompts": torch.zeros(9, 2, 768).half()}
+    bundle = decode_bundle(encode_bundle(maple_manifest("qmaple", bits=bits), tensors))
+    expected = torch.stack([sigma[j] * codebook[j].float()[indices[j]] + mu[j] for j in range(9)]).reshape(9, 2, 512)
+    assert torch.equal(torch.cat([bundle.context()[None], bundle.deep_text_prompts()]), expected)
+    assert bundle.payload_bytes == math.ceil(9 * 2 * 512 * bits / 8) + 9 * 2**bits * 2 + 72 + 9 * 2 * 768 * 2

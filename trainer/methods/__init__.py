@@ -1,13 +1,15 @@
-"""Prompt methods of the text tower, registered once: name → (config class, learner class)."""
+"""Prompt methods (text-side, and MaPLe's vision-side ones), registered once: name → (config class, learner class)."""
 
 from __future__ import annotations
 
-from dataclasses import dataclass, fields
+from dataclasses import asdict, dataclass, fields
 from typing import Any
 
 from service.backbone import Backbone
 from trainer.methods.base import PromptConfig, PromptLearner
 from trainer.methods.coop import CoOp, CoOpConfig
+from trainer.methods.maple import MaPLe, MaPLeConfig
+from trainer.methods.qmaple import QMaPLe, QMaPLeConfig
 from trainer.methods.qprompt import QPrompt, QPromptConfig
 from trainer.methods.quantizer import QuantizerConfig
 from trainer.methods.rlp import RLP, RLPConfig
@@ -23,6 +25,8 @@ METHODS: dict[str, MethodEntry] = {
     "coop": MethodEntry(CoOpConfig, CoOp),
     "qprompt": MethodEntry(QPromptConfig, QPrompt),
     "rlp": MethodEntry(RLPConfig, RLP),
+    "maple": MethodEntry(MaPLeConfig, MaPLe),
+    "qmaple": MethodEntry(QMaPLeConfig, QMaPLe),
 }
 
 
@@ -30,9 +34,11 @@ def make_config(method: str, **options: Any) -> PromptConfig:
     """The method's config from keyword options; options the method does not use are refused by name."""
     entry = _entry(method)
     known = {f.name for f in fields(entry.config)}
-    if method == "qprompt":
+    if "quantizer" in known:
+        quantizer_default = next(f for f in fields(entry.config) if f.name == "quantizer").default_factory()
         quantizer_keys = {f.name for f in fields(QuantizerConfig)}
-        options["quantizer"] = QuantizerConfig(**{k: options.pop(k) for k in quantizer_keys & set(options)})
+        given = {k: options.pop(k) for k in quantizer_keys & set(options)}
+        options["quantizer"] = QuantizerConfig(**(asdict(quantizer_default) | given))
     unknown = sorted(set(options) - known)
     if unknown:
         raise ValueError(f"method {method!r} has no option {unknown[0]!r}; its options: {sorted(known)}")
