@@ -5,7 +5,9 @@ from __future__ import annotations
 from collections.abc import Iterator
 
 import pytest
-from test_uvicorn import ServiceProcess
+from test_uvicorn import TOKEN
+
+from service.process import ServiceProcess
 
 
 @pytest.fixture
@@ -16,7 +18,7 @@ def anyio_backend():
 @pytest.fixture(scope="session")
 def live_service(tmp_path_factory) -> Iterator[ServiceProcess]:
     """`python -m service` on a free port: embedded tiny CLIP, demo tasks shapes/colours, admin token set."""
-    service = ServiceProcess(tmp_path_factory.mktemp("live") / "registry")
+    service = ServiceProcess(tmp_path_factory.mktemp("live") / "registry", admin_token=TOKEN)
     try:
         service.wait_ready()
         yield service
