@@ -7,6 +7,7 @@ producing wrong answers.
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import logging
 from collections.abc import Callable
@@ -106,9 +107,16 @@ class Backbone:
     def logit_scale(self) -> float:
         return float(self.model.logit_scale.exp().clamp(max=100.0))
 
-    def ref(self) -> BackboneRef:
-        """The identity a bundle trained on this backbone records."""
-        return BackboneRef(self.spec.model, self.spec.pretrained, self.fingerprint)
+    @functools.cached_property
+    def image_fingerprint(self) -> str:
+        """Hash of the image tower's weights (computed on first use: only image-dependent methods need it)."""
+        return image_tower_fingerprint(self.model)
+
+    def ref(self, with_image: bool = False) -> BackboneRef:
+        """The identity a bundle trained on this backbone records (with the image tower's for methods that
+        depend on it)."""
+        image = self.image_fingerprint if with_image else None
+        return BackboneRef(self.spec.model, self.spec.pretrained, self.fingerprint, image)
 
     def describe(self) -> dict[str, Any]:
         return {

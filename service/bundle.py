@@ -24,6 +24,7 @@ import safetensors.torch
 import torch
 
 from service.bitpack import packed_size, unpack_indices
+from service.bonder import TGPTDims, tgpt_parameter_shapes
 
 log = logging.getLogger(__name__)
 
@@ -47,11 +48,13 @@ class BundleError(ValueError):
 
 @dataclass(frozen=True)
 class BackboneRef:
-    """Which frozen backbone a bundle was trained for; `fingerprint` hashes its text-tower weights."""
+    """Which frozen backbone a bundle was trained for; `fingerprint` hashes its text-tower weights,
+    `image_fingerprint` its image tower's (recorded by methods whose bundles depend on it)."""
 
     model: str
     pretrained: str | None
     fingerprint: str
+    image_fingerprint: str | None = None
 
 
 @dataclass(frozen=True)
@@ -132,6 +135,28 @@ def _qprompt_tensors(m: Manifest) -> dict[str, TensorRule]:
     }
 
 
+def _tgpt_tensors(m: Manifest) -> dict[str, TensorRule]:
+    shapes = tgpt_parameter_shapes(tgpt_dims(m.options), len(m.classnames))
+    return {name: TensorRule(shape, ("F16", "F32")) for name, shape in shapes.items()}
+
+
+def tgpt_dims(options: Mapping[str, Any]) -> TGPTDims:
+    return TGPTDims(**{k: options[k] for k in TGPT_DIM_LIMITS})
+
+
+# TGP-T sizes in the manifest and their bounds; the backbone's own sizes are checked at activation.
+TGPT_DIM_LIMITS = {"category_queries": 1024, "content_queries": 1024, "width": 4096, "embed_dim": 4096, "heads": 64}
+
+
+def _check_tgpt_options(options: Mapping[str, Any]) -> None:
+    for key, limit in TGPT_DIM_LIMITS.items():
+        value = options.get(key)
+        if not isinstance(value, int) or isinstance(value, bool) or not 1 <= value <= limit:
+            raise BundleError(f"options.{key}", f"must be an integer from 1 to {limit}, got {value!r}")
+    if options["width"] % options["heads"]:
+        raise BundleError("options.heads", f"must divide options.width {options['width']}, got {options['heads']}")
+
+
 def _check_zeroshot_options(options: Mapping[str, Any]) -> None:
     templates = options.get("templates", list(DEFAULT_TEMPLATES))
     if not isinstance(templates, list) or not templates:
@@ -169,6 +194,7 @@ class MethodSpec:
     tensor_rules: Callable[[Manifest], dict[str, TensorRule]]
     check_options: Callable[[Mapping[str, Any]], None]
     context: Callable[[Bundle], torch.Tensor | None]
+    needs_image_fingerprint: bool = False
 
 
 METHODS: dict[str, MethodSpec] = {
@@ -176,6 +202,7 @@ METHODS: dict[str, MethodSpec] = {
     "coop": MethodSpec(True, _plain_ctx_tensors, _no_options, _plain_ctx),
     "rlp": MethodSpec(True, _plain_ctx_tensors, _no_options, _plain_ctx),
     "qprompt": MethodSpec(True, _qprompt_tensors, _check_qprompt_options, _dequantized_ctx),
+    "tgpt": MethodSpec(False, _tgpt_tensors, _check_tgpt_options, lambda b: None, needs_image_fingerprint=True),
 }
 
 
@@ -301,6 +328,8 @@ def _parse_manifest(metadata: Any) -> Manifest:
         trainer_version=raw.get("trainer_version"),
     )
     METHODS[method].check_options(manifest.options)
+    if METHODS[method].needs_image_fingerprint and manifest.backbone.image_fingerprint is None:
+        raise BundleError("backbone.image_fingerprint", f"is required: a {method} bundle depends on the image tower")
     return manifest
 
 
@@ -333,7 +362,10 @@ def _parse_backbone(raw: Mapping[str, Any]) -> BackboneRef:
         raise BundleError("backbone.fingerprint", "must be a non-empty string")
     if pretrained is not None and not isinstance(pretrained, str):
         raise BundleError("backbone.pretrained", "must be a string or null")
-    return BackboneRef(model, pretrained, fingerprint)
+    image_fingerprint = raw.get("image_fingerprint")
+    if image_fingerprint is not None and (not isinstance(image_fingerprint, str) or not image_fingerprint):
+        raise BundleError("backbone.image_fingerprint", "must be a non-empty string or null")
+    return BackboneRef(model, pretrained, fingerprint, image_fingerprint)
 
 
 def _parse_classnames(raw: list[Any]) -> tuple[str, ...]:

@@ -56,3 +56,10 @@ def vit_pool(visual: VisionTransformer, tokens: torch.Tensor) -> torch.Tensor:
 def vit_project_tokens(visual: VisionTransformer, tokens: torch.Tensor) -> torch.Tensor:
     """Every token of the last block projected to the joint space, before `ln_post` (TGP-T's image tokens)."""
     return tokens @ visual.proj if visual.proj is not None else tokens
+
+
+def vit_pooled_and_tokens(visual: VisionTransformer, pixels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """One image forward, two outputs: the pooled feature (equal to `visual(pixels)`) and every last-block
+    token projected before `ln_post` ([B, T, embed_dim], TGP-T's image tokens)."""
+    x = visual.transformer(vit_embed(visual, pixels))
+    return vit_pool(visual, x), vit_project_tokens(visual, x)

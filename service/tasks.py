@@ -19,8 +19,9 @@ import torch
 import torch.nn.functional as F
 
 from service.backbone import Backbone
-from service.bundle import DEFAULT_TEMPLATES, Bundle, BundleError, Manifest, decode_bundle
+from service.bundle import DEFAULT_TEMPLATES, METHODS, Bundle, BundleError, Manifest, decode_bundle
 from service.registry import Registry, UnknownTask, check_task_name
+from service.tgpt import check_tgpt_backbone
 
 log = logging.getLogger(__name__)
 
@@ -39,6 +40,12 @@ def check_compatible(manifest: Manifest, backbone: Backbone, max_classes: int) -
             "bundle was trained on other text-tower weights than this service's "
             f"({manifest.backbone.fingerprint[:19]}… vs {backbone.fingerprint[:19]}…); retrain it on this backbone",
         )
+    image_fingerprint = manifest.backbone.image_fingerprint
+    if METHODS[manifest.method].needs_image_fingerprint and image_fingerprint != backbone.image_fingerprint:
+        raise BundleError("backbone.image_fingerprint", "bundle was trained on other image-tower weights than this "
+                          "service's; retrain it on this backbone")
+    if manifest.method == "tgpt":
+        check_tgpt_backbone(manifest, backbone)
     if manifest.prompt.ctx_dim not in (0, backbone.text.width):
         raise BundleError("prompt.ctx_dim", f"is {manifest.prompt.ctx_dim}, the text width is {backbone.text.width}")
     if len(manifest.classnames) > max_classes:

@@ -43,3 +43,9 @@ def coop_bundle(backbone: Backbone, classnames: list[str], *, n_ctx: int = 4, se
 @pytest.fixture
 def make_coop_bundle():
     return coop_bundle
+
+
+@pytest.fixture(scope="session")
+def tiny_backbone() -> Backbone:
+    """The embedded tiny world CLIP (text context 32, embed width = text width 128): what TGP-T runs on."""
+    return load_backbone(BackboneSpec("promptserve-tiny", "world-v1", device="cpu"))

@@ -1,8 +1,8 @@
-"""Prompt methods of the text tower, registered once: name → (config class, learner class)."""
+"""Prompt methods, registered once: name → (config class, learner class, training defaults)."""
 
 from __future__ import annotations
 
-from dataclasses import dataclass, fields
+from dataclasses import dataclass, field, fields
 from typing import Any
 
 from service.backbone import Backbone
@@ -11,22 +11,25 @@ from trainer.methods.coop import CoOp, CoOpConfig
 from trainer.methods.qprompt import QPrompt, QPromptConfig
 from trainer.methods.quantizer import QuantizerConfig
 from trainer.methods.rlp import RLP, RLPConfig
+from trainer.methods.tgpt import TGPT, TRAIN_DEFAULTS, TGPTConfig
 
 
 @dataclass(frozen=True)
 class MethodEntry:
-    config: type[PromptConfig]
-    learner: type[PromptLearner]
+    config: type
+    learner: type
+    train_defaults: dict[str, Any] = field(default_factory=dict)  # under the user's own training flags
 
 
 METHODS: dict[str, MethodEntry] = {
     "coop": MethodEntry(CoOpConfig, CoOp),
     "qprompt": MethodEntry(QPromptConfig, QPrompt),
     "rlp": MethodEntry(RLPConfig, RLP),
+    "tgpt": MethodEntry(TGPTConfig, TGPT, TRAIN_DEFAULTS),
 }
 
 
-def make_config(method: str, **options: Any) -> PromptConfig:
+def make_config(method: str, **options: Any) -> Any:
     """The method's config from keyword options; options the method does not use are refused by name."""
     entry = _entry(method)
     known = {f.name for f in fields(entry.config)}
@@ -39,7 +42,7 @@ def make_config(method: str, **options: Any) -> PromptConfig:
     return entry.config(**options)
 
 
-def build_learner(method: str, config: PromptConfig, backbone: Backbone, classnames: tuple[str, ...]) -> PromptLearner:
+def build_learner(method: str, config: Any, backbone: Backbone, classnames: tuple[str, ...]) -> PromptLearner | TGPT:
     return _entry(method).learner(config, backbone, classnames)
 
 
@@ -49,4 +52,4 @@ def _entry(method: str) -> MethodEntry:
     return METHODS[method]
 
 
-__all__ = ["METHODS", "PromptConfig", "PromptLearner", "build_learner", "make_config"]
+__all__ = ["METHODS", "TGPT", "PromptConfig", "PromptLearner", "build_learner", "make_config"]

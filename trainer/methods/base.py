@@ -98,6 +98,11 @@ class PromptLearner(nn.Module):
         """Normalized image features of preprocessed pixels; methods that prompt the image tower override this."""
         return self.backbone.encode_images(pixels)
 
+    def loss(self, image_features: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(training loss, logits) of one batch: cross-entropy over the class logits."""
+        logits = self(image_features)
+        return F.cross_entropy(logits, labels), logits
+
     def text_features(self) -> torch.Tensor:
         """L2-normalized class features [C, D] for the current context."""
         features = self.backbone.text.encode_tokens(self.tokens, self.context())
