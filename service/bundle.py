@@ -135,17 +135,18 @@ def _qprompt_tensors(m: Manifest) -> dict[str, TensorRule]:
     }
 
 
-def _tgpt_tensors(m: Manifest) -> dict[str, TensorRule]:
-    shapes = tgpt_parameter_shapes(tgpt_dims(m.options), len(m.classnames))
-    return {name: TensorRule(shape, ("F16", "F32")) for name, shape in shapes.items()}
+# TGP-T sizes in the manifest and their bounds; the backbone's own sizes are checked at activation.
+TGPT_DIM_LIMITS = {"category_queries": 1024, "content_queries": 1024, "width": 4096, "embed_dim": 4096, "heads": 64}
 
 
 def tgpt_dims(options: Mapping[str, Any]) -> TGPTDims:
     return TGPTDims(**{k: options[k] for k in TGPT_DIM_LIMITS})
 
 
-# TGP-T sizes in the manifest and their bounds; the backbone's own sizes are checked at activation.
-TGPT_DIM_LIMITS = {"category_queries": 1024, "content_queries": 1024, "width": 4096, "embed_dim": 4096, "heads": 64}
+def _tgpt_tensors(m: Manifest) -> dict[str, TensorRule]:
+    """Queries, both Bonders and the head, named and shaped as `TGPTModel` itself (F16 or F32)."""
+    shapes = tgpt_parameter_shapes(tgpt_dims(m.options), len(m.classnames))
+    return {name: TensorRule(shape, ("F16", "F32")) for name, shape in shapes.items()}
 
 
 def _check_tgpt_options(options: Mapping[str, Any]) -> None:
