@@ -31,7 +31,7 @@ from trainer.features import encode_samples  # noqa: E402
 from trainer.fewshot import base_novel_split, sample_few_shot  # noqa: E402
 from trainer.methods import build_learner, make_config  # noqa: E402
 from trainer.world.dataset import write_imagefolder  # noqa: E402
-from trainer.world.families import FAMILIES, STYLES  # noqa: E402
+from trainer.world.families import FAMILIES, STYLES, family_classnames  # noqa: E402
 
 ZERO_SHOT_TEMPLATE = "a photo of a {}."
 
@@ -76,15 +76,18 @@ class Outcome:
 
 def world_dataset(root: Path, family: str, style: str, train_per_class: int, test_per_class: int,
                   size: int) -> Dataset:
-    """An ImageFolder tree of the family (train and test rendered from different seeds), made once."""
+    """An ImageFolder tree of the family (train and test rendered from different seeds, the training images'
+    captions in train/descriptions.tsv), made once."""
     folder = root / f"{family}-{style}-{size}px-{train_per_class}-{test_per_class}"
-    if not (folder / "test").is_dir():
-        write_imagefolder(folder / "train", family, train_per_class, seed=1, style=style, size=size)
+    if not (folder / "test").is_dir() or not (folder / "train" / "descriptions.tsv").is_file():
+        write_imagefolder(folder / "train", family, train_per_class, seed=1, style=style, size=size,
+                          descriptions=True)
         write_imagefolder(folder / "test", family, test_per_class, seed=2, style=style, size=size)
     # ImageFolder labels classes in folder-name order; the world's own order is the label order here.
-    dataset, index = load_dataset(folder, "imagefolder"), {n: i for i, n in enumerate(FAMILIES[family])}
+    names = family_classnames(family)
+    dataset, index = load_dataset(folder, "imagefolder"), {n: i for i, n in enumerate(names)}
     splits = {s: [Sample(x.path, index[x.classname], x.classname) for x in xs] for s, xs in dataset.splits.items()}
-    return Dataset(family, tuple(FAMILIES[family]), splits)
+    return Dataset(family, tuple(names), splits)
 
 
 def zero_shot_bundle(backbone: Backbone, classnames: tuple[str, ...]) -> Bundle:

@@ -101,22 +101,24 @@ class Backbone:
         if self.device.type != "cpu":
             raise ValueError("the onnx image backend runs on CPU; use the torch backend on CUDA")
         image_size = self.model.visual.image_size[0]
-        key = image_tower_fingerprint(self.model).removeprefix("sha256:")[:32]
+        key = self.image_fingerprint.removeprefix("sha256:")[:32]
         path = Path(self.spec.onnx_cache_dir) / f"visual-{image_size}px-{key}.onnx"
         return OnnxImageEncoder(self.model.visual, image_size, path)
-
-    @functools.cached_property
-    def image_fingerprint(self) -> str:
-        """SHA-256 of the image tower's weights (computed on first use: vision-side bundles need it)."""
-        return image_tower_fingerprint(self.model)
 
     @property
     def logit_scale(self) -> float:
         return float(self.model.logit_scale.exp().clamp(max=100.0))
 
-    def ref(self) -> BackboneRef:
-        """The identity a bundle trained on this backbone records."""
-        return BackboneRef(self.spec.model, self.spec.pretrained, self.fingerprint)
+    @functools.cached_property
+    def image_fingerprint(self) -> str:
+        """Hash of the image tower's weights (computed on first use: only image-dependent methods need it)."""
+        return image_tower_fingerprint(self.model)
+
+    def ref(self, with_image: bool = False) -> BackboneRef:
+        """The identity a bundle trained on this backbone records (with the image tower's for methods that
+        depend on it)."""
+        image = self.image_fingerprint if with_image else None
+        return BackboneRef(self.spec.model, self.spec.pretrained, self.fingerprint, image)
 
     def describe(self) -> dict[str, Any]:
         return {

@@ -25,6 +25,7 @@ import torch
 from pydantic import BaseModel, ConfigDict, Field, TypeAdapter, ValidationError
 
 from service.bitpack import packed_size, unpack_indices
+from service.bonder import TGPTDims, tgpt_parameter_shapes
 from service.manifest import (
     CLASS_TOKEN_POSITIONS,
     DEFAULT_TEMPLATES,
@@ -39,6 +40,7 @@ from service.manifest import (
     PromptLayout,
     QMapleOptions,
     QPromptOptions,
+    TGPTOptions,
     ZeroShotOptions,
     describe_input,
 )
@@ -157,11 +159,26 @@ class OptionsCheck:
             raise BundleError.from_validation(exc, "options") from exc
 
 
+# TGP-T sizes in the manifest and their bounds; the backbone's own sizes are checked at activation.
+TGPT_DIM_LIMITS = {"category_queries": 1024, "content_queries": 1024, "width": 4096, "embed_dim": 4096, "heads": 64}
+
+
+def tgpt_dims(options: Mapping[str, Any]) -> TGPTDims:
+    return TGPTDims(**{k: options[k] for k in TGPT_DIM_LIMITS})
+
+
+def _tgpt_tensors(m: Manifest) -> dict[str, TensorRule]:
+    """Queries, both Bonders and the head, named and shaped as `TGPTModel` itself (F16 or F32)."""
+    shapes = tgpt_parameter_shapes(tgpt_dims(m.options), len(m.classnames))
+    return {name: TensorRule(shape, ("F16", "F32")) for name, shape in shapes.items()}
+
+
 _check_zeroshot_options = OptionsCheck(ZeroShotOptions)
 _check_qprompt_options = OptionsCheck(QPromptOptions)
 _no_options = OptionsCheck(NoOptions)
 _check_maple_options = OptionsCheck(MapleOptions)
 _check_qmaple_options = OptionsCheck(QMapleOptions)
+_check_tgpt_options = OptionsCheck(TGPTOptions)
 
 
 def _maple_shapes(m: Manifest) -> tuple[tuple[int, ...], tuple[int, ...]]:
@@ -234,6 +251,13 @@ class MethodSpec:
     @property
     def vision_side(self) -> bool:
         return self.vision_prompts is not _none
+    # Image-conditioned (TGP-T) methods: prompts generated per image from its tokens; no class text is encoded.
+    image_conditioned: bool = False
+
+    @property
+    def needs_image_fingerprint(self) -> bool:
+        """Vision-side and image-conditioned bundles depend on the image tower's weights."""
+        return self.vision_side or self.image_conditioned
 
 
 METHODS: dict[str, MethodSpec] = {
@@ -245,6 +269,7 @@ METHODS: dict[str, MethodSpec] = {
                         _maple_text_prompts, _merged_vision_prompts),
     "qmaple": MethodSpec(True, _qmaple_tensors, _check_qmaple_options, lambda b: _qmaple_text_prompts(b)[0],
                          _qmaple_text_prompts, _merged_vision_prompts),
+    "tgpt": MethodSpec(False, _tgpt_tensors, _check_tgpt_options, _none, image_conditioned=True),
 }
 
 
@@ -402,8 +427,6 @@ def _parse_manifest(metadata: Any) -> Manifest:
     except ValidationError as exc:
         raise BundleError.from_validation(exc) from exc
     _check_method(manifest)
-    if METHODS[manifest.method].vision_side:
-        _check_vision_side(manifest)
     return manifest
 
 
@@ -427,13 +450,10 @@ def _check_method(manifest: Manifest) -> None:
     if spec.uses_context and math.prod(_ctx_shape(manifest)) > MAX_CONTEXT_ELEMENTS:
         raise BundleError("prompt", f"the context would hold more than {MAX_CONTEXT_ELEMENTS} values")
     spec.check_options(manifest.options)
-
-
-def _check_vision_side(manifest: Manifest) -> None:
-    if manifest.backbone.image_fingerprint is None:
-        raise BundleError("backbone.image_fingerprint", f"is required: method {manifest.method!r} prompts the image "
-                          "tower")
-    if manifest.prompt.class_specific or manifest.prompt.class_token_position != "end":
+    if spec.needs_image_fingerprint and manifest.backbone.image_fingerprint is None:
+        raise BundleError("backbone.image_fingerprint", f"is required: a {manifest.method} bundle depends on the "
+                          "image tower")
+    if spec.vision_side and (layout.class_specific or layout.class_token_position != "end"):
         raise BundleError("prompt.class_token_position", f"method {manifest.method!r} needs a shared context at 'end'")
 
 

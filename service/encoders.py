@@ -18,7 +18,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from service.open_clip_compat import prompt_capable_vit, vit_forward_with_tokens
+from service.open_clip_compat import prompt_capable_vit, vit_pooled_and_tokens
 
 log = logging.getLogger(__name__)
 
@@ -50,7 +50,7 @@ class TorchImageEncoder:
     @torch.inference_mode()
     def with_tokens(self, pixels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Normalized features [B, D] and projected tokens [B, T, d] (float32, CPU) from one forward."""
-        pooled, tokens = vit_forward_with_tokens(prompt_capable_vit(self.visual), pixels.to(self.device, self.dtype))
+        pooled, tokens = vit_pooled_and_tokens(prompt_capable_vit(self.visual), pixels.to(self.device, self.dtype))
         return _normalized(pooled), tokens.float().cpu()
 
 

@@ -14,7 +14,16 @@ import math
 from datetime import datetime, timezone
 from typing import Annotated, Any, Literal
 
-from pydantic import AfterValidator, BaseModel, ConfigDict, Field, JsonValue, StringConstraints
+from pydantic import (
+    AfterValidator,
+    BaseModel,
+    ConfigDict,
+    Field,
+    JsonValue,
+    StringConstraints,
+    ValidationInfo,
+    field_validator,
+)
 from pydantic.dataclasses import dataclass
 
 FORMAT_NAME = "promptserve.bundle"
@@ -173,6 +182,26 @@ class MapleOptions(BaseModel):
 
 class QMapleOptions(MapleOptions):
     bits: Annotated[int, Field(ge=1, le=8)]
+
+
+class TGPTOptions(BaseModel):
+    """TGP-T's sizes (the backbone's own sizes are checked at activation); `heads` must divide `width`."""
+
+    model_config = ConfigDict(strict=True, extra="allow")
+
+    category_queries: Annotated[int, Field(ge=1, le=1024)]
+    content_queries: Annotated[int, Field(ge=1, le=1024)]
+    width: Annotated[int, Field(ge=1, le=4096)]
+    embed_dim: Annotated[int, Field(ge=1, le=4096)]
+    heads: Annotated[int, Field(ge=1, le=64)]
+
+    @field_validator("heads")
+    @classmethod
+    def _heads_divide_width(cls, heads: int, info: ValidationInfo) -> int:
+        width = info.data.get("width")
+        if width and width % heads:
+            raise ValueError(f"must divide options.width {width}, got {heads}")
+        return heads
 
 
 class NoOptions(BaseModel):

@@ -60,7 +60,8 @@ def vit_project_tokens(visual: VisionTransformer, tokens: torch.Tensor) -> torch
     return tokens @ visual.proj if visual.proj is not None else tokens
 
 
-def vit_forward_with_tokens(visual: VisionTransformer, pixels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """One plain forward giving both the pooled feature (= `visual(pixels)`) and the projected tokens."""
-    tokens = visual.transformer(vit_embed(visual, pixels))
-    return vit_pool(visual, tokens), vit_project_tokens(visual, tokens)
+def vit_pooled_and_tokens(visual: VisionTransformer, pixels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """One image forward, two outputs: the pooled feature (equal to `visual(pixels)`) and every last-block
+    token projected before `ln_post` ([B, T, embed_dim], TGP-T's image tokens)."""
+    x = visual.transformer(vit_embed(visual, pixels))
+    return vit_pool(visual, x), vit_project_tokens(visual, x)

@@ -24,6 +24,7 @@ from service.bundle import DEFAULT_TEMPLATES, METHODS, Bundle, BundleError, Mani
 from service.config import BundleLimits
 from service.heads import TaskHead, TextSideHead
 from service.registry import Registry, TaskState, UnknownTask, VersionInfo, bundle_sha256, check_task_name
+from service.tgpt import check_tgpt_backbone
 
 log = logging.getLogger(__name__)
 
@@ -42,8 +43,17 @@ def check_compatible(manifest: Manifest, backbone: Backbone, limits: BundleLimit
             "bundle was trained on other text-tower weights than this service's "
             f"({manifest.backbone.fingerprint[:19]}… vs {backbone.fingerprint[:19]}…); retrain it on this backbone",
         )
-    if METHODS[manifest.method].vision_side:
-        _check_image_tower(manifest, backbone)
+    spec = METHODS[manifest.method]
+    if spec.needs_image_fingerprint and manifest.backbone.image_fingerprint != backbone.image_fingerprint:
+        raise BundleError(
+            "backbone.image_fingerprint",
+            f"bundle was trained on another image tower than this service's ({manifest.backbone.image_fingerprint}"
+            f" vs {backbone.image_fingerprint[:19]}…); retrain it on this backbone",
+        )
+    if spec.vision_side:
+        _check_prompt_depth(manifest, backbone)
+    if spec.image_conditioned:
+        check_tgpt_backbone(manifest, backbone)
     if manifest.prompt.ctx_dim not in (0, backbone.text.width):
         raise BundleError("prompt.ctx_dim", f"is {manifest.prompt.ctx_dim}, the text width is {backbone.text.width}")
     if manifest.prompt.n_ctx + 2 > backbone.text.context_length:  # start and end tokens take two slots
@@ -81,14 +91,8 @@ def check_finite_features(features: torch.Tensor) -> None:
         raise BundleError("tensors", "the bundle's text features are not finite (its values overflow the encoder)")
 
 
-def _check_image_tower(manifest: Manifest, backbone: Backbone) -> None:
-    """A vision-side bundle's prompts enter the image tower: it must be the very tower they were trained on."""
-    if manifest.backbone.image_fingerprint != backbone.image_fingerprint:
-        raise BundleError(
-            "backbone.image_fingerprint",
-            f"bundle was trained on another image tower than this service's ({manifest.backbone.image_fingerprint}"
-            f" vs {backbone.image_fingerprint[:19]}…); retrain it on this backbone",
-        )
+def _check_prompt_depth(manifest: Manifest, backbone: Backbone) -> None:
+    """A vision-side bundle's deep prompts must fit both towers' depth and the image tower's width."""
     visual, text_layers = backbone.model.visual, len(backbone.text.tower.transformer.resblocks)
     depth_limit = min(len(visual.transformer.resblocks), text_layers)
     depth = manifest.options["depth"]

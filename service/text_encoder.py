@@ -145,6 +145,24 @@ class PromptTextEncoder:
             deep_prompts = DeepPrompts(shared_ctx_positions(tokens).to(self.device), deep.to(self.device))
         return self.encode_embeddings(x, tokens.eot.to(self.device), reuse_prefix, deep_prompts)
 
+    def sentence_embeddings(self, groups: list[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+        """Embeddings of `[SOT, rows, ".", EOT]` for every row block [B_i, n_i, d] (differentiable in the rows),
+        padded after the EOT, and the EOT positions: image-conditioned prompts (TGP-T) with no class name."""
+        embed = self.tower.token_embedding
+        sot, tail = embed(torch.tensor([self.sot], device=self.device)), embed(torch.tensor(
+            [*self.tokenizer.encode("."), self.eot], device=self.device))
+        length = max(g.shape[1] for g in groups) + 1 + len(tail)
+        if length > self.context_length:
+            raise ValueError(f"{length - 1 - len(tail)} prompt rows + {1 + len(tail)} fixed tokens exceed the text "
+                             f"tower's context length {self.context_length}; use fewer queries")
+        sentences, eot = [], []
+        for rows in groups:
+            batch, n = rows.shape[:2]
+            x = torch.cat([sot.expand(batch, 1, -1), rows.to(sot.dtype), tail.expand(batch, -1, -1)], dim=1)
+            sentences.append(F.pad(x, (0, 0, 0, length - x.shape[1])))
+            eot.append(torch.full((batch,), n + len(tail), device=self.device))
+        return torch.cat(sentences), torch.cat(eot)
+
     def encode_embeddings(self, x: torch.Tensor, eot: torch.Tensor, reuse_prefix: bool = True,
                           deep: DeepPrompts | None = None) -> torch.Tensor:
         """Run the tower on token embeddings [C, L, d]; pool the row at each `eot` position."""

@@ -29,7 +29,8 @@ def deep_backbone() -> Backbone:
 
 @pytest.fixture(scope="session")
 def tiny_backbone() -> Backbone:
-    """The embedded tiny CLIP (average pooling over image tokens, text context 32)."""
+    """The embedded tiny CLIP (average pooling over image tokens, text context 32, embed width = text width 128:
+    what TGP-T runs on)."""
     return load_backbone(BackboneSpec("promptserve-tiny", "world-v1", device="cpu"))
 
 

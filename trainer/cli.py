@@ -2,6 +2,8 @@
 
     promptserve-train train --method coop --data $DATA/oxford_pets --shots 16 --protocol base2novel \\
         --model ViT-B-16 --pretrained openai --output pets-coop.safetensors
+    promptserve-train train --method tgpt --data $DATA/oxford_pets --descriptions pets-captions.tsv \\
+        --model ViT-B-16 --pretrained openai --output pets-tgpt.safetensors
     promptserve-train eval --bundle pets-coop.safetensors --data $DATA/oxford_pets --protocol base2novel
     promptserve-train inspect pets-coop.safetensors
 """
@@ -19,8 +21,9 @@ from typing import Any
 from service.backbone import Backbone, BackboneSpec, load_backbone
 from service.bundle import Bundle, BundleError, read_bundle, write_bundle
 from trainer.data import LAYOUTS, DataError, Dataset, Sample, load_dataset
+from trainer.descriptions import descriptions_for, read_descriptions
 from trainer.engine import OPTIMIZERS, TrainConfig, train_cached, train_on_images
-from trainer.evaluate import evaluate, evaluate_base_novel
+from trainer.evaluate import TGPT_NO_NOVEL, evaluate, evaluate_base_novel
 from trainer.features import encode_samples
 from trainer.fewshot import base_novel_split, load_split, sample_few_shot, save_split
 from trainer.methods import METHODS, build_learner, make_config
@@ -29,7 +32,7 @@ log = logging.getLogger("promptserve.train")
 
 PROTOCOLS = ("all", "base2novel")
 METHOD_FLAGS = ("n_ctx", "ctx_init", "class_token_position", "bits", "min_steps", "kl_threshold", "rank", "dropout",
-                "depth", "export_dtype")
+                "depth", "export_dtype", "category_queries", "content_queries")
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -49,18 +52,18 @@ def main(argv: list[str] | None = None) -> int:
 
 def run_train(args: argparse.Namespace) -> dict[str, Any]:
     output = _check_output(Path(args.output))
+    _check_method_args(args)
     dataset = load_dataset(args.data, args.layout, args.split_file)
     classnames, train_samples = _training_set(dataset, args)
     backbone = _backbone(args.model, args.pretrained, args.weights_seed, args.device)
     config = make_config(args.method, **_method_options(args))
     learner = build_learner(args.method, config, backbone, classnames)
-    train_cfg = _train_config(args)
+    train_cfg = _train_config(args, METHODS[args.method].train_defaults)
     if learner.needs_image_tower:  # MaPLe: the image tower runs (forward and backward) on every step
         transform = backbone.preprocess if args.views == 1 else None  # --views 1: clean images, as cached
         history = train_on_images(learner, backbone, train_samples, train_cfg, transform)
     else:
-        features = encode_samples(backbone, train_samples, views=args.views, seed=args.seed, progress=args.progress)
-        history = train_cached(learner, features, train_cfg)
+        history = train_cached(learner, _cached_training_data(learner, backbone, train_samples, args), train_cfg)
     manifest, tensors = learner.export()
     metrics = _train_metrics(args, history, train_cfg)
     metrics.update(_test_metrics(Bundle(manifest, tensors), backbone, dataset, args))
@@ -68,6 +71,25 @@ def run_train(args: argparse.Namespace) -> dict[str, Any]:
                _dataset_root(args))
     size = write_bundle(output, dataclasses.replace(manifest, metrics=metrics), tensors)
     return {"bundle": str(output), "bytes": size, "method": args.method, **metrics}
+
+
+def _check_method_args(args: argparse.Namespace) -> None:
+    if args.method != "tgpt" and (args.descriptions or args.allow_missing_descriptions):
+        raise ValueError("--descriptions and --allow-missing-descriptions are options of --method tgpt")
+    if args.method == "tgpt" and args.protocol == "base2novel":
+        raise ValueError(TGPT_NO_NOVEL)
+    if args.method == "tgpt" and not (args.descriptions or args.allow_missing_descriptions):
+        raise ValueError("--method tgpt trains its content prompt on per-image descriptions: pass --descriptions "
+                         "FILE.tsv (relative/path<TAB>description[<TAB>class]) or --allow-missing-descriptions")
+
+
+def _cached_training_data(learner: Any, backbone: Backbone, samples: list[Sample], args: argparse.Namespace) -> Any:
+    """What training reads per step: image features, or (TGP-T) image tokens + pooled features + descriptions."""
+    if args.method != "tgpt":
+        return encode_samples(backbone, samples, views=args.views, seed=args.seed, progress=args.progress)
+    table = read_descriptions(args.descriptions) if args.descriptions else {}
+    descriptions = descriptions_for(samples, table, args.allow_missing_descriptions)
+    return learner.token_set(samples, descriptions, views=args.views, seed=args.seed, progress=args.progress)
 
 
 def _check_output(output: Path) -> Path:
@@ -100,9 +122,9 @@ def _method_options(args: argparse.Namespace) -> dict[str, Any]:
     return options
 
 
-def _train_config(args: argparse.Namespace) -> TrainConfig:
+def _train_config(args: argparse.Namespace, defaults: dict[str, Any]) -> TrainConfig:
     names = {f.name for f in dataclasses.fields(TrainConfig)}
-    return TrainConfig(**{k: v for k, v in vars(args).items() if k in names and v is not None})
+    return TrainConfig(**(defaults | {k: v for k, v in vars(args).items() if k in names and v is not None}))
 
 
 def _train_metrics(args: argparse.Namespace, history: list, cfg: TrainConfig) -> dict[str, Any]:
@@ -133,8 +155,8 @@ def run_eval(args: argparse.Namespace) -> dict[str, Any]:
     backbone = _backbone(ref.model, args.pretrained or ref.pretrained, args.weights_seed, args.device)
     if backbone.fingerprint != ref.fingerprint:
         raise BundleError("backbone.fingerprint", "these backbone weights are not the ones the bundle was trained on")
-    if bundle.vision_side and backbone.image_fingerprint != ref.image_fingerprint:
-        raise BundleError("backbone.image_fingerprint", "this image tower is not the one the bundle was trained on")
+    if ref.image_fingerprint is not None and backbone.image_fingerprint != ref.image_fingerprint:
+        raise BundleError("backbone.image_fingerprint", "these image-tower weights are not the bundle's")
     dataset = load_dataset(args.data, args.layout, args.split_file)
     if args.protocol == "base2novel":
         return evaluate_base_novel(bundle, backbone, dataset, args.split, args.progress).as_dict()
@@ -199,12 +221,17 @@ def _add_train(p: argparse.ArgumentParser) -> None:
     p.add_argument("--eval-split", default="test", help="split scored after training (skipped if absent)")
     for flag, kind in (("n-ctx", int), ("ctx-init", str), ("class-token-position", str), ("bits", int),
                        ("min-steps", int), ("kl-threshold", float), ("rank", int), ("dropout", float),
-                       ("depth", int), ("export-dtype", str)):
+                       ("depth", int), ("export-dtype", str), ("category-queries", int), ("content-queries", int)):
         p.add_argument(f"--{flag}", type=kind, help="method option (see docs/trainer.md)")
     for flag, kind in (("epochs", int), ("batch-size", int), ("lr", float), ("weight-decay", float),
-                       ("warmup-epochs", int), ("warmup-lr", float)):
+                       ("warmup-epochs", int), ("warmup-lr", float), ("warmup-steps", int),
+                       ("adam-eps", float)):
         p.add_argument(f"--{flag}", type=kind)
     p.add_argument("--optimizer", choices=OPTIMIZERS)
+    p.add_argument("--descriptions", help="tgpt: TSV of relative/path<TAB>description[<TAB>class] (paths relative "
+                                          "to the TSV's folder)")
+    p.add_argument("--allow-missing-descriptions", action="store_true",
+                   help="tgpt: train images without a description without the content loss (logged)")
     p.add_argument("--deterministic", action="store_true")
     p.set_defaults(run=run_train)
 

@@ -1,7 +1,8 @@
 """Training loops: from cached image features (text-side methods), or through the image tower each step.
 
 Both loops share one optimizer step, SGD/AdamW, and a per-step schedule: a constant warm-up learning
-rate for `warmup_epochs` (CoOp's 1e-5), then cosine decay from `lr` to 0.
+rate for `warmup_epochs` (CoOp's 1e-5) or `warmup_steps` (TGP-T's 100 iterations), then cosine decay from
+`lr` to 0. The loss is the learner's own (`learner.loss`: cross-entropy for text-side prompts).
 """
 
 from __future__ import annotations
@@ -12,16 +13,16 @@ import random
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass, field
+from typing import Any
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 from PIL import Image
 from tqdm.auto import tqdm
 
 from service.backbone import Backbone
 from trainer.data import Sample, open_image
-from trainer.features import FeatureSet, Transform, train_transform
+from trainer.features import CachedSet, Transform, train_transform
 from trainer.methods.base import PromptLearner
 
 log = logging.getLogger(__name__)
@@ -38,6 +39,8 @@ class TrainConfig:
     weight_decay: float = field(default=5e-4, metadata={"help": "weight decay"})
     warmup_epochs: int = field(default=1, metadata={"help": "epochs at the constant warm-up rate"})
     warmup_lr: float = field(default=1e-5, metadata={"help": "learning rate during warm-up"})
+    warmup_steps: int | None = field(default=None, metadata={"help": "warm-up in steps (overrides warmup_epochs)"})
+    adam_eps: float = field(default=1e-8, metadata={"help": "AdamW epsilon (TGP-T uses 1e-7)"})
     seed: int = field(default=1, metadata={"help": "seeds torch, numpy, random and the data order"})
     deterministic: bool = field(default=False, metadata={"help": "torch deterministic algorithms"})
     progress: bool = field(default=False, metadata={"help": "show tqdm progress bars"})
@@ -47,7 +50,9 @@ class TrainConfig:
             raise ValueError(f"optimizer must be one of {OPTIMIZERS}, got {self.optimizer!r}")
         if self.epochs < 1 or self.batch_size < 1 or self.warmup_epochs < 0:
             raise ValueError("epochs and batch_size must be ≥ 1 and warmup_epochs ≥ 0")
-        if self.warmup_epochs >= self.epochs and self.warmup_epochs:
+        if self.warmup_steps is not None and self.warmup_steps < 0:
+            raise ValueError(f"warmup_steps must be ≥ 0, got {self.warmup_steps}")
+        if self.warmup_epochs >= self.epochs and self.warmup_epochs and self.warmup_steps is None:
             raise ValueError(f"warmup_epochs ({self.warmup_epochs}) must be fewer than epochs ({self.epochs})")
 
 
@@ -70,12 +75,13 @@ def seed_everything(seed: int, deterministic: bool = False) -> None:
 def make_optimizer(params: list[torch.nn.Parameter], cfg: TrainConfig) -> torch.optim.Optimizer:
     if cfg.optimizer == "sgd":
         return torch.optim.SGD(params, lr=cfg.lr, momentum=0.9, weight_decay=cfg.weight_decay)
-    return torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
+    return torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay, eps=cfg.adam_eps)
 
 
 def make_scheduler(optimizer: torch.optim.Optimizer, cfg: TrainConfig, steps_per_epoch: int):
     """Per-step LambdaLR: constant warm-up at `warmup_lr`, then cosine from `lr` to 0."""
-    warmup, total = cfg.warmup_epochs * steps_per_epoch, cfg.epochs * steps_per_epoch
+    total = cfg.epochs * steps_per_epoch
+    warmup = cfg.warmup_epochs * steps_per_epoch if cfg.warmup_steps is None else min(cfg.warmup_steps, total - 1)
 
     def factor(step: int) -> float:
         if step < warmup:
@@ -97,9 +103,8 @@ class _Run:
         self.scheduler = make_scheduler(self.optimizer, cfg, steps_per_epoch)
         log.info("training %s: %d trainable parameters", learner.method, learner.trainable_parameters())
 
-    def step(self, image_features: torch.Tensor, labels: torch.Tensor) -> tuple[float, int]:
-        logits = self.learner(image_features)
-        loss = F.cross_entropy(logits, labels)
+    def step(self, inputs: Any, labels: torch.Tensor) -> tuple[float, int]:
+        loss, logits = self.learner.loss(inputs, labels)
         self.optimizer.zero_grad(set_to_none=True)
         loss.backward()
         self.optimizer.step()
@@ -107,7 +112,7 @@ class _Run:
         self.learner.after_step()
         return loss.item() * len(labels), int((logits.argmax(-1) == labels).sum())
 
-    def epoch(self, epoch: int, batches: Iterator[tuple[torch.Tensor, torch.Tensor]], total: int) -> EpochStats:
+    def epoch(self, epoch: int, batches: Iterator[tuple[Any, torch.Tensor]], total: int) -> EpochStats:
         start, loss_sum, correct, seen = time.perf_counter(), 0.0, 0, 0
         lr = self.optimizer.param_groups[0]["lr"]
         bar = tqdm(batches, total=total, desc=f"epoch {epoch}", unit="step", disable=not self.cfg.progress)
@@ -120,8 +125,9 @@ class _Run:
         return stats
 
 
-def train_cached(learner: PromptLearner, data: FeatureSet, cfg: TrainConfig) -> list[EpochStats]:
-    """Train from cached features: each epoch visits every image once, in one randomly chosen view."""
+def train_cached(learner: PromptLearner, data: CachedSet, cfg: TrainConfig) -> list[EpochStats]:
+    """Train from cached image outputs (features, or TGP-T's tokens): each epoch visits every image once,
+    in one randomly chosen view."""
     if learner.needs_image_tower:
         raise ValueError(f"{learner.method} changes the image tower; train it with train_on_images")
     seed_everything(cfg.seed, cfg.deterministic)
@@ -133,9 +139,7 @@ def train_cached(learner: PromptLearner, data: FeatureSet, cfg: TrainConfig) -> 
     for epoch in range(1, cfg.epochs + 1):
         order = torch.randperm(n, generator=generator)
         view = torch.randint(data.views, (n,), generator=generator)
-        batches = (
-            (data.features[idx, view[idx]], data.labels[idx]) for idx in order.split(cfg.batch_size)
-        )
+        batches = (data.batch(idx, view[idx]) for idx in order.split(cfg.batch_size))
         history.append(run.epoch(epoch, batches, steps))
     learner.eval()
     return history

@@ -11,6 +11,7 @@ from __future__ import annotations
 import logging
 from collections.abc import Callable
 from dataclasses import dataclass
+from typing import Any, Protocol
 
 import torch
 from PIL import Image
@@ -23,6 +24,18 @@ from trainer.data import Sample, open_image
 log = logging.getLogger(__name__)
 
 Transform = Callable[[Image.Image], torch.Tensor]
+ImageOutputs = Callable[[torch.Tensor], tuple[torch.Tensor, ...]]  # pixels [B, 3, H, W] → outputs [B, ...]
+
+
+class CachedSet(Protocol):
+    """What the cached training loop reads: labels [N], a view count, and batches by (images, views)."""
+
+    labels: torch.Tensor
+
+    @property
+    def views(self) -> int: ...
+
+    def batch(self, idx: torch.Tensor, view: torch.Tensor) -> tuple[Any, torch.Tensor]: ...
 
 
 @dataclass(frozen=True)
@@ -35,6 +48,9 @@ class FeatureSet:
     @property
     def views(self) -> int:
         return self.features.shape[1]
+
+    def batch(self, idx: torch.Tensor, view: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        return self.features[idx, view], self.labels[idx]
 
 
 def train_transform(backbone: Backbone) -> Transform:
@@ -62,6 +78,16 @@ def encode_samples(
 
     `encode` maps pixels to normalized features (default: the backbone's plain image forward).
     """
+    encode = encode or backbone.encode_images
+    (features,) = encode_views(lambda px: (encode(px),), backbone, samples, views, seed, batch_size, progress, desc)
+    return FeatureSet(features, torch.tensor([s.label for s in samples]))
+
+
+def encode_views(
+    encode: ImageOutputs, backbone: Backbone, samples: list[Sample], views: int = 1, seed: int = 0,
+    batch_size: int = 64, progress: bool = False, desc: str = "image features",
+) -> tuple[torch.Tensor, ...]:
+    """Every output of `encode` for every sample under `views` transforms, each stacked [N, K, ...]."""
     if not samples:
         raise ValueError("no images to encode")
     transforms = view_transforms(backbone, views)
@@ -71,15 +97,14 @@ def encode_samples(
         chunks = []
         for start in tqdm(range(0, len(samples), batch_size), desc=desc, unit="batch", disable=not progress):
             images = [open_image(s.path) for s in samples[start : start + batch_size]]
-            chunks.append(_encode_views(encode or backbone.encode_images, images, transforms))
+            chunks.append(_encode_views(encode, images, transforms))
     finally:
         torch.random.set_rng_state(state)
-    labels = torch.tensor([s.label for s in samples])
     log.info("encoded %d images × %d views", len(samples), views)
-    return FeatureSet(torch.cat(chunks), labels)
+    return tuple(torch.cat(parts) for parts in zip(*chunks, strict=True))
 
 
-def _encode_views(encode: Callable[[torch.Tensor], torch.Tensor], images: list[Image.Image],
-                  transforms: list[Transform]) -> torch.Tensor:
+def _encode_views(encode: ImageOutputs, images: list[Image.Image], transforms: list[Transform]
+                  ) -> tuple[torch.Tensor, ...]:
     per_view = [encode(torch.stack([t(im) for im in images])) for t in transforms]
-    return torch.stack(per_view, dim=1)
+    return tuple(torch.stack(outputs, dim=1) for outputs in zip(*per_view, strict=True))

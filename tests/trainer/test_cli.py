@@ -8,8 +8,9 @@ from pathlib import Path
 import pytest
 from fixture_data import make_coop, make_csv, make_imagefolder
 
-from service.bundle import read_bundle
+from service.bundle import decode_bundle, read_bundle
 from trainer.cli import main
+from trainer.world import write_imagefolder
 
 MICRO = ["--model", "test-micro", "--device", "cpu", "--no-progress"]
 FAST = ["--epochs", "4", "--batch-size", "8", "--warmup-epochs", "1", "--lr", "0.01"]
@@ -94,3 +95,56 @@ def test_saved_split_repeats_a_base_to_novel_run(coop_root: Path, tmp_path: Path
     assert repeated["epochs"] == result["epochs"] and repeated["hm"] == result["hm"]
     code, _, err = _run(capsys, "eval", "--bundle", str(first), "--data", str(coop_root), "--device", "cpu")
     assert code == 2 and "class 'blue'" in err  # the base-only bundle does not know the novel classes
+
+
+TINY = ["--model", "promptserve-tiny", "--pretrained", "world-v1", "--device", "cpu", "--no-progress"]
+
+
+@pytest.fixture(scope="module")
+def world_root(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """An ImageFolder of coded shape classes; the training images come with the renderer's captions."""
+    root = tmp_path_factory.mktemp("world")
+    write_imagefolder(root / "train", "shape-code", 2, seed=1, size=48, descriptions=True)
+    write_imagefolder(root / "test", "shape-code", 1, seed=2, size=48)
+    return root
+
+
+def _tgpt_args(root: Path, output: Path, *extra: str) -> list[str]:
+    return ["train", "--method", "tgpt", "--layout", "imagefolder", "--data", str(root), "--shots", "2",
+            "--category-queries", "12", "--content-queries", "16", "--output", str(output), *TINY, *extra]
+
+
+@pytest.mark.slow
+def test_tgpt_trains_on_world_images_with_world_captions_into_a_bundle_the_service_decodes(
+        world_root: Path, tmp_path: Path, capsys) -> None:
+    bundle = tmp_path / "codes.safetensors"
+    code, result, err = _run(capsys, *_tgpt_args(world_root, bundle, "--descriptions",
+                                                 str(world_root / "train" / "descriptions.tsv"), "--epochs", "1",
+                                                 "--batch-size", "32"))
+    assert code == 0, err
+    decoded = decode_bundle(bundle.read_bytes())
+    assert decoded.manifest.method == "tgpt" and decoded.manifest.classnames[:2] == ("class-00", "class-01")
+    assert decoded.manifest.options["category_queries"] == 12 and decoded.tensors["head.weight"].shape == (16, 256)
+    assert result["train"]["optimizer"] == "adamw" and result["train"]["adam_eps"] == 1e-7
+    assert 0 <= result["top1"] <= 100
+    code, evaluated, err = _run(capsys, "eval", "--bundle", str(bundle), "--layout", "imagefolder",
+                                "--data", str(world_root), "--device", "cpu")
+    assert code == 0, err
+    assert evaluated["top1"] == result["top1"]
+
+
+@pytest.mark.parametrize(("extra", "message"), [
+    (("--protocol", "base2novel", "--allow-missing-descriptions"), "base-to-novel does not apply"),
+    ((), "pass --descriptions"),
+    (("--descriptions", "nowhere.tsv"), "nowhere.tsv: cannot read the descriptions file"),
+])
+def test_tgpt_refusals_are_clear_and_write_nothing(world_root: Path, tmp_path: Path, capsys, extra, message) -> None:
+    output = tmp_path / "task.safetensors"
+    code, _, err = _run(capsys, *_tgpt_args(world_root, output, "--epochs", "1", *extra))
+    assert code == 2 and message in err
+    assert not output.exists()
+
+
+def test_descriptions_flag_belongs_to_tgpt_only(coop_root: Path, tmp_path: Path, capsys) -> None:
+    code, _, err = _run(capsys, *_train_args(coop_root, tmp_path / "t.safetensors", "--descriptions", "x.tsv"))
+    assert code == 2 and "options of --method tgpt" in err

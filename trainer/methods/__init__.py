@@ -1,8 +1,9 @@
-"""Prompt methods (text-side, and MaPLe's vision-side ones), registered once: name → (config class, learner class)."""
+"""Prompt methods (text-side, MaPLe's vision-side, TGP-T's image-conditioned), registered once:
+name → (config class, learner class, training defaults)."""
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass, fields
+from dataclasses import asdict, dataclass, field, fields
 from typing import Any
 
 from service.backbone import Backbone
@@ -13,12 +14,14 @@ from trainer.methods.qmaple import QMaPLe, QMaPLeConfig
 from trainer.methods.qprompt import QPrompt, QPromptConfig
 from trainer.methods.quantizer import QuantizerConfig
 from trainer.methods.rlp import RLP, RLPConfig
+from trainer.methods.tgpt import TGPT, TRAIN_DEFAULTS, TGPTConfig
 
 
 @dataclass(frozen=True)
 class MethodEntry:
-    config: type[PromptConfig]
-    learner: type[PromptLearner]
+    config: type
+    learner: type
+    train_defaults: dict[str, Any] = field(default_factory=dict)  # under the user's own training flags
 
 
 METHODS: dict[str, MethodEntry] = {
@@ -27,10 +30,11 @@ METHODS: dict[str, MethodEntry] = {
     "rlp": MethodEntry(RLPConfig, RLP),
     "maple": MethodEntry(MaPLeConfig, MaPLe),
     "qmaple": MethodEntry(QMaPLeConfig, QMaPLe),
+    "tgpt": MethodEntry(TGPTConfig, TGPT, TRAIN_DEFAULTS),
 }
 
 
-def make_config(method: str, **options: Any) -> PromptConfig:
+def make_config(method: str, **options: Any) -> Any:
     """The method's config from keyword options; options the method does not use are refused by name."""
     entry = _entry(method)
     known = {f.name for f in fields(entry.config)}
@@ -45,7 +49,7 @@ def make_config(method: str, **options: Any) -> PromptConfig:
     return entry.config(**options)
 
 
-def build_learner(method: str, config: PromptConfig, backbone: Backbone, classnames: tuple[str, ...]) -> PromptLearner:
+def build_learner(method: str, config: Any, backbone: Backbone, classnames: tuple[str, ...]) -> PromptLearner | TGPT:
     return _entry(method).learner(config, backbone, classnames)
 
 
@@ -55,4 +59,4 @@ def _entry(method: str) -> MethodEntry:
     return METHODS[method]
 
 
-__all__ = ["METHODS", "PromptConfig", "PromptLearner", "build_learner", "make_config"]
+__all__ = ["METHODS", "TGPT", "PromptConfig", "PromptLearner", "build_learner", "make_config"]

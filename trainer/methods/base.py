@@ -7,6 +7,7 @@ logits, the manifest — lives here once.
 
 from __future__ import annotations
 
+import json
 import logging
 from dataclasses import asdict, dataclass, field
 from typing import Any, ClassVar
@@ -18,6 +19,7 @@ from torch import nn
 from service import __version__
 from service.backbone import Backbone
 from service.bundle import CLASS_TOKEN_POSITIONS, Manifest, PromptLayout
+from service.bundle import METHODS as BUNDLE_METHODS
 
 log = logging.getLogger(__name__)
 
@@ -41,6 +43,11 @@ class PromptConfig:
             raise ValueError(
                 f"class_token_position must be one of {CLASS_TOKEN_POSITIONS}, got {self.class_token_position!r}"
             )
+
+
+def config_json(config: Any) -> dict[str, Any]:
+    """A config dataclass as the plain JSON a manifest holds (tuples become lists)."""
+    return json.loads(json.dumps(asdict(config)))
 
 
 def text_init_context(backbone: Backbone, text: str, n_ctx: int) -> torch.Tensor:
@@ -86,7 +93,7 @@ class PromptLearner(nn.Module):
         raise NotImplementedError
 
     def export_options(self) -> dict[str, Any]:
-        return {"trainer": asdict(self.config), "trainable_parameters": self.trainable_parameters()}
+        return {"trainer": config_json(self.config), "trainable_parameters": self.trainable_parameters()}
 
     def after_step(self) -> None:
         """Hook called after every optimizer step (QPrompt re-clusters here)."""
@@ -97,6 +104,11 @@ class PromptLearner(nn.Module):
     def image_features(self, pixels: torch.Tensor) -> torch.Tensor:
         """Normalized image features of preprocessed pixels; methods that prompt the image tower override this."""
         return self.backbone.encode_images(pixels)
+
+    def loss(self, image_features: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(training loss, logits) of one batch: cross-entropy over the class logits."""
+        logits = self(image_features)
+        return F.cross_entropy(logits, labels), logits
 
     def text_features(self) -> torch.Tensor:
         """L2-normalized class features [C, D] for the current context."""
@@ -110,7 +122,7 @@ class PromptLearner(nn.Module):
     def manifest(self, metrics: dict[str, Any] | None = None) -> Manifest:
         return Manifest(
             method=self.method,
-            backbone=self.backbone.ref(),
+            backbone=self.backbone.ref(with_image=BUNDLE_METHODS[self.method].needs_image_fingerprint),
             classnames=self.classnames,
             prompt=self.layout,
             options=self.export_options(),

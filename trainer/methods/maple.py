@@ -12,7 +12,6 @@ The export is *merged*: the couplings are applied once and only [J, n, d] prompt
 from __future__ import annotations
 
 import copy
-import dataclasses
 import logging
 from dataclasses import dataclass, field
 from typing import Any
@@ -22,7 +21,6 @@ import torch.nn.functional as F
 from torch import nn
 
 from service.backbone import Backbone
-from service.bundle import Manifest
 from service.vision_prompts import prompted_image_features
 from trainer.methods.base import EXPORT_DTYPES, PromptConfig, PromptLearner, text_init_context
 
@@ -122,11 +120,6 @@ class MaPLe(PromptLearner):
         options = super().export_options()
         width = self.backbone.model.visual.transformer.width
         return options | {"depth": self.depth, "vision_width": width, "fixed_text": self.fixed_text}
-
-    def manifest(self, metrics: dict[str, Any] | None = None) -> Manifest:
-        manifest = super().manifest(metrics)
-        backbone = dataclasses.replace(manifest.backbone, image_fingerprint=self.backbone.image_fingerprint)
-        return dataclasses.replace(manifest, backbone=backbone)
 
     def full_form_values(self) -> dict[str, int]:
         """Values of the unmerged model: prompts, coupling weight matrices, coupling biases."""

@@ -9,7 +9,7 @@ exactly what training computed.
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from typing import Any
 
 import torch
@@ -74,5 +74,4 @@ class QMaPLe(MaPLe):
         options = super().export_options()
         options["bits"] = self.config.quantizer.bits
         options["reclusterings"] = sum(q.clusterings for q, _ in self.quantized_pairs())
-        options["trainer"] = asdict(self.config)
         return options

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from typing import Any
 
 import torch
@@ -44,5 +44,4 @@ class QPrompt(PromptLearner):
         options = super().export_options()
         options["bits"] = self.config.quantizer.bits
         options["reclusterings"] = self.quantizer.clusterings
-        options["trainer"] = asdict(self.config)
         return options

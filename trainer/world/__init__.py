@@ -8,6 +8,7 @@ from .captions import caption, random_caption
 from .dataset import family_specs, make_dataset, render_pool, write_imagefolder
 from .families import (
     BACKGROUNDS,
+    CODED_FAMILIES,
     COLOURS,
     FAMILIES,
     FAMILY_ATTRIBUTE,
@@ -17,11 +18,13 @@ from .families import (
     SIZES,
     STYLES,
     TEXTURES,
+    family_classnames,
 )
 from .render import SampleSpec, render, sample_specs
 
 __all__ = [
     "BACKGROUNDS",
+    "CODED_FAMILIES",
     "COLOURS",
     "FAMILIES",
     "FAMILY_ATTRIBUTE",
@@ -33,6 +36,7 @@ __all__ = [
     "TEXTURES",
     "SampleSpec",
     "caption",
+    "family_classnames",
     "family_specs",
     "make_dataset",
     "random_caption",

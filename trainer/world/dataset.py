@@ -13,16 +13,17 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
-from .families import FAMILIES, FAMILY_ATTRIBUTE
+from .captions import caption
+from .families import CODED_FAMILIES, FAMILIES, FAMILY_ATTRIBUTE, family_classnames
 from .render import SampleSpec, render, sample_specs
 
 log = logging.getLogger(__name__)
 
 
 def family_specs(family: str, n_per_class: int, seed: int) -> list[tuple[SampleSpec, int]]:
-    """``n_per_class`` specs per class of ``family``, class-major order, with their labels."""
-    if family not in FAMILIES:
-        raise ValueError(f"unknown family {family!r}; expected one of {list(FAMILIES)}")
+    """``n_per_class`` specs per class of ``family`` (or of a coded family), class-major order, with labels."""
+    family_classnames(family)  # refuses unknown families
+    family = CODED_FAMILIES.get(family, family)  # a coded family draws exactly the images of the one it codes
     attr = FAMILY_ATTRIBUTE[family]
     out: list[tuple[SampleSpec, int]] = []
     for label, name in enumerate(FAMILIES[family]):
@@ -40,22 +41,28 @@ def _class_seed(seed: int, family: str, label: int) -> int:
 def make_dataset(
     family: str, n_per_class: int, seed: int, style: str = "photo", size: int = 64
 ) -> list[tuple[Image.Image, int]]:
-    """Rendered ``(image, label)`` pairs; labels index ``FAMILIES[family]``."""
+    """Rendered ``(image, label)`` pairs; labels index ``family_classnames(family)``."""
     return [(render(spec, style=style, size=size), label) for spec, label in family_specs(family, n_per_class, seed)]
 
 
 def write_imagefolder(
-    root: str | Path, family: str, n_per_class: int, seed: int, style: str = "photo", size: int = 64
+    root: str | Path, family: str, n_per_class: int, seed: int, style: str = "photo", size: int = 64,
+    descriptions: bool = False,
 ) -> dict[str, int]:
-    """Write ``root/<classname>/<index>.png`` (an ImageFolder tree); returns images per class."""
+    """Write ``root/<classname>/<index>.png`` (an ImageFolder tree); returns images per class. With
+    ``descriptions``, also ``root/descriptions.tsv``: each image's full caption (TGP-T's training text)."""
     root = Path(root)
     counts: dict[str, int] = {}
-    names = FAMILIES[family]
+    names = family_classnames(family)
+    lines = []
     for k, (spec, label) in enumerate(family_specs(family, n_per_class, seed)):
         d = root / names[label]
         d.mkdir(parents=True, exist_ok=True)
         render(spec, style=style, size=size).save(d / f"{k:06d}.png")
         counts[names[label]] = counts.get(names[label], 0) + 1
+        lines.append(f"{names[label]}/{k:06d}.png\t{caption(spec, style)}\t{names[label]}\n")
+    if descriptions:
+        (root / "descriptions.tsv").write_text("".join(lines), encoding="utf-8")
     log.info("wrote %d images of family %s (%s) under %s", sum(counts.values()), family, style, root)
     return counts
 

@@ -81,3 +81,17 @@ FAMILIES: dict[str, list[str]] = {
 
 # The attribute of a SampleSpec that each family reads its label from.
 FAMILY_ATTRIBUTE: dict[str, str] = {"shape": "shape", "colour": "colour"}
+
+# Families whose class names are codes that say nothing about the image ("class-00" ... "class-15"): the
+# label is still an attribute (here the shape), but only per-image descriptions carry its meaning. Kept out
+# of FAMILIES (pretraining and zero-shot checks iterate that); TGP-T's ambiguous-name benchmark uses it.
+CODED_FAMILIES: dict[str, str] = {"shape-code": "shape"}  # coded family → the family whose attribute it labels
+
+
+def family_classnames(family: str) -> list[str]:
+    """Class names of a family or of a coded family (label i is the same attribute value either way)."""
+    if family in CODED_FAMILIES:
+        return [f"class-{i:02d}" for i in range(len(FAMILIES[CODED_FAMILIES[family]]))]
+    if family not in FAMILIES:
+        raise ValueError(f"unknown family {family!r}; expected one of {list(FAMILIES) + list(CODED_FAMILIES)}")
+    return FAMILIES[family]

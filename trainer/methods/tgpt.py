@@ -1,0 +1,224 @@
+"""TGP-T (Tan et al., 2024; EricTan7/TGP-T): image-conditioned prompts under compound text supervision.
+
+Two Bonders turn static queries and an image's tokens into a category prompt and a content prompt,
+each run as `[SOT, rows, ".", EOT]` through the frozen text tower; a linear head classifies
+normalize(cat[image feature, mean text feature]) × 100. No class name ever enters the text tower, so a
+step costs two text passes per image whatever the class count. Besides the classification loss, a
+frozen vocabulary head (the token embedding matrix, tied) reads every prompt row as a token: the
+category prompt must spell "a photo of a {class}." and the content prompt the image's description
+(token cross-entropy, label smoothing 0.1, over the 49k-token vocabulary in chunks so memory stays bounded).
+
+Logits come from the service's own functions (`service.tgpt`), so the trainer and the service agree by
+construction; the image tower is frozen, so training runs from cached tokens + pooled features.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import asdict, dataclass, field
+from typing import Any, ClassVar
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.utils.checkpoint import checkpoint
+
+from service.backbone import Backbone
+from service.bonder import TGPTDims, TGPTModel
+from service.bundle import Manifest
+from service.open_clip_compat import prompt_capable_vit
+from service.text_encoder import PromptTextEncoder
+from service.tgpt import FIXED_TOKENS, encode_image_tokens, group_logits, logits_from_prompts
+from trainer.data import Sample
+from trainer.features import encode_views
+from trainer.methods.base import EXPORT_DTYPES, TRAINER_VERSION, config_json
+
+log = logging.getLogger(__name__)
+
+IGNORE = -100
+CATEGORY_TEMPLATE = "a photo of a {}."
+# The reference's optimizer: AdamW (eps 1e-7, wd 1e-4), batch 8, 100 warm-up steps at 1e-5, cosine.
+TRAIN_DEFAULTS = {"optimizer": "adamw", "lr": 5e-5, "weight_decay": 1e-4, "adam_eps": 1e-7, "warmup_steps": 100,
+                  "batch_size": 8}
+
+
+@dataclass
+class TGPTConfig:
+    category_queries: int = field(default=32, metadata={"help": "category prompt rows (nq + 3 ≤ context length)"})
+    content_queries: int = field(default=64, metadata={"help": "content prompt rows (nq + 3 ≤ context length)"})
+    heads: int = field(default=8, metadata={"help": "self-attention heads of each Bonder"})
+    ctx_init: str | None = field(default="a photo of a", metadata={"help": "text whose embeddings start the "
+                                                                           "first category queries"})
+    init_std: float = field(default=0.02, metadata={"help": "std of the queries' N(0, std) init"})
+    label_smoothing: float = field(default=0.1, metadata={"help": "of the token cross-entropy"})
+    vocab_chunk: int = field(default=8192, metadata={"help": "vocabulary rows per chunk of the token loss"})
+    templates: tuple[str, ...] = field(default=(CATEGORY_TEMPLATE,), metadata={"help": "zero-shot head init"})
+    export_dtype: str = field(default="float16", metadata={"help": "float16 or float32"})
+
+    def __post_init__(self) -> None:
+        if self.category_queries < 1 or self.content_queries < 1:
+            raise ValueError("category_queries and content_queries must be ≥ 1")
+        if not 0 <= self.label_smoothing < 1 or self.vocab_chunk < 1:
+            raise ValueError("label_smoothing must be in [0, 1) and vocab_chunk ≥ 1")
+        if self.export_dtype not in EXPORT_DTYPES:
+            raise ValueError(f"export_dtype must be one of {list(EXPORT_DTYPES)}, got {self.export_dtype!r}")
+        self.templates = tuple(self.templates)
+        if not self.templates or any(t.count("{}") != 1 for t in self.templates):
+            raise ValueError("templates must be a non-empty list, each with exactly one '{}'")
+
+    def check_context(self, context_length: int) -> None:
+        for name in ("category_queries", "content_queries"):
+            count = getattr(self, name)
+            if count + FIXED_TOKENS > context_length:
+                raise ValueError(
+                    f"{name} = {count}: the prompt [SOT, {count} rows, '.', EOT] needs {count + FIXED_TOKENS} tokens "
+                    f"but the text tower's context length is {context_length}; use at most "
+                    f"{context_length - FIXED_TOKENS} (e.g. 8 category / 24 content queries on a 32-token tower)")
+
+
+@dataclass(frozen=True)
+class TokenBatch:
+    tokens: torch.Tensor  # [B, T, width] projected image tokens before ln_post
+    pooled: torch.Tensor  # [B, D] unnormalized image features
+    content_targets: torch.Tensor  # [B, content_queries] description token ids, IGNORE-padded
+
+
+@dataclass(frozen=True)
+class TokenSet:
+    """Cached image outputs per image and view ([N, K, ...]), labels [N] and description targets [N, nq]."""
+
+    tokens: torch.Tensor
+    pooled: torch.Tensor
+    labels: torch.Tensor
+    content_targets: torch.Tensor
+
+    @property
+    def views(self) -> int:
+        return self.tokens.shape[1]
+
+    def batch(self, idx: torch.Tensor, view: torch.Tensor) -> tuple[TokenBatch, torch.Tensor]:
+        return TokenBatch(self.tokens[idx, view], self.pooled[idx, view], self.content_targets[idx]), self.labels[idx]
+
+
+def token_targets(encoder: PromptTextEncoder, texts: list[str | None], length: int) -> torch.Tensor:
+    """Token ids after SOT (EOT included) of each text, cut to `length`, IGNORE-padded; None → all IGNORE."""
+    out = torch.full((len(texts), length), IGNORE, dtype=torch.long)
+    for i, text in enumerate(texts):
+        if text is not None:
+            ids = [*encoder.tokenizer.encode(text), encoder.eot][:length]
+            out[i, : len(ids)] = torch.tensor(ids)
+    return out
+
+
+def _chunk_logsumexp(rows: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+    return torch.logsumexp(rows @ weight.T, dim=-1)
+
+
+def vocab_loss(rows: torch.Tensor, targets: torch.Tensor, vocab: torch.Tensor, smoothing: float,
+               chunk: int) -> torch.Tensor:
+    """Label-smoothed cross-entropy of `rows @ vocab.T` against `targets` (IGNORE skipped), equal to
+    `F.cross_entropy(..., label_smoothing=smoothing)`, without ever holding more than [N, chunk] logits
+    (each chunk's log-sum-exp is recomputed in backward)."""
+    keep = targets != IGNORE
+    if not keep.any():
+        return rows.sum() * 0.0
+    x, y = rows[keep].float(), targets[keep]
+    parts = [checkpoint(_chunk_logsumexp, x, w, use_reentrant=False) for w in vocab.split(chunk)]
+    lse = torch.logsumexp(torch.stack(parts, dim=-1), dim=-1)
+    target_logit = (x * vocab[y]).sum(-1)
+    mean_logit = x @ vocab.mean(dim=0)
+    return ((1 - smoothing) * (lse - target_logit) + smoothing * (lse - mean_logit)).mean()
+
+
+class TGPT(nn.Module):
+    method: ClassVar[str] = "tgpt"
+    needs_image_tower: ClassVar[bool] = False
+
+    def __init__(self, config: TGPTConfig, backbone: Backbone, classnames: tuple[str, ...]):
+        super().__init__()
+        visual, text = prompt_capable_vit(backbone.model.visual), backbone.text
+        if visual.output_dim != text.width:
+            raise ValueError(f"tgpt feeds projected image tokens ({visual.output_dim} wide) to Bonders as wide as the "
+                             f"text tower ({text.width}); this backbone's widths differ")
+        config.check_context(text.context_length)
+        self.config, self.classnames = config, tuple(classnames)
+        self._backbone = [backbone]  # not a submodule: never saved, moved or trained
+        dims = TGPTDims(config.category_queries, config.content_queries, text.width, visual.output_dim, config.heads)
+        self.model = TGPTModel(dims, len(self.classnames))
+        self._init_queries()
+        self._init_head()
+        targets = token_targets(text, [CATEGORY_TEMPLATE.format(c) for c in self.classnames], dims.category_queries)
+        self.register_buffer("category_targets", targets)
+        if (targets[:, -1] != IGNORE).any():
+            log.warning("%d category queries cut some 'a photo of a {class}.' targets short", dims.category_queries)
+
+    @property
+    def backbone(self) -> Backbone:
+        return self._backbone[0]
+
+    @property
+    def vocab(self) -> torch.Tensor:
+        """The frozen vocabulary head: the text tower's token embedding matrix itself (tied)."""
+        return self.backbone.text.tower.token_embedding.weight
+
+    @torch.no_grad()
+    def _init_queries(self) -> None:
+        for queries in (self.model.category_queries, self.model.content_queries):
+            queries.normal_(0.0, self.config.init_std)
+        if self.config.ctx_init:
+            ids = self.backbone.tokenizer.encode(self.config.ctx_init)[: self.config.category_queries]
+            self.model.category_queries[: len(ids)] = self.vocab[torch.tensor(ids, device=self.vocab.device)].cpu()
+
+    @torch.no_grad()
+    def _init_head(self) -> None:
+        """Zero-shot weights: normalize(cat[t̄_c, t̄_c]), t̄_c the mean template feature of class c."""
+        text = self.backbone.text
+        features = torch.stack([text.encode_texts([t.format(c) for c in self.classnames]).float().cpu()
+                                for t in self.config.templates]).mean(dim=0)
+        self.model.head.weight.copy_(F.normalize(torch.cat([features, features], dim=-1), dim=-1))
+
+    def trainable_parameters(self) -> int:
+        return sum(p.numel() for p in self.parameters() if p.requires_grad)
+
+    def after_step(self) -> None:
+        """Nothing to do after an optimizer step (the engine's hook)."""
+
+    def forward(self, tokens: torch.Tensor, pooled: torch.Tensor) -> torch.Tensor:
+        """Class logits [B, C] from image tokens [B, T, width] and pooled features [B, D]."""
+        return group_logits(self.backbone.text, [self.model], [tokens], [pooled])[0]
+
+    def loss(self, batch: TokenBatch, labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """CE(logits) + token loss of the category prompt + token loss of the content prompt."""
+        device = self.vocab.device
+        category, content = self.model.prompts(batch.tokens.to(device))
+        (logits,) = logits_from_prompts(self.backbone.text, [self.model], [batch.pooled.to(device)],
+                                        [(category, content)])
+        labels = labels.to(device)
+        cfg = self.config
+        category_loss = vocab_loss(category, self.category_targets[labels], self.vocab, cfg.label_smoothing,
+                                   cfg.vocab_chunk)
+        content_loss = vocab_loss(content, batch.content_targets.to(device), self.vocab, cfg.label_smoothing,
+                                  cfg.vocab_chunk)
+        return F.cross_entropy(logits, labels) + category_loss + content_loss, logits
+
+    def token_set(self, samples: list[Sample], descriptions: list[str | None], views: int = 1, seed: int = 0,
+                  progress: bool = False) -> TokenSet:
+        """The cached training set: every image's tokens and pooled feature per view, and its targets."""
+        def encode(pixels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+            out = encode_image_tokens(self.backbone, pixels)
+            return out.tokens.cpu(), out.pooled.cpu()
+
+        tokens, pooled = encode_views(encode, self.backbone, samples, views, seed, progress=progress,
+                                      desc="image tokens")
+        targets = token_targets(self.backbone.text, descriptions, self.config.content_queries)
+        return TokenSet(tokens, pooled, torch.tensor([s.label for s in samples]), targets)
+
+    def export(self, metrics: dict[str, Any] | None = None) -> tuple[Manifest, dict[str, torch.Tensor]]:
+        """The bundle (manifest, tensors) the service decodes: queries, both Bonders and the head."""
+        dtype = EXPORT_DTYPES[self.config.export_dtype]
+        options = {**asdict(self.model.dims), "trainer": config_json(self.config),
+                   "trainable_parameters": self.trainable_parameters()}
+        manifest = Manifest(method=self.method, backbone=self.backbone.ref(with_image=True),
+                            classnames=self.classnames, options=options, metrics=metrics or {},
+                            trainer_version=TRAINER_VERSION)
+        return manifest, {name: t.detach().to(dtype).cpu() for name, t in self.model.state_dict().items()}
