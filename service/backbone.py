@@ -17,7 +17,7 @@ from typing import Any
 import open_clip
 import torch
 
-from service.bundle import BackboneRef
+from service.bundle import BackboneRef, register_text_tower
 from service.encoders import IMAGE_BACKENDS, ImageEncoder, OnnxImageEncoder, TorchImageEncoder
 from service.text_encoder import PromptTextEncoder
 
@@ -87,6 +87,7 @@ class Backbone:
         self.preprocess = preprocess
         self.tokenizer = tokenizer
         self.text = PromptTextEncoder(self.model, tokenizer)
+        register_text_tower(self.fingerprint, self.text)  # factorized RLP bundles rebuild their base from it
         # Forwards with tokens or prompts always run in torch; the plain one runs on the chosen backend.
         self.torch_image_encoder = TorchImageEncoder(self.model.visual, self.device)
         self.image_encoder = self._image_encoder()

@@ -14,6 +14,7 @@ import math
 import os
 import struct
 import tempfile
+import weakref
 from collections.abc import Callable, Mapping
 from dataclasses import asdict, dataclass, field
 from datetime import datetime, timezone
@@ -132,6 +133,64 @@ def _qprompt_tensors(m: Manifest) -> dict[str, TensorRule]:
     }
 
 
+# RLP bundles come in two forms (options.format): "merged" (a plain ctx, CoOp's tensors; bundles without a
+# format are merged) and "factorized" (fp16 factors a [n_ctx, r] and b [r, d] plus options.ctx_init; the
+# base prompt is that phrase's token embeddings, rebuilt from the backbone, so ctx = base + a·b).
+RLP_FORMATS = ("merged", "factorized")
+
+# Text towers (PromptTextEncoder) loaded in this process, held weakly, by text-tower fingerprint. The
+# factorized RLP form rebuilds its base prompt from the tower its fingerprint names; a served bundle's
+# fingerprint has already been matched to the serving backbone (service.tasks.check_compatible).
+TEXT_TOWERS: weakref.WeakValueDictionary[str, Any] = weakref.WeakValueDictionary()
+
+
+def register_text_tower(fingerprint: str, encoder: Any) -> None:
+    TEXT_TOWERS[fingerprint] = encoder
+
+
+def phrase_embeddings(encoder: Any, text: str, n_ctx: int) -> torch.Tensor:
+    """Token embeddings [n_ctx, d] (float32, CPU) of `text`, which must be exactly `n_ctx` tokens."""
+    ids = encoder.tokenizer.encode(text)
+    if len(ids) != n_ctx:
+        raise BundleError("options.ctx_init", f"{text!r} is {len(ids)} tokens, the prompt has n_ctx={n_ctx}")
+    embedding = encoder.tower.token_embedding
+    return embedding(torch.tensor(ids, device=embedding.weight.device)).detach().float().cpu()
+
+
+def _rlp_tensors(m: Manifest) -> dict[str, TensorRule]:
+    if m.options.get("format", "merged") == "merged":
+        return _plain_ctx_tensors(m)
+    rank, p = m.options["rank"], m.prompt
+    if p.class_specific:
+        raise BundleError("prompt.class_specific", "the factorized RLP form has one context shared by all classes")
+    return {"a": TensorRule((p.n_ctx, rank), ("F16", "F32")), "b": TensorRule((rank, p.ctx_dim), ("F16", "F32"))}
+
+
+def _check_rlp_options(options: Mapping[str, Any]) -> None:
+    form = options.get("format", "merged")
+    if form not in RLP_FORMATS:
+        raise BundleError("options.format", f"must be one of {list(RLP_FORMATS)}, got {form!r}")
+    if form == "merged":
+        return
+    rank, phrase = options.get("rank"), options.get("ctx_init")
+    if not isinstance(rank, int) or isinstance(rank, bool) or not 1 <= rank <= 4096:
+        raise BundleError("options.rank", f"must be an integer from 1 to 4096, got {rank!r}")
+    if not isinstance(phrase, str) or not phrase.strip() or len(phrase) > MAX_CLASSNAME_CHARS:
+        raise BundleError("options.ctx_init", f"must be a non-empty phrase of ≤ {MAX_CLASSNAME_CHARS} chars")
+
+
+def _rlp_ctx(bundle: Bundle) -> torch.Tensor:
+    """Merged: the stored ctx. Factorized: base (the init phrase's embeddings) + a·b, in float32."""
+    m, t = bundle.manifest, bundle.tensors
+    if m.options.get("format", "merged") == "merged":
+        return _plain_ctx(bundle)
+    encoder = TEXT_TOWERS.get(m.backbone.fingerprint)
+    if encoder is None:
+        raise BundleError("backbone.fingerprint", "no loaded text tower has these weights to rebuild the RLP prompt")
+    base = phrase_embeddings(encoder, m.options["ctx_init"], m.prompt.n_ctx)
+    return base + t["a"].float() @ t["b"].float()
+
+
 def _check_zeroshot_options(options: Mapping[str, Any]) -> None:
     templates = options.get("templates", list(DEFAULT_TEMPLATES))
     if not isinstance(templates, list) or not templates:
@@ -174,7 +233,7 @@ class MethodSpec:
 METHODS: dict[str, MethodSpec] = {
     "zeroshot": MethodSpec(False, _no_tensors, _check_zeroshot_options, lambda b: None),
     "coop": MethodSpec(True, _plain_ctx_tensors, _no_options, _plain_ctx),
-    "rlp": MethodSpec(True, _plain_ctx_tensors, _no_options, _plain_ctx),
+    "rlp": MethodSpec(True, _rlp_tensors, _check_rlp_options, _rlp_ctx),
     "qprompt": MethodSpec(True, _qprompt_tensors, _check_qprompt_options, _dequantized_ctx),
 }
 
