@@ -183,10 +183,12 @@ class Setting:
 
 
 SETTINGS: dict[str, Setting] = {
-    "spurious": Setting("shape, confounded shots (photo, world-v1)", "shape", "photo", "world-v1", confound=True),
+    "spurious": Setting("shape, confounded shots (photo, weak checkpoint)", "shape", "photo", "weak", confound=True),
+    "spurious-v1": Setting("shape, confounded shots (photo, world-v1)", "shape", "photo", "world-v1", confound=True),
     "composite": Setting("composite colour × shape (photo, weak checkpoint)", "composite", "photo", "weak"),
     "shape-weak": Setting("shape (photo, weak checkpoint)", "shape", "photo", "weak"),
     "colour-weak": Setting("colour (photo, weak checkpoint)", "colour", "photo", "weak"),
+    "shape-faint": Setting("shape (faint, world-v1)", "shape", "faint", "world-v1"),
     "colour-faint": Setting("colour (faint, world-v1) — a style correction", "colour", "faint", "world-v1"),
 }
 DG_STYLES = ("faint", "outline", "noisy", "photo")

@@ -18,6 +18,8 @@ import open_clip
 import safetensors.torch
 import torch
 
+from service.bundle import atomic_write
+
 
 def interpolate(pretrained: dict[str, torch.Tensor], random: dict[str, torch.Tensor], alpha: float
                 ) -> dict[str, torch.Tensor]:
@@ -38,6 +40,5 @@ def write_weak_checkpoint(out: Path, model: torch.nn.Module, model_name: str, al
     torch.manual_seed(seed)
     random = open_clip.create_model(model_name).state_dict()
     weights = interpolate({k: v.detach().cpu() for k, v in model.state_dict().items()}, random, alpha)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    safetensors.torch.save_file({k: v.contiguous() for k, v in weights.items()}, str(out))
+    atomic_write(out, safetensors.torch.save({k: v.contiguous() for k, v in weights.items()}))  # parallel runs
     return out
