@@ -138,14 +138,15 @@ def _qprompt_tensors(m: Manifest) -> dict[str, TensorRule]:
 # base prompt is that phrase's token embeddings, rebuilt from the backbone, so ctx = base + a·b).
 RLP_FORMATS = ("merged", "factorized")
 
-# Text towers (PromptTextEncoder) loaded in this process, held weakly, by text-tower fingerprint. The
-# factorized RLP form rebuilds its base prompt from the tower its fingerprint names; a served bundle's
-# fingerprint has already been matched to the serving backbone (service.tasks.check_compatible).
-TEXT_TOWERS: weakref.WeakValueDictionary[str, Any] = weakref.WeakValueDictionary()
+# Text towers (PromptTextEncoder) loaded in this process, held weakly, by text-tower fingerprint (a set: several
+# backbones may share weights and come and go). The factorized RLP form rebuilds its base prompt from a tower
+# its fingerprint names; a served bundle's fingerprint has already been matched to the serving backbone
+# (service.tasks.check_compatible).
+TEXT_TOWERS: dict[str, weakref.WeakSet] = {}
 
 
 def register_text_tower(fingerprint: str, encoder: Any) -> None:
-    TEXT_TOWERS[fingerprint] = encoder
+    TEXT_TOWERS.setdefault(fingerprint, weakref.WeakSet()).add(encoder)
 
 
 def phrase_embeddings(encoder: Any, text: str, n_ctx: int) -> torch.Tensor:
@@ -184,7 +185,7 @@ def _rlp_ctx(bundle: Bundle) -> torch.Tensor:
     m, t = bundle.manifest, bundle.tensors
     if m.options.get("format", "merged") == "merged":
         return _plain_ctx(bundle)
-    encoder = TEXT_TOWERS.get(m.backbone.fingerprint)
+    encoder = next(iter(TEXT_TOWERS.get(m.backbone.fingerprint, ())), None)
     if encoder is None:
         raise BundleError("backbone.fingerprint", "no loaded text tower has these weights to rebuild the RLP prompt")
     base = phrase_embeddings(encoder, m.options["ctx_init"], m.prompt.n_ctx)

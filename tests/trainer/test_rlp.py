@@ -4,6 +4,7 @@ drawn from the run seed, and the factorized bundle (≤ 1.2 KB at 4×512) serves
 from __future__ import annotations
 
 import dataclasses
+import gc
 
 import pytest
 import torch
@@ -141,3 +142,12 @@ def test_init_phrase_of_another_length_than_n_ctx_is_refused_when_rebuilding(bac
     bundle = decode_bundle(encode_bundle(manifest, {"a": torch.zeros(4, 1), "b": torch.zeros(1, 64)}))
     with pytest.raises(BundleError, match="2 tokens"):
         bundle.context()
+
+
+def test_factorized_prompt_rebuilds_while_any_backbone_with_those_weights_lives(backbone) -> None:
+    learner = build_learner("rlp", make_config("rlp"), backbone, ("red", "green"))
+    bundle = decode_bundle(encode_bundle(*learner.export()))
+    twin = load_backbone(BackboneSpec("test-micro", device="cpu", seed=0))  # same weights, registered after
+    del twin
+    gc.collect()  # the twin is gone; the session backbone still serves the bundle
+    torch.testing.assert_close(bundle.context(), learner.merged_context())
