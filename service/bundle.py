@@ -40,6 +40,7 @@ from service.manifest import (
     PromptLayout,
     QMapleOptions,
     QPromptOptions,
+    RLPOptions,
     TGPTOptions,
     ZeroShotOptions,
     describe_input,
@@ -94,9 +95,12 @@ class Bundle:
         """Bytes of learned tensor data (header excluded)."""
         return sum(t.numel() * t.element_size() for t in self.tensors.values())
 
-    def context(self) -> torch.Tensor | None:
-        """The plain float32 prompt context ([n_ctx, d] or [C, n_ctx, d]); None for methods without one."""
-        return METHODS[self.manifest.method].context(self)
+    def context(self, text: Any = None) -> torch.Tensor | None:
+        """The plain float32 prompt context ([n_ctx, d] or [C, n_ctx, d]); None for methods without one.
+
+        `text` (the backbone's PromptTextEncoder) is needed where the prompt is rebuilt from the backbone's own
+        token embeddings (factorized RLP)."""
+        return METHODS[self.manifest.method].context(self, text)
 
     def deep_text_prompts(self) -> torch.Tensor | None:
         """Float32 [J-1, n_ctx, d_t] prompts replacing the ctx rows before text blocks 1..J-1 (MaPLe); else None."""
@@ -159,6 +163,41 @@ class OptionsCheck:
             raise BundleError.from_validation(exc, "options") from exc
 
 
+# RLP bundles come in two forms (options.format): "merged" (a plain ctx, CoOp's tensors; bundles without a
+# format are merged) and "factorized" (fp16 factors a [n_ctx, r] and b [r, d] plus options.ctx_init; the
+# base prompt is that phrase's token embeddings, rebuilt from the backbone, so ctx = base + a·b).
+RLP_FORMATS = ("merged", "factorized")
+
+def phrase_embeddings(encoder: Any, text: str, n_ctx: int) -> torch.Tensor:
+    """Token embeddings [n_ctx, d] (float32, CPU) of `text`, which must be exactly `n_ctx` tokens."""
+    ids = encoder.tokenizer.encode(text)
+    if len(ids) != n_ctx:
+        raise BundleError("options.ctx_init", f"{text!r} is {len(ids)} tokens, the prompt has n_ctx={n_ctx}")
+    embedding = encoder.tower.token_embedding
+    return embedding(torch.tensor(ids, device=embedding.weight.device)).detach().float().cpu()
+
+
+def _rlp_tensors(m: Manifest) -> dict[str, TensorRule]:
+    if m.options.get("format", "merged") == "merged":
+        return _plain_ctx_tensors(m)
+    rank, p = m.options["rank"], m.prompt
+    if p.class_specific:
+        raise BundleError("prompt.class_specific", "the factorized RLP form has one context shared by all classes")
+    return {"a": TensorRule((p.n_ctx, rank), ("F16", "F32")), "b": TensorRule((rank, p.ctx_dim), ("F16", "F32"))}
+
+
+def _rlp_ctx(bundle: Bundle, text: Any = None) -> torch.Tensor:
+    """Merged: the stored ctx. Factorized: base (the init phrase's embeddings) + a·b, in float32."""
+    m, t = bundle.manifest, bundle.tensors
+    if m.options.get("format", "merged") == "merged":
+        return _plain_ctx(bundle)
+    if text is None:
+        raise ValueError("a factorized RLP prompt is rebuilt from the backbone's token embeddings: pass its text "
+                         "encoder to Bundle.context")
+    base = phrase_embeddings(text, m.options["ctx_init"], m.prompt.n_ctx)
+    return base + t["a"].float() @ t["b"].float()
+
+
 # TGP-T sizes in the manifest and their bounds; the backbone's own sizes are checked at activation.
 TGPT_DIM_LIMITS = {"category_queries": 1024, "content_queries": 1024, "width": 4096, "embed_dim": 4096, "heads": 64}
 
@@ -179,6 +218,7 @@ _no_options = OptionsCheck(NoOptions)
 _check_maple_options = OptionsCheck(MapleOptions)
 _check_qmaple_options = OptionsCheck(QMapleOptions)
 _check_tgpt_options = OptionsCheck(TGPTOptions)
+_check_rlp_options = OptionsCheck(RLPOptions)
 
 
 def _maple_shapes(m: Manifest) -> tuple[tuple[int, ...], tuple[int, ...]]:
@@ -204,7 +244,7 @@ def _qmaple_tensors(m: Manifest) -> dict[str, TensorRule]:
     }
 
 
-def _plain_ctx(bundle: Bundle) -> torch.Tensor:
+def _plain_ctx(bundle: Bundle, text: Any = None) -> torch.Tensor:
     return bundle.tensors["ctx"].float()
 
 
@@ -218,7 +258,7 @@ def _dequantize(bundle: Bundle, shape: tuple[int, ...]) -> torch.Tensor:
     return (t["sigma"].float()[:, None] * codebook[rows, indices] + t["mu"].float()[:, None]).reshape(shape)
 
 
-def _dequantized_ctx(bundle: Bundle) -> torch.Tensor:
+def _dequantized_ctx(bundle: Bundle, text: Any = None) -> torch.Tensor:
     return _dequantize(bundle, _ctx_shape(bundle.manifest))
 
 
@@ -234,7 +274,7 @@ def _merged_vision_prompts(bundle: Bundle) -> torch.Tensor:
     return bundle.tensors["vision_prompts"].float()
 
 
-def _none(bundle: Bundle) -> None:
+def _none(bundle: Bundle, text: Any = None) -> None:
     return None
 
 
@@ -243,7 +283,7 @@ class MethodSpec:
     uses_context: bool
     tensor_rules: Callable[[Manifest], dict[str, TensorRule]]
     check_options: Callable[[Mapping[str, Any]], None]
-    context: Callable[[Bundle], torch.Tensor | None]
+    context: Callable[[Bundle, Any], torch.Tensor | None]
     # Deep (MaPLe) methods: all J text prompt rows (row 0 is the context), and the merged vision prompts.
     text_prompts: Callable[[Bundle], torch.Tensor | None] = _none
     vision_prompts: Callable[[Bundle], torch.Tensor | None] = _none
@@ -263,11 +303,11 @@ class MethodSpec:
 METHODS: dict[str, MethodSpec] = {
     "zeroshot": MethodSpec(False, _no_tensors, _check_zeroshot_options, _none),
     "coop": MethodSpec(True, _plain_ctx_tensors, _no_options, _plain_ctx),
-    "rlp": MethodSpec(True, _plain_ctx_tensors, _no_options, _plain_ctx),
+    "rlp": MethodSpec(True, _rlp_tensors, _check_rlp_options, _rlp_ctx),
     "qprompt": MethodSpec(True, _qprompt_tensors, _check_qprompt_options, _dequantized_ctx),
-    "maple": MethodSpec(True, _maple_tensors, _check_maple_options, lambda b: _maple_text_prompts(b)[0],
+    "maple": MethodSpec(True, _maple_tensors, _check_maple_options, lambda b, text=None: _maple_text_prompts(b)[0],
                         _maple_text_prompts, _merged_vision_prompts),
-    "qmaple": MethodSpec(True, _qmaple_tensors, _check_qmaple_options, lambda b: _qmaple_text_prompts(b)[0],
+    "qmaple": MethodSpec(True, _qmaple_tensors, _check_qmaple_options, lambda b, text=None: _qmaple_text_prompts(b)[0],
                          _qmaple_text_prompts, _merged_vision_prompts),
     "tgpt": MethodSpec(False, _tgpt_tensors, _check_tgpt_options, _none, image_conditioned=True),
 }

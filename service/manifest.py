@@ -204,6 +204,32 @@ class TGPTOptions(BaseModel):
         return heads
 
 
+class RLPOptions(BaseModel):
+    """"merged": a plain ctx (CoOp's tensors; bundles without a format are merged). "factorized": fp16 factors
+    a [n_ctx, rank] and b [rank, d] plus `ctx_init`, the phrase whose token embeddings are the base prompt."""
+
+    model_config = ConfigDict(strict=True, extra="allow")
+
+    format: Literal["merged", "factorized"] = "merged"
+    rank: Annotated[int, Field(ge=1, le=4096)] | None = Field(None, validate_default=True)
+    ctx_init: Annotated[str, StringConstraints(min_length=1, max_length=MAX_CLASSNAME_CHARS)] | None = Field(
+        None, validate_default=True)
+
+    @field_validator("rank")
+    @classmethod
+    def _factorized_needs_a_rank(cls, rank: int | None, info: ValidationInfo) -> int | None:
+        if info.data.get("format") == "factorized" and rank is None:
+            raise ValueError("the factorized form needs the rank of its factors")
+        return rank
+
+    @field_validator("ctx_init")
+    @classmethod
+    def _factorized_needs_a_phrase(cls, phrase: str | None, info: ValidationInfo) -> str | None:
+        if info.data.get("format") == "factorized" and not (phrase or "").strip():
+            raise ValueError("the factorized form needs the non-blank phrase its base prompt is made of")
+        return phrase
+
+
 class NoOptions(BaseModel):
     """Methods whose options are informational only (any bounded JSON object)."""
 

@@ -106,7 +106,7 @@ def _check_prompt_depth(manifest: Manifest, backbone: Backbone) -> None:
 @torch.no_grad()
 def text_features(bundle: Bundle, backbone: Backbone) -> torch.Tensor:
     """L2-normalized class text features [C, D] (float32, CPU) for a text-side bundle."""
-    manifest, ctx = bundle.manifest, bundle.context()
+    manifest, ctx = bundle.manifest, bundle.context(backbone.text)
     names = list(manifest.classnames)
     if ctx is None:
         templates = manifest.options.get("templates", list(DEFAULT_TEMPLATES))

@@ -23,14 +23,18 @@ from service.bundle import Bundle, BundleError, read_bundle, write_bundle
 from trainer.data import LAYOUTS, DataError, Dataset, Sample, load_dataset
 from trainer.descriptions import descriptions_for, read_descriptions
 from trainer.engine import OPTIMIZERS, TrainConfig, train_cached, train_on_images
-from trainer.evaluate import TGPT_NO_NOVEL, evaluate, evaluate_base_novel
+from trainer.evaluate import TGPT_NO_NOVEL, evaluate, evaluate_base_novel, with_classnames
 from trainer.features import encode_samples
 from trainer.fewshot import base_novel_split, load_split, sample_few_shot, save_split
 from trainer.methods import METHODS, build_learner, make_config
 
 log = logging.getLogger("promptserve.train")
 
-PROTOCOLS = ("all", "base2novel")
+# crossdataset / domaingen train on every source class (as "all") and also score each --eval-data target:
+# crossdataset applies the learned prompt to the target's own classes, domaingen to the same classes in
+# another domain (its classes must be ones the bundle knows).
+PROTOCOLS = ("all", "base2novel", "crossdataset", "domaingen")
+TRANSFER_PROTOCOLS = ("crossdataset", "domaingen")
 METHOD_FLAGS = ("n_ctx", "ctx_init", "class_token_position", "bits", "min_steps", "kl_threshold", "rank", "dropout",
                 "depth", "export_dtype", "category_queries", "content_queries")
 
@@ -54,6 +58,7 @@ def run_train(args: argparse.Namespace) -> dict[str, Any]:
     output = _check_output(Path(args.output))
     _check_method_args(args)
     dataset = load_dataset(args.data, args.layout, args.split_file)
+    targets = _targets(args)
     classnames, train_samples = _training_set(dataset, args)
     backbone = _backbone(args.model, args.pretrained, args.weights_seed, args.device)
     config = make_config(args.method, **_method_options(args))
@@ -67,6 +72,7 @@ def run_train(args: argparse.Namespace) -> dict[str, Any]:
     manifest, tensors = learner.export()
     metrics = _train_metrics(args, history, train_cfg)
     metrics.update(_test_metrics(Bundle(manifest, tensors), backbone, dataset, args))
+    metrics.update(_target_metrics(Bundle(manifest, tensors), backbone, targets, args))
     save_split(Path(args.save_split or f"{output}.split.json"), train_samples, classnames, args.shots, args.seed,
                _dataset_root(args))
     size = write_bundle(output, dataclasses.replace(manifest, metrics=metrics), tensors)
@@ -119,6 +125,8 @@ def _method_options(args: argparse.Namespace) -> dict[str, Any]:
     options = {k: getattr(args, k) for k in METHOD_FLAGS if getattr(args, k) is not None}
     if options.get("ctx_init") == "":
         options["ctx_init"] = None  # random N(0, 0.02) init
+    if "init_seed" in {f.name for f in dataclasses.fields(METHODS[args.method].config)}:
+        options["init_seed"] = args.seed  # a method's random init follows the run seed (RLP's factor B)
     return options
 
 
@@ -146,6 +154,28 @@ def _test_metrics(bundle: Bundle, backbone: Backbone, dataset: Dataset, args: ar
     return {"top1": evaluate(bundle, backbone, dataset.split(args.eval_split), args.progress).top1}
 
 
+def _targets(args: argparse.Namespace) -> dict[str, Dataset]:
+    """The --eval-data datasets of a transfer protocol, loaded before training so a bad path fails early."""
+    if (args.protocol in TRANSFER_PROTOCOLS) != bool(args.eval_data):
+        raise ValueError("--eval-data goes with --protocol crossdataset or domaingen, and they need it")
+    return {path: load_dataset(path, args.eval_layout or args.layout) for path in args.eval_data or ()}
+
+
+def _target_metrics(bundle: Bundle, backbone: Backbone, targets: dict[str, Dataset],
+                    args: argparse.Namespace) -> dict[str, Any]:
+    if not targets:
+        return {}
+    return {"targets": {path: {"top1": _transfer_top1(bundle, backbone, target, args.protocol, args.eval_split,
+                                                       args.progress)} for path, target in targets.items()}}
+
+
+def _transfer_top1(bundle: Bundle, backbone: Backbone, target: Dataset, protocol: str, split: str,
+                   progress: bool) -> float:
+    if protocol == "crossdataset":  # the learned prompt, the target's classes
+        bundle = with_classnames(bundle, target.classnames)
+    return evaluate(bundle, backbone, target.split(split), progress).top1
+
+
 # --- eval and inspect --------------------------------------------------------------------------------
 
 
@@ -160,17 +190,21 @@ def run_eval(args: argparse.Namespace) -> dict[str, Any]:
     dataset = load_dataset(args.data, args.layout, args.split_file)
     if args.protocol == "base2novel":
         return evaluate_base_novel(bundle, backbone, dataset, args.split, args.progress).as_dict()
+    if args.protocol == "crossdataset":
+        bundle = with_classnames(bundle, dataset.classnames)
     result = evaluate(bundle, backbone, dataset.split(args.split), args.progress)
     return result.as_dict(bundle.manifest.classnames)
 
 
 def run_inspect(args: argparse.Namespace) -> dict[str, Any]:
     bundle = read_bundle(args.bundle)
-    prompts = (bundle.context(), bundle.deep_text_prompts(), bundle.vision_prompts())
+    layout = bundle.manifest.prompt  # not bundle.context(): a factorized RLP prompt needs the backbone to rebuild
+    classes = len(bundle.manifest.classnames) if layout.class_specific else 1
+    deep = [t for t in (bundle.deep_text_prompts(), bundle.vision_prompts()) if t is not None]
     return {
         "file_bytes": Path(args.bundle).stat().st_size,
         "payload_bytes": bundle.payload_bytes,
-        "prompt_values": sum(t.numel() for t in prompts if t is not None),
+        "prompt_values": classes * layout.n_ctx * layout.ctx_dim + sum(t.numel() for t in deep),
         "trainable_parameters": bundle.manifest.options.get("trainable_parameters"),
         "tensors": {k: {"dtype": str(t.dtype), "shape": list(t.shape)} for k, t in bundle.tensors.items()},
         "manifest": json.loads(bundle.manifest.to_json()),
@@ -200,7 +234,8 @@ def _add_data(p: argparse.ArgumentParser) -> None:
     p.add_argument("--data", required=True, help="dataset folder (coop, imagefolder) or CSV file")
     p.add_argument("--layout", choices=LAYOUTS, default="coop")
     p.add_argument("--split-file", help="CoOp split_zhou_*.json (default: the one in --data)")
-    p.add_argument("--protocol", choices=PROTOCOLS, default="all", help="base2novel: train on the first half")
+    p.add_argument("--protocol", choices=PROTOCOLS, default="all",
+                   help="base2novel: train on the first half; crossdataset, domaingen: also score --eval-data")
     p.add_argument("--device", default="auto")
     p.add_argument("--weights-seed", type=int, default=0, help="seed of random weights when no --pretrained")
     p.add_argument("--no-progress", dest="progress", action="store_false")
@@ -219,6 +254,8 @@ def _add_train(p: argparse.ArgumentParser) -> None:
     p.add_argument("--save-split", help="where to save the few-shot split (default: OUTPUT.split.json)")
     p.add_argument("--load-split", help="repeat a run: train on a saved few-shot split")
     p.add_argument("--eval-split", default="test", help="split scored after training (skipped if absent)")
+    p.add_argument("--eval-data", action="append", help="crossdataset/domaingen: a target dataset (repeatable)")
+    p.add_argument("--eval-layout", choices=LAYOUTS, help="layout of the --eval-data datasets (default: --layout)")
     for flag, kind in (("n-ctx", int), ("ctx-init", str), ("class-token-position", str), ("bits", int),
                        ("min-steps", int), ("kl-threshold", float), ("rank", int), ("dropout", float),
                        ("depth", int), ("export-dtype", str), ("category-queries", int), ("content-queries", int)):

@@ -6,11 +6,12 @@ import json
 from pathlib import Path
 
 import pytest
+import torch
 from fixture_data import make_coop, make_csv, make_imagefolder
 
 from service.bundle import decode_bundle, read_bundle
 from trainer.cli import main
-from trainer.world import write_imagefolder
+from trainer.world import FAMILIES, write_imagefolder
 
 MICRO = ["--model", "test-micro", "--device", "cpu", "--no-progress"]
 FAST = ["--epochs", "4", "--batch-size", "8", "--warmup-epochs", "1", "--lr", "0.01"]
@@ -148,3 +149,48 @@ def test_tgpt_refusals_are_clear_and_write_nothing(world_root: Path, tmp_path: P
 def test_descriptions_flag_belongs_to_tgpt_only(coop_root: Path, tmp_path: Path, capsys) -> None:
     code, _, err = _run(capsys, *_train_args(coop_root, tmp_path / "t.safetensors", "--descriptions", "x.tsv"))
     assert code == 2 and "options of --method tgpt" in err
+
+
+def test_domain_generalization_and_cross_dataset_score_each_target(tmp_path: Path, capsys) -> None:
+    source, outline, shapes = tmp_path / "faint", tmp_path / "outline", tmp_path / "shapes"
+    write_imagefolder(source, "colour", 2, seed=1, style="faint", size=32)
+    write_imagefolder(outline, "colour", 1, seed=2, style="outline", size=32)
+    write_imagefolder(shapes, "shape", 1, seed=2, style="photo", size=32)
+    bundle = tmp_path / "faint.safetensors"
+    code, result, err = _run(capsys, "train", "--method", "coop", "--layout", "imagefolder", "--data", str(source),
+                             "--protocol", "domaingen", "--eval-data", str(outline), "--shots", "2",
+                             "--output", str(bundle), *MICRO, *FAST)
+    assert code == 0, err
+    assert set(result["targets"]) == {str(outline)} and 0 <= result["targets"][str(outline)]["top1"] <= 100
+    code, evaluated, err = _run(capsys, "eval", "--bundle", str(bundle), "--layout", "imagefolder", "--data",
+                                str(outline), "--device", "cpu", "--protocol", "domaingen")
+    assert code == 0, err
+    assert evaluated["top1"] == result["targets"][str(outline)]["top1"]
+    code, transferred, err = _run(capsys, "eval", "--bundle", str(bundle), "--layout", "imagefolder", "--data",
+                                  str(shapes), "--device", "cpu", "--protocol", "crossdataset")
+    assert code == 0, err
+    assert set(transferred["per_class"]) == set(FAMILIES["shape"])  # the prompt, applied to the shape classes
+    code, _, err = _run(capsys, "eval", "--bundle", str(bundle), "--layout", "imagefolder", "--data", str(shapes),
+                        "--device", "cpu", "--protocol", "domaingen")
+    assert code == 2 and "is not one of the bundle's classes" in err
+
+
+def test_transfer_protocol_without_a_target_is_refused_before_training(coop_root: Path, tmp_path: Path,
+                                                                       capsys) -> None:
+    output = tmp_path / "task.safetensors"
+    code, _, err = _run(capsys, *_train_args(coop_root, output, "--protocol", "crossdataset"))
+    assert code == 2 and "--eval-data" in err and not output.exists()
+
+
+def test_rlp_init_follows_the_run_seed(coop_root: Path, tmp_path: Path, capsys) -> None:
+    factors = {}
+    for name, seed in (("first", "3"), ("again", "3"), ("other", "4")):
+        output = tmp_path / f"{name}.safetensors"
+        args = ["train", "--method", "rlp", "--data", str(coop_root), "--output", str(output), "--shots", "2",
+                "--seed", seed, "--epochs", "2", "--batch-size", "8", "--warmup-epochs", "0", "--optimizer", "sgd",
+                "--lr", "0.2", *MICRO]
+        code, _, err = _run(capsys, *args)
+        assert code == 0, err
+        factors[name] = read_bundle(output).tensors
+    assert all(torch.equal(factors["first"][k], factors["again"][k]) for k in ("a", "b"))
+    assert not torch.equal(factors["first"]["b"], factors["other"]["b"])

@@ -18,7 +18,7 @@ CHANCE = 25.0  # 4 classes
 RECIPES = {
     "coop": ({}, TrainConfig(epochs=8, batch_size=8, warmup_epochs=0)),
     "qprompt": ({"bits": 2, "min_steps": 4}, TrainConfig(epochs=8, batch_size=8, warmup_epochs=0)),
-    "rlp": ({}, TrainConfig(epochs=10, batch_size=8, optimizer="adamw", lr=0.01, warmup_epochs=0)),
+    "rlp": ({}, TrainConfig(epochs=8, batch_size=8, optimizer="sgd", lr=0.2, warmup_epochs=0)),
 }
 
 

@@ -36,11 +36,12 @@ def _drift(weight: torch.Tensor) -> None:
 
 def test_reclusters_only_after_min_steps_and_only_when_kl_exceeds_threshold() -> None:
     weight = torch.linspace(-2, 2, 64).reshape(4, 16).clone()
-    quantizer = KMeansQuantizer(QuantizerConfig(bits=2, min_steps=5, kl_threshold=0.05), weight)
+    quantizer = KMeansQuantizer(QuantizerConfig(bits=2, min_steps=5, kl_threshold=0.02), weight)
+    assert quantizer.config.effective_kl_threshold == pytest.approx(0.06)  # 0.02 × (2² − 1)
     assert [quantizer.step(weight) for _ in range(10)] == [False] * 10  # steps enough, histogram unchanged
     assert quantizer.clusterings == 0
     _drift(weight)
-    assert kl_divergence(histogram(quantizer.indices(weight), 4), quantizer.last_histogram) > 0.05
+    assert kl_divergence(histogram(quantizer.indices(weight), 4), quantizer.last_histogram) > 0.06
     quantizer.steps_since_clustering = 0
     fired = [quantizer.step(weight) for _ in range(5)]
     assert fired == [False, False, False, False, True]  # drifted, but waits for t = 5 steps
@@ -78,3 +79,8 @@ def test_export_packs_indices_into_ceil_bits_n_over_8_bytes_plus_codebook(backbo
 
 def test_qcoop_paper_size_at_4x512_one_bit() -> None:
     assert packed_size(1, 4 * 512) + 2 * 2**1 == 260  # 0.26 KB, DESIGN.md §2
+
+
+@pytest.mark.parametrize(("bits", "expected"), [(1, 0.007), (2, 0.021), (4, 0.105)])
+def test_kl_threshold_scales_with_the_degrees_of_freedom(bits: int, expected: float) -> None:
+    assert QuantizerConfig(bits=bits, kl_threshold=0.007).effective_kl_threshold == pytest.approx(expected)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
+import torch
 
 from trainer.world import (
     COLOURS,
@@ -21,7 +22,9 @@ from trainer.world import (
     sample_specs,
     write_imagefolder,
 )
+from trainer.world.families import COMPOSITE_COLOURS, COMPOSITE_SHAPES
 from trainer.world.render import shape_mask
+from trainer.world.weaken import interpolate
 
 SIZE = 48
 
@@ -120,3 +123,36 @@ def test_family_dataset_balanced_and_labelled(tmp_path):
     assert len(list((tmp_path / "shape").glob("*/*.png"))) == len(SHAPES)
     pool = render_pool([s for s, _ in pairs[:4]], "noisy", size=32)
     assert pool.shape == (4, 32, 32, 3) and pool.dtype == np.uint8
+
+
+def test_composite_base_half_is_a_checkerboard_covering_every_colour_and_shape():
+    names = FAMILIES["composite"]
+    base, novel = names[: len(names) // 2], names[len(names) // 2 :]
+    assert len(names) == 36 and len(set(names)) == 36
+    for half in (base, novel):
+        assert {n.split()[0] for n in half} == set(COMPOSITE_COLOURS)
+        assert {n.split()[1] for n in half} == set(COMPOSITE_SHAPES)
+    pairs = family_specs("composite", 1, seed=3)
+    assert all(names[label] == f"{spec.colour} {spec.shape}" for spec, label in pairs)
+
+
+def test_confounded_specs_fix_each_classes_nuisances_and_keep_its_label():
+    confounded = family_specs("shape", 6, seed=3, confound=True)
+    free = family_specs("shape", 6, seed=3)
+    by_class = {}
+    for spec, label in confounded:
+        assert spec.shape == FAMILIES["shape"][label]
+        by_class.setdefault(label, set()).add((spec.colour, spec.size, spec.position, spec.texture))
+    assert all(len(v) == 1 for v in by_class.values())  # one fixed nuisance tuple per class
+    assert len({next(iter(v))[0] for v in by_class.values()}) == len(FAMILIES["shape"])  # distinct colours
+    assert len({(s.colour, s.size) for s, label in free if label == 0}) > 1  # unconfounded: drawn at random
+
+
+def test_weak_checkpoint_interpolates_floats_and_keeps_the_logit_scale():
+    pretrained = {"w": torch.ones(3), "logit_scale": torch.tensor(4.6), "ids": torch.arange(3)}
+    random = {"w": torch.zeros(3), "logit_scale": torch.tensor(0.0), "ids": torch.zeros(3, dtype=torch.long)}
+    mixed = interpolate(pretrained, random, alpha=0.3)
+    assert torch.allclose(mixed["w"], torch.full((3,), 0.7))
+    assert mixed["logit_scale"] == pretrained["logit_scale"] and torch.equal(mixed["ids"], pretrained["ids"])
+    with pytest.raises(ValueError, match="alpha"):
+        interpolate(pretrained, random, alpha=1.5)

@@ -1,20 +1,26 @@
-"""RLP (arXiv 2312.10813): a frozen hand-written prompt plus a trainable low-rank update, merged at export.
+"""RLP (arXiv 2312.10813): a frozen hand-written prompt plus a trainable low-rank update.
 
 context = P₀ + dropout(A·B), with P₀ the token embeddings of `ctx_init` (frozen), A [n_ctx, r] zero-initialized
-and B [r, d] small random, so step 0 is exactly the hand-written prompt (zero-shot CLIP). Rank 1 over
-4×512 trains 4 + 512 = 516 values. `merge()` folds A·B into one plain prompt (LoRA's pattern), so the
-service runs it at exactly CoOp's cost.
+and B [r, d] random, drawn from `init_seed` (the CLI passes the run's `--seed`), so step 0 is exactly the
+hand-written prompt (zero-shot CLIP) and runs repeat exactly. Rank 1 over 4×512 trains 4 + 512 = 516 values.
+The default export is the factorized form: A and B in float16 plus the init phrase (1,032 payload bytes at
+4×512); the service rebuilds P₀ from its own backbone. `export_format="merged"` writes one plain ctx instead
+(LoRA's merge pattern), which serves at exactly CoOp's cost either way: the service caches text features.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import Any
 
 import torch
 from torch import nn
 
 from service.backbone import Backbone
-from trainer.methods.base import EXPORT_DTYPES, PromptConfig, PromptLearner, text_init_context
+from service.bundle import RLP_FORMATS, phrase_embeddings
+from trainer.methods.base import EXPORT_DTYPES, PromptConfig, PromptLearner
+
+FACTOR_DTYPE = torch.float16
 
 
 @dataclass
@@ -22,6 +28,8 @@ class RLPConfig(PromptConfig):
     rank: int = field(default=1, metadata={"help": "rank r of the update A·B"})
     dropout: float = field(default=0.1, metadata={"help": "dropout on the low-rank branch (training only)"})
     factor_std: float | None = field(default=None, metadata={"help": "std of B's init (A is 0); None = 1/sqrt(d)"})
+    init_seed: int = field(default=1, metadata={"help": "seed of B's random init (the trainer passes --seed)"})
+    export_format: str = field(default="factorized", metadata={"help": "'factorized' (A, B fp16) or 'merged' ctx"})
     export_dtype: str = field(default="float32", metadata={"help": "dtype of the merged ctx: float16 or float32"})
 
     def __post_init__(self) -> None:
@@ -32,17 +40,20 @@ class RLPConfig(PromptConfig):
             raise ValueError(f"rank must be from 1 to n_ctx={self.n_ctx}, got {self.rank}")
         if not 0 <= self.dropout < 1:
             raise ValueError(f"dropout must be in [0, 1), got {self.dropout}")
+        if self.export_format not in RLP_FORMATS:
+            raise ValueError(f"export_format must be one of {list(RLP_FORMATS)}, got {self.export_format!r}")
         if self.export_dtype not in EXPORT_DTYPES:
             raise ValueError(f"export_dtype must be one of {list(EXPORT_DTYPES)}, got {self.export_dtype!r}")
 
 
 class LowRankDelta(nn.Module):
-    """The trainable branch: dropout(A·B) with A [n_ctx, r] = 0 and B [r, d] ~ N(0, std)."""
+    """The trainable branch: dropout(A·B) with A [n_ctx, r] = 0 and B [r, d] ~ N(0, std) drawn from `seed`."""
 
-    def __init__(self, n_ctx: int, width: int, rank: int, dropout: float, std: float | None):
+    def __init__(self, n_ctx: int, width: int, rank: int, dropout: float, std: float | None, seed: int = 1):
         super().__init__()
+        generator = torch.Generator().manual_seed(seed)
         self.a = nn.Parameter(torch.zeros(n_ctx, rank))
-        self.b = nn.Parameter(torch.randn(rank, width) * (std if std is not None else width**-0.5))
+        self.b = nn.Parameter(torch.randn(rank, width, generator=generator) * (std if std is not None else width**-0.5))
         self.dropout = nn.Dropout(dropout)
 
     def get_delta(self) -> torch.Tensor:
@@ -58,8 +69,10 @@ class RLP(PromptLearner):
 
     def __init__(self, config: RLPConfig, backbone: Backbone, classnames: tuple[str, ...]):
         super().__init__(config, backbone, classnames)
-        self.register_buffer("base", text_init_context(backbone, config.ctx_init, config.n_ctx))
-        self.delta = LowRankDelta(config.n_ctx, backbone.text.width, config.rank, config.dropout, config.factor_std)
+        # the service rebuilds P₀ with this same function from its backbone (service.bundle, factorized form)
+        self.register_buffer("base", phrase_embeddings(backbone.text, config.ctx_init, config.n_ctx))
+        self.delta = LowRankDelta(config.n_ctx, backbone.text.width, config.rank, config.dropout, config.factor_std,
+                                  config.init_seed)
         self.merged: torch.Tensor | None = None
 
     def context(self) -> torch.Tensor:
@@ -69,7 +82,7 @@ class RLP(PromptLearner):
 
     def merge(self, safe_merge: bool = True) -> None:
         """Fold A·B into one plain prompt; with `safe_merge`, refuse a non-finite result."""
-        merged = (self.base + self.delta.get_delta()).detach().clone()
+        merged = self.merged_context().clone()
         if safe_merge and not torch.isfinite(merged).all():
             raise ValueError("RLP merge produced NaN/inf values; the low-rank factors diverged")
         self.merged = merged
@@ -80,5 +93,15 @@ class RLP(PromptLearner):
     def merged_context(self) -> torch.Tensor:
         return (self.base + self.delta.get_delta()).detach()
 
+    def exported_factors(self) -> dict[str, torch.Tensor]:
+        """A and B as stored in the factorized bundle (float16)."""
+        return {"a": self.delta.a.detach().to(FACTOR_DTYPE).cpu(), "b": self.delta.b.detach().to(FACTOR_DTYPE).cpu()}
+
     def export_tensors(self) -> dict[str, torch.Tensor]:
+        if self.config.export_format == "factorized":
+            return self.exported_factors()
         return {"ctx": self.merged_context().to(EXPORT_DTYPES[self.config.export_dtype]).cpu()}
+
+    def export_options(self) -> dict[str, Any]:
+        form = {"format": self.config.export_format, "rank": self.config.rank, "ctx_init": self.config.ctx_init}
+        return super().export_options() | form

@@ -1,8 +1,10 @@
 """Labelled datasets of world images for few-shot training and evaluation.
 
-A family (``"shape"`` or ``"colour"``) names the attribute that is the label; every other attribute
-is drawn at random. Builders are balanced (``n_per_class`` images per class) and deterministic in
-``seed``; use different seeds for train and test splits.
+A family (``"shape"``, ``"colour"`` or ``"composite"``) names the attribute(s) that are the label; every
+other attribute is drawn at random — unless ``confound=True``, which gives each class its own fixed
+nuisances (colour or shape, size, position, texture): a spurious correlation a few-shot learner can latch
+on to, for training splits whose test split is drawn without it. Builders are balanced (``n_per_class``
+images per class) and deterministic in ``seed``; use different seeds for train and test splits.
 """
 
 from __future__ import annotations
@@ -14,23 +16,49 @@ import numpy as np
 from PIL import Image
 
 from .captions import caption
-from .families import CODED_FAMILIES, FAMILIES, FAMILY_ATTRIBUTE, family_classnames
+from .families import (
+    CODED_FAMILIES,
+    COLOURS,
+    FAMILIES,
+    FAMILY_ATTRIBUTE,
+    POSITIONS,
+    SHAPES,
+    SIZES,
+    TEXTURES,
+    family_classnames,
+)
 from .render import SampleSpec, render, sample_specs
 
 log = logging.getLogger(__name__)
 
 
-def family_specs(family: str, n_per_class: int, seed: int) -> list[tuple[SampleSpec, int]]:
+def family_specs(family: str, n_per_class: int, seed: int, confound: bool = False) -> list[tuple[SampleSpec, int]]:
     """``n_per_class`` specs per class of ``family`` (or of a coded family), class-major order, with labels."""
     family_classnames(family)  # refuses unknown families
     family = CODED_FAMILIES.get(family, family)  # a coded family draws exactly the images of the one it codes
-    attr = FAMILY_ATTRIBUTE[family]
     out: list[tuple[SampleSpec, int]] = []
     for label, name in enumerate(FAMILIES[family]):
+        fixed = (class_nuisances(label) if confound else {}) | class_attributes(family, name)
         # one independent stream per (seed, class): adding classes never changes the others
-        for spec in sample_specs(n_per_class, seed=_class_seed(seed, family, label), **{attr: name}):
+        for spec in sample_specs(n_per_class, seed=_class_seed(seed, family, label), **fixed):
             out.append((spec, label))
     return out
+
+
+def class_attributes(family: str, name: str) -> dict[str, str]:
+    """The spec attributes a class fixes: ``{"shape": "star"}``, or colour and shape for "red star"."""
+    return dict(zip(FAMILY_ATTRIBUTE[family].split(), name.split(maxsplit=1), strict=True))
+
+
+def class_nuisances(label: int) -> dict[str, str]:
+    """Fixed nuisances of class ``label`` under confounding; steps coprime with 16 keep classes distinct."""
+    return {
+        "colour": list(COLOURS)[(3 * label) % len(COLOURS)],
+        "shape": SHAPES[(5 * label) % len(SHAPES)],
+        "size": list(SIZES)[label % len(SIZES)],
+        "position": list(POSITIONS)[label % len(POSITIONS)],
+        "texture": TEXTURES[label % len(TEXTURES)],
+    }
 
 
 def _class_seed(seed: int, family: str, label: int) -> int:

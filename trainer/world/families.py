@@ -74,13 +74,27 @@ TEXTURES: tuple[str, ...] = ("plain", "striped", "dotted", "checkered", "gradien
 STYLES: tuple[str, ...] = ("photo", "outline", "noisy", "faint")
 SHIFT_STYLES: tuple[str, ...] = ("outline", "noisy", "faint")
 
+# Composite classes "<colour> <shape>" over a 6 × 6 grid, ordered so that the first half (the base classes
+# of the CoOp split) is the grid's checkerboard: every colour and every shape is seen in base training, and
+# each novel class is a new *combination* of seen words.
+COMPOSITE_COLOURS: tuple[str, ...] = ("red", "yellow", "green", "blue", "purple", "white")
+COMPOSITE_SHAPES: tuple[str, ...] = ("circle", "square", "triangle", "star", "heart", "cross")
+
+
+def _checkerboard(rows: tuple[str, ...], cols: tuple[str, ...]) -> list[str]:
+    cells = [(i, j) for i in range(len(rows)) for j in range(len(cols))]
+    ordered = [c for c in cells if sum(c) % 2 == 0] + [c for c in cells if sum(c) % 2 == 1]
+    return [f"{rows[i]} {cols[j]}" for i, j in ordered]
+
+
 FAMILIES: dict[str, list[str]] = {
     "shape": list(SHAPES),
     "colour": list(COLOURS),
+    "composite": _checkerboard(COMPOSITE_COLOURS, COMPOSITE_SHAPES),
 }
 
-# The attribute of a SampleSpec that each family reads its label from.
-FAMILY_ATTRIBUTE: dict[str, str] = {"shape": "shape", "colour": "colour"}
+# The attribute(s) of a SampleSpec that each family reads its label from (composite: colour, then shape).
+FAMILY_ATTRIBUTE: dict[str, str] = {"shape": "shape", "colour": "colour", "composite": "colour shape"}
 
 # Families whose class names are codes that say nothing about the image ("class-00" ... "class-15"): the
 # label is still an attribute (here the shape), but only per-image descriptions carry its meaning. Kept out
