@@ -187,9 +187,11 @@ async def classify_many(request: Request, state: State, tasks: TaskNames, top_k:
 async def _classify(request: Request, state: AppState,
                     tasks: tuple[ActiveTask, ...]) -> tuple[list[str], list[torch.Tensor]]:
     """decode → preprocess (worker thread) → micro-batched forward → probabilities [B, C] per task."""
-    uploads = await _read_image_uploads(request, state.settings)
-    pixels = await anyio.to_thread.run_sync(_decode_and_preprocess, uploads, state)
     try:
+        state.batcher.check_capacity(1)  # shed load before reading the body
+        with state.batcher.incoming():
+            uploads = await _read_image_uploads(request, state.settings)
+            pixels = await anyio.to_thread.run_sync(_decode_and_preprocess, uploads, state)
         probabilities = await state.batcher.submit(ClassifyJob(pixels, tasks))
     except Overloaded as exc:
         raise ServiceError(503, "overloaded", f"{exc}; retry shortly", headers={"Retry-After": "1"}) from exc
