@@ -10,10 +10,9 @@ import base64
 import os
 import subprocess
 import tempfile
-import time
 from pathlib import Path
 
-import httpx
+from bench.timing import wait_until_answering
 
 MODEL_NAME = "clip"
 OFFLINE_ENV = {"HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1", "DO_NOT_TRACK": "1",
@@ -47,13 +46,8 @@ def start_infinity(python: str, model_dir: Path, port: int, batch: int) -> tuple
                "--host", "127.0.0.1", "--port", str(port), "--log-level", "warning"]
     process = subprocess.Popen(command, env=os.environ | OFFLINE_ENV, stdout=log, stderr=subprocess.STDOUT)
     url = f"http://127.0.0.1:{port}"
-    deadline = time.monotonic() + 300
-    while time.monotonic() < deadline and process.poll() is None:
-        try:
-            if httpx.get(f"{url}/models", timeout=2).status_code == 200:
-                return process, url
-        except httpx.TransportError:
-            time.sleep(0.5)
+    if wait_until_answering(process, f"{url}/models"):
+        return process, url
     process.kill()
     process.wait()
     log.seek(0)

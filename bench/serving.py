@@ -41,7 +41,7 @@ sys.path.insert(0, str(Path(__file__).parents[1]))
 
 from bench import infinity_peer  # noqa: E402
 from bench.prometheus_text import bucket_counts, format_buckets, histogram_buckets, share_at_most  # noqa: E402
-from bench.timing import ClientRun, Send, closed_loop, timed_rate  # noqa: E402
+from bench.timing import ClientRun, Send, closed_loop, timed_rate, wait_until_answering  # noqa: E402
 from service.backbone import BackboneSpec, load_backbone  # noqa: E402
 from service.bundle import Manifest, PromptLayout, decode_bundle, encode_bundle  # noqa: E402
 from service.tasks import text_features  # noqa: E402
@@ -102,13 +102,8 @@ def start_service(args, workdir: str, backend: str) -> tuple[subprocess.Popen, s
     process = subprocess.Popen([sys.executable, "-m", "service", "--port", str(port)], env=env,
                                stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     url = f"http://127.0.0.1:{port}"
-    deadline = time.monotonic() + 300
-    while time.monotonic() < deadline and process.poll() is None:
-        try:
-            if httpx.get(f"{url}/readyz", timeout=2).status_code == 200:
-                return process, url
-        except httpx.TransportError:
-            time.sleep(0.3)
+    if wait_until_answering(process, f"{url}/readyz"):
+        return process, url
     process.kill()
     raise SystemExit("the service did not start")
 

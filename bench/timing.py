@@ -1,8 +1,10 @@
-"""Timing loops shared by the benchmarks: a call repeated for a while, and closed-loop HTTP clients."""
+"""Timing loops shared by the benchmarks: a call repeated for a while, closed-loop HTTP clients, and waiting for
+a server process to answer."""
 
 from __future__ import annotations
 
 import asyncio
+import subprocess
 import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
@@ -44,3 +46,15 @@ async def closed_loop(client: httpx.AsyncClient, send: Send, clients: int, secon
     await asyncio.gather(*(loop(start + seconds) for _ in range(clients)))
     wall = time.perf_counter() - start
     return ClientRun(done / wall, (time.process_time() - cpu) / wall)
+
+
+def wait_until_answering(process: subprocess.Popen, url: str, timeout_s: float = 300) -> bool:
+    """True once GET `url` answers 200; False if the process exits or `timeout_s` passes first."""
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline and process.poll() is None:
+        try:
+            if httpx.get(url, timeout=2).status_code == 200:
+                return True
+        except httpx.TransportError:
+            time.sleep(0.3)
+    return False
