@@ -247,7 +247,9 @@ def _json(model: ClassifyResponse | MultiClassifyResponse) -> Response:
 async def _classify(request: Request, state: AppState, tasks: tuple[ActiveTask, ...],
                     top_k: int) -> tuple[list[str], list[torch.Tensor]]:
     _check_answer_size(tasks, 1, top_k, state.settings)  # before the body is read
-    uploads = await read_image_uploads(request, state.settings)
+    _check_capacity(state)  # shed load before reading the body
+    with state.batcher.incoming():
+        uploads = await read_image_uploads(request, state.settings)
     return [name for name, _ in uploads], await classify_uploads(state, uploads, tasks, top_k)
 
 
@@ -255,14 +257,26 @@ async def classify_uploads(state: AppState, uploads: Uploads, tasks: tuple[Activ
                            top_k: int) -> list[torch.Tensor]:
     """decode → preprocess (worker thread) → micro-batched forward → probabilities [B, C] per task."""
     _check_answer_size(tasks, len(uploads), top_k, state.settings)
-    pixels = await anyio.to_thread.run_sync(_decode_and_preprocess, uploads, state, limiter=state.decode_limiter)
+    with state.batcher.incoming():  # a batch about to start waits (bounded) for this request's decoding
+        pixels = await anyio.to_thread.run_sync(_decode_and_preprocess, uploads, state, limiter=state.decode_limiter)
     try:
         probabilities = await state.batcher.submit(ClassifyJob(pixels, tasks))
     except Overloaded as exc:
-        raise ServiceError(503, "overloaded", f"{exc}; retry shortly", headers={"Retry-After": "1"}) from exc
+        raise _overloaded(exc) from exc
     for task in tasks:
         state.metrics.images.labels(task.name).inc(len(uploads))
     return probabilities
+
+
+def _check_capacity(state: AppState) -> None:
+    try:
+        state.batcher.check_capacity(1)
+    except Overloaded as exc:
+        raise _overloaded(exc) from exc
+
+
+def _overloaded(exc: Overloaded) -> ServiceError:
+    return ServiceError(503, "overloaded", f"{exc}; retry shortly", headers={"Retry-After": "1"})
 
 
 def top_predictions(task: ActiveTask, probabilities: torch.Tensor, top_k: int) -> list[list[Prediction]]:

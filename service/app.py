@@ -46,7 +46,7 @@ def build_state(settings: Settings, metrics: Metrics, backbone: Backbone | None 
     runtime = ClassifyRuntime(backbone)
     batcher = MicroBatcher(runtime, attrgetter("rows"), max_rows=settings.batch_max_images,
                            max_wait_s=settings.batch_max_wait_ms / 1000,
-                           max_queued_rows=settings.batch_max_queued_images)
+                           max_queued_rows=settings.batch_max_queued_images, observe=metrics.observe_batch)
     state = AppState(settings, backbone, tasks, metrics, ImagePreprocessor(backbone.preprocess), runtime, batcher,
                      anyio.CapacityLimiter(1), anyio.CapacityLimiter(settings.decode_concurrency))
     state.propagation = Propagator(tasks, settings.resync_interval_s, after_sync=_after_sync(state))

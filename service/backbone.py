@@ -96,6 +96,8 @@ class Backbone:
         backend = self.spec.image_backend
         if backend not in IMAGE_BACKENDS:
             raise ValueError(f"image backend {backend!r} is unknown; choose one of {list(IMAGE_BACKENDS)}")
+        if backend == "auto":  # ONNX Runtime keeps more of its speed under HTTP load on CPU (docs/serving.md)
+            backend = "onnx" if self.device.type == "cpu" else "torch"
         if backend == "torch":
             return self.torch_image_encoder
         if self.device.type != "cpu":

@@ -1,10 +1,15 @@
 """Dynamic micro-batching of jobs across concurrent requests.
 
-Requests submit a job and await a future. One worker takes whatever is queued (up to `max_rows` rows,
-waiting at most `max_wait_s` for more once the first arrives), runs the whole batch in one call in a worker
-thread, and hands each request its own result. While a batch runs, the next one fills up, so batches grow
-with load. The queue is bounded in rows (a row is one image forward): when full, callers get `Overloaded`
-at once instead of waiting without limit.
+Requests submit a job and await a future. One worker takes whatever is queued (up to `max_rows` rows), runs
+the whole batch in one call in a worker thread, and hands each request its own result. While a batch runs,
+the next one fills up, so batches grow with load. The queue is bounded in rows (a row is one image
+forward): when full, callers get `Overloaded` at once instead of waiting without limit.
+
+When to start a batch: closed-loop clients all get their answers from one batch and send their next
+requests together, but each spends a few milliseconds being read and decoded, so a worker that starts on
+the first arrival splits them into uneven batches (1+7, 2+6) for good. So requests announce themselves
+while they are read and decoded (`incoming()`), and the worker waits for those — never longer than
+`max_wait_s` after the first job, and only `SETTLE_S` when nothing is incoming.
 
 The batcher knows nothing of images or tasks: `rows` says what a job costs and `run` turns a list of jobs
 into one result per job (service/runtime.py supplies both for classification).
@@ -14,8 +19,10 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import time
 from collections import deque
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import Generic, TypeVar
 
@@ -25,6 +32,10 @@ log = logging.getLogger(__name__)
 
 Job = TypeVar("Job")
 Result = TypeVar("Result")
+BatchObserver = Callable[[int, Sequence[float]], None]  # (rows of a batch, seconds each of its jobs queued)
+
+# A grace for requests that have arrived but not yet announced themselves.
+SETTLE_S = 0.002
 
 
 class Overloaded(Exception):
@@ -36,17 +47,20 @@ class _Pending(Generic[Job]):
     job: Job
     rows: int
     future: asyncio.Future = field(default_factory=lambda: asyncio.get_running_loop().create_future())
+    queued_at: float = field(default_factory=time.perf_counter)
 
 
 class MicroBatcher(Generic[Job, Result]):
     def __init__(self, run: Callable[[list[Job]], Sequence[Result]], rows: Callable[[Job], int], *, max_rows: int,
-                 max_wait_s: float, max_queued_rows: int):
-        self.run_batch, self.rows = run, rows
+                 max_wait_s: float, max_queued_rows: int, observe: BatchObserver | None = None):
+        self.run_batch, self.rows, self.observe = run, rows, observe
         self.max_rows, self.max_wait_s, self.max_queued_rows = max_rows, max_wait_s, max_queued_rows
         self._queue: deque[_Pending[Job]] = deque()
         self._queued_rows = 0
+        self._incoming = 0
         self._arrived: asyncio.Event | None = None
-        self.batch_rows: deque[int] = deque(maxlen=1000)  # recent batch sizes in rows, for metrics and tests
+        self._changed: asyncio.Event | None = None
+        self.batch_rows: deque[int] = deque(maxlen=1000)  # recent batch sizes in rows, for tests
 
     @property
     def queued_rows(self) -> int:
@@ -57,6 +71,16 @@ class MicroBatcher(Generic[Job, Result]):
         if self._queued_rows + rows > self.max_queued_rows:
             raise Overloaded(f"{self._queued_rows} rows are already queued (limit {self.max_queued_rows})")
 
+    @contextmanager
+    def incoming(self) -> Iterator[None]:
+        """Wrap a request's reading and decoding, so a batch about to start waits for it (bounded)."""
+        self._incoming += 1
+        try:
+            yield
+        finally:
+            self._incoming -= 1
+            self._events()[1].set()
+
     async def submit(self, job: Job) -> Result:
         """The result of `job`, computed in a shared batch."""
         rows = self.rows(job)
@@ -64,25 +88,42 @@ class MicroBatcher(Generic[Job, Result]):
         pending = _Pending(job, rows)
         self._queue.append(pending)
         self._queued_rows += rows
-        self._wake().set()
+        arrived, changed = self._events()
+        arrived.set()
+        changed.set()
         return await pending.future
 
-    def _wake(self) -> asyncio.Event:
-        if self._arrived is None:
-            self._arrived = asyncio.Event()
-        return self._arrived
+    def _events(self) -> tuple[asyncio.Event, asyncio.Event]:
+        if self._arrived is None or self._changed is None:  # created lazily, inside the running loop
+            self._arrived, self._changed = asyncio.Event(), asyncio.Event()
+        return self._arrived, self._changed
 
     async def run(self) -> None:
         """The worker loop; runs until cancelled."""
+        arrived, _ = self._events()
         while True:
-            await self._wake().wait()
-            if self.max_wait_s > 0 and self._queued_rows < self.max_rows:
-                await asyncio.sleep(self.max_wait_s)
+            await arrived.wait()
+            await self._gather()
             batch = self._take_batch()
             if not self._queue:
-                self._wake().clear()
+                arrived.clear()
             if batch:
                 await self._run_batch(batch)
+
+    async def _gather(self) -> None:
+        """Wait until the batch is full, nothing more is incoming (after a short settle), or the deadline."""
+        start = time.perf_counter()
+        _, changed = self._events()
+        while self._queued_rows < self.max_rows:
+            elapsed = time.perf_counter() - start
+            limit = self.max_wait_s if self._incoming else min(SETTLE_S, self.max_wait_s)
+            if elapsed >= limit:
+                return
+            changed.clear()
+            try:
+                await asyncio.wait_for(changed.wait(), timeout=limit - elapsed)
+            except TimeoutError:
+                return
 
     def _take_batch(self) -> list[_Pending[Job]]:
         batch, rows = [], 0
@@ -94,7 +135,10 @@ class MicroBatcher(Generic[Job, Result]):
         return batch
 
     async def _run_batch(self, batch: list[_Pending[Job]]) -> None:
-        self.batch_rows.append(sum(p.rows for p in batch))
+        rows, started = sum(p.rows for p in batch), time.perf_counter()
+        self.batch_rows.append(rows)
+        if self.observe:
+            self.observe(rows, [started - p.queued_at for p in batch])
         try:
             results = await anyio.to_thread.run_sync(self.run_batch, [p.job for p in batch])
         except Exception as exc:  # every waiting request learns of the failure

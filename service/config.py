@@ -32,7 +32,8 @@ class Settings(BaseSettings):
                                    "empty = seeded random weights")
     seed: int = Field(0, description="seed for random weights when `pretrained` is unset")
     device: str = Field("auto", description="'auto' (cuda when available), 'cpu' or 'cuda[:N]'")
-    image_backend: Literal["torch", "onnx"] = Field("torch", description="image encoder: torch, or onnx (CPU)")
+    image_backend: Literal["auto", "torch", "onnx"] = Field(
+        "auto", description="image encoder: auto (onnx on CPU, torch on CUDA), torch, or onnx (CPU)")
     onnx_cache_dir: str = Field("var/onnx", description="where exported ONNX image towers are cached")
     registry: str = Field("var/registry", description="directory that stores bundles and active versions, or a "
                           "postgresql:// URL of a registry shared by every replica")
@@ -69,7 +70,7 @@ class Settings(BaseSettings):
     max_connections: int | None = Field(1000, gt=0, description="uvicorn's connection cap (plain 503 beyond)")
 
     batch_max_images: int = Field(32, gt=0, description="most rows (image forwards) in one micro-batch")
-    batch_max_wait_ms: float = Field(2.0, ge=0, description="how long a batch waits for more requests")
+    batch_max_wait_ms: float = Field(10.0, ge=0, description="longest a batch waits for requests being decoded")
     batch_max_queued_images: int = Field(256, gt=0, description="queued rows beyond which classify answers 503")
 
     host: str = "127.0.0.1"

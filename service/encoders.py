@@ -22,7 +22,7 @@ from service.open_clip_compat import prompt_capable_vit, vit_pooled_and_tokens
 
 log = logging.getLogger(__name__)
 
-IMAGE_BACKENDS = ("torch", "onnx")
+IMAGE_BACKENDS = ("auto", "torch", "onnx")  # auto: ONNX Runtime on CPU, torch on CUDA
 
 
 class ImageEncoder(Protocol):

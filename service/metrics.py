@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import time
+from collections.abc import Sequence
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
@@ -23,6 +24,16 @@ class Metrics:
                                   registry=self.registry)
         self.active_version = Gauge("promptserve_active_version", "Active bundle version", ["task"],
                                     registry=self.registry)
+        self.batch_rows = Histogram("promptserve_batch_rows", "Rows (image forwards) per micro-batch",
+                                    buckets=(1, 2, 3, 4, 6, 8, 12, 16, 24, 32, 64, 128, 256), registry=self.registry)
+        self.queue_wait = Histogram("promptserve_batch_queue_seconds", "Time a classify job waited for its batch",
+                                    buckets=(0.001, 0.002, 0.005, 0.01, 0.02, 0.05, 0.1, 0.2, 0.5, 1, 2, 5),
+                                    registry=self.registry)
+
+    def observe_batch(self, rows: int, waits: Sequence[float]) -> None:
+        self.batch_rows.observe(rows)
+        for wait in waits:
+            self.queue_wait.observe(wait)
 
 
     def forget_task(self, task: str) -> None:

@@ -314,6 +314,8 @@ async def test_metrics_count_requests_errors_and_tasks(client, backbone, make_co
     assert "promptserve_cached_tasks 1.0" in text
     assert 'promptserve_active_version{task="t"} 1.0' in text
     assert "promptserve_request_seconds_bucket" in text
+    assert 'promptserve_batch_rows_bucket{le="2.0"} 1.0' in text and "promptserve_batch_rows_count 1.0" in text
+    assert "promptserve_batch_queue_seconds_count 1.0" in text
 
 
 async def test_openapi_documents_every_route(client):

@@ -1,5 +1,6 @@
 import asyncio
 import threading
+import time
 
 import pytest
 import torch
@@ -71,3 +72,51 @@ async def test_an_encoder_failure_reaches_every_waiting_request():
     finally:
         worker.cancel()
     assert all(isinstance(o, RuntimeError) for o in outcomes)
+
+
+async def test_closed_loop_clients_are_not_split_into_small_batches():
+    """Eight clients, each sending its next request as soon as it has its answer, and each request taking
+    a few milliseconds to decode: every batch after the first holds all eight."""
+    def forward(jobs):
+        time.sleep(0.02)
+        return jobs
+
+    batcher = MicroBatcher(forward, lambda job: 1, max_rows=32, max_wait_s=0.5, max_queued_rows=64)
+    worker = asyncio.create_task(batcher.run())
+
+    async def client(decode_s: float):
+        for _ in range(6):
+            with batcher.incoming():
+                await asyncio.sleep(decode_s)
+            await batcher.submit(decode_s)
+
+    try:
+        await asyncio.gather(*(client(0.001 * (1 + k % 4)) for k in range(8)))
+    finally:
+        worker.cancel()
+    assert list(batcher.batch_rows) == [8] * 6
+
+
+async def test_a_stalled_incoming_request_delays_a_batch_by_at_most_the_wait_bound():
+    batcher = MicroBatcher(lambda jobs: jobs, lambda job: 1, max_rows=8, max_wait_s=0.05, max_queued_rows=8)
+    worker = asyncio.create_task(batcher.run())
+    try:
+        with batcher.incoming():  # a request that never finishes decoding
+            start = time.perf_counter()
+            assert await asyncio.wait_for(batcher.submit("job"), timeout=5) == "job"
+            waited = time.perf_counter() - start
+    finally:
+        worker.cancel()
+    assert 0.05 <= waited < 1.0
+
+
+async def test_batches_report_their_rows_and_queue_waits():
+    seen = []
+    batcher = MicroBatcher(lambda jobs: jobs, len, max_rows=8, max_wait_s=0, max_queued_rows=8,
+                           observe=lambda rows, waits: seen.append((rows, len(waits))))
+    worker = asyncio.create_task(batcher.run())
+    try:
+        await asyncio.gather(batcher.submit("ab"), batcher.submit("cde"))
+    finally:
+        worker.cancel()
+    assert seen == [(5, 2)]

@@ -32,3 +32,10 @@ def test_the_forward_with_tokens_pools_exactly_the_plain_features(backbone):
     grid = (32 // 8) ** 2
     assert torch.equal(features, backbone.encode_images(pixels))
     assert tokens.shape == (2, grid + 1, backbone.model.visual.output_dim)
+
+
+def test_the_default_backend_is_onnx_runtime_on_cpu(tmp_path):
+    from service.config import Settings
+
+    spec = Settings(model="test-micro", pretrained="", onnx_cache_dir=str(tmp_path)).backbone_spec()
+    assert load_backbone(spec).describe()["image_backend"] == "onnx"
