@@ -88,7 +88,7 @@ class Backbone:
         self.preprocess = preprocess
         self.tokenizer = tokenizer
         self.text = PromptTextEncoder(self.model, tokenizer)
-        # Forwards with tokens or prompts always run in torch; the plain one runs on the chosen backend.
+        # Forwards with prompts or tokens always run in torch; the plain one runs on the chosen backend.
         self.torch_image_encoder = TorchImageEncoder(self.model.visual, self.device)
         self.image_encoder = self._image_encoder()
 
@@ -137,9 +137,10 @@ class Backbone:
         """L2-normalized image features for a preprocessed batch [B, 3, H, W], as float32 on CPU."""
         return self.image_encoder(pixels)
 
-    def encode_images_with_tokens(self, pixels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """`encode_images` plus the projected image tokens [B, T, d] of the same forward."""
-        return self.torch_image_encoder.with_tokens(pixels)
+    def encode_prompted_images(self, pixels: torch.Tensor, prompts: torch.Tensor) -> torch.Tensor:
+        """`encode_images` with per-row vision prompts [B, J, n, d_v] in the image tower (always torch: the
+        ONNX export has no prompt inputs)."""
+        return self.torch_image_encoder.prompted(pixels, prompts)
 
 
 def weights_source(spec: BackboneSpec) -> str | None:

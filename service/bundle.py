@@ -287,17 +287,23 @@ class MethodSpec:
     # Deep (MaPLe) methods: all J text prompt rows (row 0 is the context), and the merged vision prompts.
     text_prompts: Callable[[Bundle], torch.Tensor | None] = _none
     vision_prompts: Callable[[Bundle], torch.Tensor | None] = _none
-
-    @property
-    def vision_side(self) -> bool:
-        return self.vision_prompts is not _none
     # Image-conditioned (TGP-T) methods: prompts generated per image from its tokens; no class text is encoded.
     image_conditioned: bool = False
 
     @property
+    def vision_side(self) -> bool:
+        return self.vision_prompts is not _none
+
+    @property
+    def kind(self) -> str:
+        """How the service runs it: "text" (cached class features, the shared image forward), "vision" (its own
+        prompted image forward) or "image-conditioned" (prompts from the shared forward's image tokens)."""
+        return "image-conditioned" if self.image_conditioned else "vision" if self.vision_side else "text"
+
+    @property
     def needs_image_fingerprint(self) -> bool:
         """Vision-side and image-conditioned bundles depend on the image tower's weights."""
-        return self.vision_side or self.image_conditioned
+        return self.kind != "text"
 
 
 METHODS: dict[str, MethodSpec] = {

@@ -18,7 +18,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from service.open_clip_compat import prompt_capable_vit, vit_pooled_and_tokens
+from service.vision_prompts import prompted_image_features
 
 log = logging.getLogger(__name__)
 
@@ -34,7 +34,7 @@ class ImageEncoder(Protocol):
 class TorchImageEncoder:
     """open_clip's own image tower; on CUDA a half-precision copy (the fp32 model stays for training).
 
-    Besides the plain forward it runs the forwards only torch can: with tokens, and with vision prompts.
+    Besides the plain forward it runs the one only torch can: with vision prompts.
     """
 
     def __init__(self, visual: torch.nn.Module, device: torch.device):
@@ -48,10 +48,9 @@ class TorchImageEncoder:
         return _normalized(self.visual(pixels.to(self.device, self.dtype)))
 
     @torch.inference_mode()
-    def with_tokens(self, pixels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """Normalized features [B, D] and projected tokens [B, T, d] (float32, CPU) from one forward."""
-        pooled, tokens = vit_pooled_and_tokens(prompt_capable_vit(self.visual), pixels.to(self.device, self.dtype))
-        return _normalized(pooled), tokens.float().cpu()
+    def prompted(self, pixels: torch.Tensor, prompts: torch.Tensor) -> torch.Tensor:
+        """Normalized features [B, D] under per-row vision prompts [B, J, n, d_v] (MaPLe)."""
+        return _normalized(prompted_image_features(self.visual, pixels.to(self.device, self.dtype), prompts))
 
 
 def _normalized(features: torch.Tensor) -> torch.Tensor:

@@ -20,6 +20,7 @@ import torch
 from service.backbone import Backbone
 from service.heads import ImageNeed, ImageRows
 from service.tasks import ActiveTask
+from service.tgpt import encode_image_tokens
 
 SHARED_NEEDS = (ImageNeed.SHARED, ImageNeed.SHARED_TOKENS)
 Key = tuple[int, int]  # (job position in the micro-batch, task position in the job)
@@ -70,16 +71,17 @@ class ClassifyRuntime:
         with_tokens = any(jobs[j].needs(ImageNeed.SHARED_TOKENS) for j in users)
         kind = ImageNeed.SHARED_TOKENS if with_tokens else ImageNeed.SHARED
         self.forwards.append(Forward(kind, len(pixels)))
-        if with_tokens:
-            features, tokens = self.backbone.encode_images_with_tokens(pixels)
+        if with_tokens:  # one torch forward gives the pooled features and the tokens for every kind
+            out = encode_image_tokens(self.backbone, pixels)
+            features, pooled, tokens = out.features, out.pooled, out.tokens
         else:
-            features, tokens = self.backbone.encode_images(pixels), None
-        out = {}
+            features, pooled, tokens = self.backbone.encode_images(pixels), None, None
+        rows = {}
         for j, start in zip(users, _starts(len(jobs[j].pixels) for j in users), strict=True):
-            end = start + len(jobs[j].pixels)
-            image_rows = ImageRows(features[start:end], None if tokens is None else tokens[start:end])
-            out.update({(j, t): image_rows for t in jobs[j].needs(*SHARED_NEEDS)})
-        return out
+            part = slice(start, start + len(jobs[j].pixels))
+            image_rows = ImageRows(features[part], *(None if t is None else t[part] for t in (pooled, tokens)))
+            rows.update({(j, t): image_rows for t in jobs[j].needs(*SHARED_NEEDS)})
+        return rows
 
     def _prompted_forward(self, jobs: list[ClassifyJob]) -> dict[Key, ImageRows]:
         """Rows of every vision-side task in one forward per prompt shape, each row with its own prompts."""

@@ -22,9 +22,9 @@ import torch.nn.functional as F
 from service.backbone import Backbone
 from service.bundle import DEFAULT_TEMPLATES, METHODS, Bundle, BundleError, Manifest, decode_bundle, fill_template
 from service.config import BundleLimits
-from service.heads import TaskHead, TextSideHead
+from service.heads import ImageConditionedHead, TaskHead, TextSideHead, VisionSideHead
 from service.registry import Registry, TaskState, UnknownTask, VersionInfo, bundle_sha256, check_task_name
-from service.tgpt import check_tgpt_backbone
+from service.tgpt import check_tgpt_backbone, model_from_bundle
 
 log = logging.getLogger(__name__)
 
@@ -135,17 +135,29 @@ def _encode_in_batches(
 
 
 def text_side_head(bundle: Bundle, backbone: Backbone) -> TextSideHead:
+    return TextSideHead(_checked_text_features(bundle, backbone))
+
+
+def vision_side_head(bundle: Bundle, backbone: Backbone) -> VisionSideHead:
+    return VisionSideHead(_checked_text_features(bundle, backbone), bundle.vision_prompts())
+
+
+def image_conditioned_head(bundle: Bundle, backbone: Backbone) -> ImageConditionedHead:
+    return ImageConditionedHead(model_from_bundle(bundle).to(backbone.device))
+
+
+def _checked_text_features(bundle: Bundle, backbone: Backbone) -> torch.Tensor:
     features = text_features(bundle, backbone)
     check_finite_features(features)
-    return TextSideHead(features)
+    return features
 
 
-# How each method's bundle becomes a task head: the method's kind decides what the image forward produces.
+# A bundle becomes a task head by its method's kind (service.bundle.MethodSpec.kind), which decides what the
+# batched image forward must produce for it (service.runtime).
 HEAD_BUILDERS: dict[str, Callable[[Bundle, Backbone], TaskHead]] = {
-    "zeroshot": text_side_head,
-    "coop": text_side_head,
-    "qprompt": text_side_head,
-    "rlp": text_side_head,
+    "text": text_side_head,
+    "vision": vision_side_head,
+    "image-conditioned": image_conditioned_head,
 }
 
 
@@ -193,7 +205,7 @@ class TaskManager:
         bundle = decode_bundle(data)
         check_compatible(bundle.manifest, self.backbone, self.limits)
         try:
-            head = HEAD_BUILDERS[bundle.manifest.method](bundle, self.backbone)
+            head = HEAD_BUILDERS[METHODS[bundle.manifest.method].kind](bundle, self.backbone)
         except BundleError:
             raise
         except ValueError as exc:  # e.g. a class prompt longer than the text context

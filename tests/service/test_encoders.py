@@ -26,14 +26,6 @@ def test_unknown_image_backend_is_refused():
         load_backbone(BackboneSpec("test-micro", device="cpu", image_backend="tpu"))
 
 
-def test_the_forward_with_tokens_pools_exactly_the_plain_features(backbone):
-    pixels = torch.randn(2, 3, 32, 32, generator=torch.Generator().manual_seed(1))
-    features, tokens = backbone.encode_images_with_tokens(pixels)
-    grid = (32 // 8) ** 2
-    assert torch.equal(features, backbone.encode_images(pixels))
-    assert tokens.shape == (2, grid + 1, backbone.model.visual.output_dim)
-
-
 def test_the_default_backend_is_onnx_runtime_on_cpu(tmp_path):
     from service.config import Settings
 
