@@ -23,6 +23,7 @@ from service.backbone import Backbone
 from service.bundle import DEFAULT_TEMPLATES, METHODS, Bundle, BundleError, Manifest, decode_bundle, fill_template
 from service.config import BundleLimits
 from service.heads import ImageConditionedHead, TaskHead, TextSideHead, VisionSideHead
+from service.open_clip_compat import deep_prompt_depth_limit
 from service.registry import Registry, TaskState, UnknownTask, VersionInfo, bundle_sha256, check_task_name
 from service.tgpt import check_tgpt_backbone, model_from_bundle
 
@@ -93,8 +94,8 @@ def check_finite_features(features: torch.Tensor) -> None:
 
 def _check_prompt_depth(manifest: Manifest, backbone: Backbone) -> None:
     """A vision-side bundle's deep prompts must fit both towers' depth and the image tower's width."""
-    visual, text_layers = backbone.model.visual, len(backbone.text.tower.transformer.resblocks)
-    depth_limit = min(len(visual.transformer.resblocks), text_layers)
+    visual = backbone.model.visual
+    depth_limit = deep_prompt_depth_limit(backbone.model)
     depth = manifest.options["depth"]
     if depth > depth_limit:
         raise BundleError("options.depth", f"is {depth}, this backbone allows at most {depth_limit}")

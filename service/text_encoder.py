@@ -14,6 +14,7 @@ rows sit inside the shared prefix, so prefix reuse stays exact: the replacement 
 
 from __future__ import annotations
 
+import logging
 from dataclasses import dataclass
 from typing import Any
 
@@ -21,6 +22,17 @@ import torch
 import torch.nn.functional as F
 
 from service.bundle import PromptLayout
+from service.open_clip_compat import (
+    block_suffix_after_prefix,
+    causal_mask,
+    prefix_reuse_blocker,
+    prompt_capable_text_tower,
+    text_blocks,
+    text_cast_dtype,
+    text_projection,
+)
+
+log = logging.getLogger(__name__)
 
 PLACEHOLDER_TEXT = "x"
 
@@ -36,23 +48,18 @@ class PromptTokens:
 
 class PromptTextEncoder:
     def __init__(self, model: torch.nn.Module, tokenizer: Any):
-        # CustomTextCLIP keeps its text tower under `.text`; CLIP holds the same parts itself.
-        tower = getattr(model, "text", model)
-        pool_type = getattr(tower, "text_pool_type", getattr(tower, "pool_type", None))
-        if pool_type != "argmax" or getattr(tower, "attn_mask", None) is None or getattr(tower, "cls_emb", None):
-            raise ValueError(
-                "prompt-aware encoding needs a causal text tower pooled at the end-of-text token "
-                f"(text_pool_type 'argmax'); this model uses {pool_type!r}"
-            )
+        tower = prompt_capable_text_tower(model)
         self.tower = tower
         self.tokenizer = tokenizer
         self.sot, self.eot = tokenizer.sot_token_id, tokenizer.eot_token_id
         (self.placeholder,) = tokenizer.encode(PLACEHOLDER_TEXT)
         self.context_length = tower.positional_embedding.shape[0]
-        # Prefix reuse calls the attention layers' packed projections directly (open_clip's default layout).
-        self.can_reuse_prefix = tower.transformer.batch_first and all(
-            isinstance(b.attn, torch.nn.MultiheadAttention) and b.attn._qkv_same_embed_dim and not hasattr(b, "ln_1_kv")
-            for b in tower.transformer.resblocks)
+        # Why the shared-prefix fast path cannot run on this tower (None: it can); tests assert it is None.
+        self.prefix_reuse_blocker = prefix_reuse_blocker(tower)
+        self.can_reuse_prefix = self.prefix_reuse_blocker is None
+        if not self.can_reuse_prefix:
+            log.warning("shared-prefix text encoding is off (%s): activation runs every prompt in full",
+                        self.prefix_reuse_blocker)
         self.width = tower.token_embedding.weight.shape[1]
 
     @property
@@ -168,9 +175,9 @@ class PromptTextEncoder:
         """Run the tower on token embeddings [C, L, d]; pool the row at each `eot` position."""
         tower = self.tower
         length = int(eot.max()) + 1
-        x = x[:, :length].to(tower.transformer.get_cast_dtype())
+        x = x[:, :length].to(text_cast_dtype(tower))
         x = x + tower.positional_embedding[:length].to(x.dtype)
-        mask = tower.attn_mask[:length, :length]
+        mask = causal_mask(tower, length)
         prefix = shared_prefix_length(x, limit=int(eot.min())) if reuse_prefix and self.can_reuse_prefix else 0
         if deep is not None and prefix <= int(deep.positions.max()):
             prefix = 0  # the replaced rows must lie inside the shared prefix to be replaced once
@@ -181,17 +188,11 @@ class PromptTextEncoder:
         else:
             x = tower.transformer(x, attn_mask=mask)
         x = tower.ln_final(x)
-        x = x[torch.arange(x.shape[0], device=x.device), eot]
-        projection = tower.text_projection
-        if projection is None:
-            return x
-        return projection(x) if isinstance(projection, torch.nn.Linear) else x @ projection
+        return text_projection(tower, x[torch.arange(x.shape[0], device=x.device), eot])
 
     def _run_blocks(self, x: torch.Tensor, mask: torch.Tensor, deep: DeepPrompts) -> torch.Tensor:
         """The tower's blocks one by one, with the deep prompts put in before blocks 1..J-1."""
-        if not self.tower.transformer.batch_first:
-            raise ValueError("deep text prompts need a batch-first text transformer (open_clip's default)")
-        for i, block in enumerate(self.tower.transformer.resblocks):
+        for i, block in enumerate(text_blocks(self.tower)):
             x = block(deep.apply(x, i), attn_mask=mask)
         return x
 
@@ -200,13 +201,9 @@ class PromptTextEncoder:
         """The causal mask makes the first `prefix` rows identical for every sequence at every layer, so
         run them once (batch 1), keep their keys and values, and run only each sequence's suffix."""
         shared, suffix = x[:1, :prefix], x[:, prefix:].contiguous()
-        for i, block in enumerate(self.tower.transformer.resblocks):
+        for i, block in enumerate(text_blocks(self.tower)):
             shared = deep.apply(shared, i) if deep is not None else shared
-            shared_in = block.ln_1(shared)
-            shared_keys, shared_values = _project(block.attn, shared_in)[1:]
-            suffix = suffix + block.ls_1(_attend_after_prefix(block.attn, block.ln_1(suffix), shared_keys,
-                                                              shared_values, mask[prefix:]))
-            suffix = suffix + block.ls_2(block.mlp(block.ln_2(suffix)))
+            suffix = block_suffix_after_prefix(block, shared, suffix, mask[prefix:])
             shared = block(shared, attn_mask=mask[:prefix, :prefix])
         return suffix
 
@@ -233,25 +230,6 @@ def shared_ctx_positions(tokens: PromptTokens) -> torch.Tensor:
     if not (tokens.ctx_mask == first).all() or not first.any():
         raise ValueError("deep prompts need the context at the same positions in every prompt (position 'end')")
     return first.nonzero().reshape(-1)
-
-
-def _project(attn: torch.nn.MultiheadAttention, x: torch.Tensor) -> tuple[torch.Tensor, ...]:
-    """Queries, keys and values [B, heads, L, head_dim] with the layer's own packed projection."""
-    batch, length, width = x.shape
-    qkv = F.linear(x, attn.in_proj_weight, attn.in_proj_bias)
-    return tuple(t.view(batch, length, attn.num_heads, width // attn.num_heads).transpose(1, 2)
-                 for t in qkv.chunk(3, dim=-1))
-
-
-def _attend_after_prefix(attn: torch.nn.MultiheadAttention, suffix: torch.Tensor, prefix_keys: torch.Tensor,
-                         prefix_values: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-    """Attention of suffix queries over [shared prefix; own suffix] keys, as MultiheadAttention computes it."""
-    queries, keys, values = _project(attn, suffix)
-    batch = suffix.shape[0]
-    keys = torch.cat([prefix_keys.expand(batch, -1, -1, -1), keys], dim=2)
-    values = torch.cat([prefix_values.expand(batch, -1, -1, -1), values], dim=2)
-    out = F.scaled_dot_product_attention(queries, keys, values, attn_mask=mask.to(queries.dtype))
-    return attn.out_proj(out.transpose(1, 2).reshape(suffix.shape))
 
 
 def shared_prefix_length(x: torch.Tensor, limit: int) -> int:

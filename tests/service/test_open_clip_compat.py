@@ -31,3 +31,27 @@ def test_another_open_clip_major_version_is_refused_with_the_fix():
 def test_a_tower_that_is_not_a_vit_is_refused():
     with pytest.raises(ValueError, match="VisionTransformer"):
         prompt_capable_vit(torch.nn.Linear(2, 2))
+
+
+@pytest.mark.parametrize("model", ["test-micro", "promptserve-tiny", "ViT-B-16"])
+def test_the_shared_prefix_fast_path_runs_on_the_models_we_serve(model):
+    """Fails loudly, naming the cause, if an open_clip release changes the text blocks the fast path reaches
+    into (instead of activation silently getting slower)."""
+    import open_clip
+
+    from service.text_encoder import PromptTextEncoder
+
+    clip = open_clip.create_model(model, pretrained=None)
+    encoder = PromptTextEncoder(clip, open_clip.get_tokenizer(model))
+    assert encoder.prefix_reuse_blocker is None
+    assert encoder.can_reuse_prefix
+
+
+def test_a_text_block_the_fast_path_cannot_reach_into_is_named(backbone):
+    import copy
+
+    from service.open_clip_compat import prefix_reuse_blocker, text_blocks
+
+    tower = copy.deepcopy(backbone.model)
+    text_blocks(tower)[1].attn = torch.nn.Identity()
+    assert prefix_reuse_blocker(tower) == "text block 1 has no packed nn.MultiheadAttention (Identity)"

@@ -21,6 +21,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from service.backbone import Backbone
+from service.open_clip_compat import deep_prompt_depth_limit
 from service.vision_prompts import prompted_image_features
 from trainer.methods.base import EXPORT_DTYPES, PromptConfig, PromptLearner, text_init_context
 
@@ -48,7 +49,7 @@ class MaPLeConfig(PromptConfig):
 
 def usable_depth(requested: int, backbone: Backbone) -> int:
     """The requested depth, clamped (with a log line saying so) to the shallower tower's number of blocks."""
-    limit = min(len(backbone.model.visual.transformer.resblocks), len(backbone.text.tower.transformer.resblocks))
+    limit = deep_prompt_depth_limit(backbone.model)
     if requested > limit:
         log.warning("MaPLe depth %d exceeds this backbone's %d layers (the shallower tower); using depth %d",
                     requested, limit, limit)
