@@ -34,16 +34,18 @@ OPTIMIZERS = ("sgd", "adamw")
 class TrainConfig:
     epochs: int = field(default=10, metadata={"help": "passes over the few-shot images"})
     batch_size: int = field(default=32, metadata={"help": "images per step"})
-    optimizer: str = field(default="sgd", metadata={"help": "'sgd' (momentum 0.9) or 'adamw'"})
+    optimizer: str = field(default="sgd", metadata={"help": "sgd has momentum 0.9",
+                                                              "choices": OPTIMIZERS})
     lr: float = field(default=0.002, metadata={"help": "peak learning rate"})
     weight_decay: float = field(default=5e-4, metadata={"help": "weight decay"})
-    warmup_epochs: int = field(default=1, metadata={"help": "epochs at the constant warm-up rate"})
+    warmup_epochs: int = field(default=1, metadata={"help": "epochs at the constant warm-up rate (the CLI lowers "
+                                                            "its default to epochs - 1 when that is fewer)"})
     warmup_lr: float = field(default=1e-5, metadata={"help": "learning rate during warm-up"})
     warmup_steps: int | None = field(default=None, metadata={"help": "warm-up in steps (overrides warmup_epochs)"})
     adam_eps: float = field(default=1e-8, metadata={"help": "AdamW epsilon (TGP-T uses 1e-7)"})
-    seed: int = field(default=1, metadata={"help": "seeds torch, numpy, random and the data order"})
+    seed: int = field(default=1, metadata={"help": "seeds torch, numpy, random and the data order", "cli": False})
     deterministic: bool = field(default=False, metadata={"help": "torch deterministic algorithms"})
-    progress: bool = field(default=False, metadata={"help": "show tqdm progress bars"})
+    progress: bool = field(default=False, metadata={"help": "show tqdm progress bars", "cli": False})
 
     def __post_init__(self) -> None:
         if self.optimizer not in OPTIMIZERS:

@@ -13,12 +13,13 @@ from service.bundle import decode_bundle, read_bundle
 from trainer.cli import main
 from trainer.world import FAMILIES, write_imagefolder
 
-MICRO = ["--model", "test-micro", "--device", "cpu", "--no-progress"]
+MICRO = ["--model", "test-micro", "--random-weights", "--device", "cpu", "--no-progress"]
 FAST = ["--epochs", "4", "--batch-size", "8", "--warmup-epochs", "1", "--lr", "0.01"]
 
 
 def _run(capsys: pytest.CaptureFixture, *argv: str) -> tuple[int, dict | None, str]:
-    code = main(list(argv))
+    """main(argv) → (exit code, the printed JSON (train with --json), stderr)."""
+    code = main([*argv, "--json"] if argv[0] == "train" else list(argv))
     out, err = capsys.readouterr()
     return code, (json.loads(out) if code == 0 else None), err
 

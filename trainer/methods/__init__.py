@@ -1,5 +1,6 @@
 """Prompt methods (text-side, MaPLe's vision-side, TGP-T's image-conditioned), registered once:
-name → (config class, learner class, training defaults)."""
+name → (config class, learner class, training defaults). The CLI's method flags are generated from these
+configs' fields (`method_options`); the bundle side of each method is `service.bundle.METHODS`."""
 
 from __future__ import annotations
 
@@ -15,6 +16,7 @@ from trainer.methods.qprompt import QPrompt, QPromptConfig
 from trainer.methods.quantizer import QuantizerConfig
 from trainer.methods.rlp import RLP, RLPConfig
 from trainer.methods.tgpt import TGPT, TRAIN_DEFAULTS, TGPTConfig
+from trainer.options import OptionSpec, config_options, merge_options
 
 
 @dataclass(frozen=True)
@@ -49,6 +51,11 @@ def make_config(method: str, **options: Any) -> Any:
     return entry.config(**options)
 
 
+def method_options() -> dict[str, OptionSpec]:
+    """Every method's config options, each once, with its default per method (QPrompt's quantizer flattened)."""
+    return merge_options({name: config_options(entry.config, name) for name, entry in METHODS.items()})
+
+
 def build_learner(method: str, config: Any, backbone: Backbone, classnames: tuple[str, ...]) -> PromptLearner | TGPT:
     return _entry(method).learner(config, backbone, classnames)
 
@@ -59,4 +66,4 @@ def _entry(method: str) -> MethodEntry:
     return METHODS[method]
 
 
-__all__ = ["METHODS", "TGPT", "PromptConfig", "PromptLearner", "build_learner", "make_config"]
+__all__ = ["METHODS", "TGPT", "PromptConfig", "PromptLearner", "build_learner", "make_config", "method_options"]

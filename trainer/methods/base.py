@@ -31,9 +31,11 @@ EXPORT_DTYPES = {"float16": torch.float16, "float32": torch.float32}
 class PromptConfig:
     n_ctx: int = field(default=4, metadata={"help": "number of learned context tokens"})
     ctx_init: str | None = field(
-        default="a photo of a", metadata={"help": "text whose token embeddings start the context; None = N(0, std)"}
+        default="a photo of a", metadata={"help": "text whose token embeddings start the context; '' = N(0, init_std)"}
     )
-    class_token_position: str = field(default="end", metadata={"help": "'end', 'middle' or 'front'"})
+    class_token_position: str = field(
+        default="end", metadata={"help": "where the class name goes", "choices": CLASS_TOKEN_POSITIONS}
+    )
     init_std: float = field(default=0.02, metadata={"help": "std of the random init when ctx_init is None"})
 
     def __post_init__(self) -> None:

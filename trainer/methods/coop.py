@@ -13,7 +13,8 @@ from trainer.methods.base import EXPORT_DTYPES, PromptConfig, PromptLearner, ini
 
 @dataclass
 class CoOpConfig(PromptConfig):
-    export_dtype: str = field(default="float16", metadata={"help": "dtype of the exported ctx: float16 or float32"})
+    export_dtype: str = field(default="float16", metadata={"help": "dtype of the exported ctx",
+                                                                  "choices": tuple(EXPORT_DTYPES)})
 
     def __post_init__(self) -> None:
         super().__post_init__()

@@ -33,7 +33,8 @@ class MaPLeConfig(PromptConfig):
     n_ctx: int = field(default=2, metadata={"help": "prompt tokens per layer and tower"})
     depth: int = field(default=9, metadata={"help": "J: layers that get prompts (clamped to the towers' depth)"})
     deep_std: float = field(default=0.02, metadata={"help": "std of the deep text prompts' N(0, std) init"})
-    export_dtype: str = field(default="float16", metadata={"help": "dtype of the merged prompts: float16 or float32"})
+    export_dtype: str = field(default="float16", metadata={"help": "dtype of the merged prompts",
+                                                                  "choices": tuple(EXPORT_DTYPES)})
 
     def __post_init__(self) -> None:
         super().__post_init__()

@@ -28,9 +28,11 @@ class RLPConfig(PromptConfig):
     rank: int = field(default=1, metadata={"help": "rank r of the update A·B"})
     dropout: float = field(default=0.1, metadata={"help": "dropout on the low-rank branch (training only)"})
     factor_std: float | None = field(default=None, metadata={"help": "std of B's init (A is 0); None = 1/sqrt(d)"})
-    init_seed: int = field(default=1, metadata={"help": "seed of B's random init (the trainer passes --seed)"})
-    export_format: str = field(default="factorized", metadata={"help": "'factorized' (A, B fp16) or 'merged' ctx"})
-    export_dtype: str = field(default="float32", metadata={"help": "dtype of the merged ctx: float16 or float32"})
+    init_seed: int = field(default=1, metadata={"help": "seed of B's random init", "cli": False})  # from --seed
+    export_format: str = field(default="factorized", metadata={"help": "'factorized' (A, B fp16) or 'merged' ctx",
+                                                               "choices": RLP_FORMATS})
+    export_dtype: str = field(default="float32", metadata={"help": "dtype of the merged ctx",
+                                                           "choices": tuple(EXPORT_DTYPES)})
 
     def __post_init__(self) -> None:
         super().__post_init__()

@@ -53,7 +53,8 @@ class TGPTConfig:
     label_smoothing: float = field(default=0.1, metadata={"help": "of the token cross-entropy"})
     vocab_chunk: int = field(default=8192, metadata={"help": "vocabulary rows per chunk of the token loss"})
     templates: tuple[str, ...] = field(default=(CATEGORY_TEMPLATE,), metadata={"help": "zero-shot head init"})
-    export_dtype: str = field(default="float16", metadata={"help": "float16 or float32"})
+    export_dtype: str = field(default="float16", metadata={"help": "dtype of the exported tensors",
+                                                           "choices": tuple(EXPORT_DTYPES)})
 
     def __post_init__(self) -> None:
         if self.category_queries < 1 or self.content_queries < 1:

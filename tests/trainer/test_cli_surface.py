@@ -1,0 +1,140 @@
+"""What a user of `promptserve-train` meets first: help, refusals that say what to pass, the one-line summary."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from fixture_data import make_imagefolder
+
+from service.bundle import read_bundle
+from trainer.cli import main
+from trainer.methods import METHODS
+
+MICRO = ["--model", "test-micro", "--random-weights", "--device", "cpu", "--no-progress"]
+ONE_EPOCH = ["--epochs", "1", "--batch-size", "8", "--lr", "0.01", "--shots", "2"]
+ROOT = Path(__file__).resolve().parents[2]
+
+
+def _modules_after(argv: list[str]) -> set[str]:
+    """The top-level modules loaded after main(argv) in a fresh interpreter (help exits via SystemExit)."""
+    code = ("import sys\nfrom trainer.cli import main\ntry:\n    main(sys.argv[1:])\nexcept SystemExit:\n    pass\n"
+            "print(' '.join(sorted({m.split('.')[0] for m in sys.modules})), file=sys.stderr)")
+    done = subprocess.run([sys.executable, "-c", code, *argv], capture_output=True, text=True, cwd=ROOT,
+                          env={"PYTHONPATH": str(ROOT)}, timeout=120)
+    return set(done.stderr.split())
+
+
+@pytest.mark.parametrize("argv", [["--help"], ["eval", "--help"], ["inspect", "--help"]])
+def test_help_imports_neither_torch_nor_open_clip(argv: list[str]) -> None:
+    loaded = _modules_after(argv)
+    assert "trainer" in loaded and not {"torch", "open_clip"} & loaded
+
+
+def test_inspect_reads_the_bundle_without_open_clip(tmp_path: Path, capsys) -> None:
+    bundle = _train(tmp_path, capsys, "coop")
+    loaded = _modules_after(["inspect", str(bundle)])
+    assert "service" in loaded and "open_clip" not in loaded
+
+
+def test_train_help_shows_every_config_option_with_its_defaults_and_choices(capsys) -> None:
+    with pytest.raises(SystemExit):
+        main(["train", "--help"])
+    text = " ".join(capsys.readouterr().out.split())
+    for name in ("n-ctx", "ctx-init", "bits", "kl-threshold", "rank", "export-format", "depth", "category-queries",
+                 "templates", "epochs", "warmup-epochs", "optimizer"):
+        assert f"--{name}" in text
+    assert text.count("--n-ctx N") == 2  # once in usage, once in the option list: shared fields appear once
+    assert "(default: 4; maple, qmaple: 2) [coop, qprompt, rlp, maple, qmaple]" in text
+    assert "(default: 1; qmaple: 4) [qprompt, qmaple]" in text
+    assert "--export-format {merged,factorized}" in text and "--optimizer {sgd,adamw}" in text
+    assert "(default: 0.002; tgpt: 5e-05)" in text  # TGP-T's own training recipe
+    assert "--init-seed" not in text  # filled from --seed
+
+
+def test_a_new_config_field_becomes_a_flag_without_touching_the_cli(monkeypatch, capsys) -> None:
+    import dataclasses
+
+    entry = METHODS["coop"]
+    extra = dataclasses.make_dataclass("CoOpPlus", [("temperature", float, dataclasses.field(
+        default=0.5, metadata={"help": "a new knob", "choices": (0.5, 1.0)}))], bases=(entry.config,))
+    monkeypatch.setitem(METHODS, "coop", dataclasses.replace(entry, config=extra))
+    with pytest.raises(SystemExit):
+        main(["train", "--help"])
+    assert "--temperature {0.5,1.0}" in capsys.readouterr().out
+
+
+def test_unknown_option_for_the_method_is_refused_by_name(tmp_path: Path, capsys) -> None:
+    data = make_imagefolder(tmp_path / "data")
+    code = main(["train", "--method", "coop", "--rank", "2", "--layout", "imagefolder", "--data", str(data),
+                 "--output", str(tmp_path / "b.safetensors"), *MICRO, *ONE_EPOCH])
+    assert code == 2 and "has no option 'rank'" in capsys.readouterr().err
+    assert not (tmp_path / "b.safetensors").exists()
+
+
+@pytest.mark.parametrize(("extra", "message"), [
+    ((), "pass --pretrained TAG|PATH"),
+    (("--pretrained", "openai", "--random-weights"), "exclude each other"),
+])
+def test_weights_must_be_chosen_explicitly(tmp_path: Path, capsys, extra: tuple[str, ...], message: str) -> None:
+    data = make_imagefolder(tmp_path / "data")
+    output = tmp_path / "b.safetensors"
+    code = main(["train", "--method", "coop", "--layout", "imagefolder", "--data", str(data), "--output", str(output),
+                 "--model", "test-micro", "--device", "cpu", *ONE_EPOCH, *extra])
+    err = capsys.readouterr().err
+    assert code == 2 and message in err and "--random-weights" in err
+    assert not output.exists()
+
+
+def test_a_folder_without_coop_split_suggests_imagefolder(tmp_path: Path, capsys) -> None:
+    data = make_imagefolder(tmp_path / "data")
+    code = main(["train", "--method", "coop", "--data", str(data), "--output", str(tmp_path / "b.safetensors"),
+                 *MICRO, *ONE_EPOCH])
+    err = capsys.readouterr().err
+    assert code == 2 and "split_zhou_" in err and "--layout imagefolder" in err
+
+
+def _train(tmp_path: Path, capsys, method: str, *extra: str) -> Path:
+    data = make_imagefolder(tmp_path / "data")
+    output = tmp_path / f"{method}.safetensors"
+    code = main(["train", "--method", method, "--layout", "imagefolder", "--data", str(data), "--output",
+                 str(output), *MICRO, *ONE_EPOCH, *extra])
+    assert code == 0, capsys.readouterr().err
+    return output
+
+
+def test_train_prints_one_summary_line_and_writes_the_full_result_next_to_the_bundle(tmp_path: Path,
+                                                                                     capsys) -> None:
+    capsys.readouterr()
+    output = _train(tmp_path, capsys, "coop")
+    lines = capsys.readouterr().out.splitlines()
+    full = json.loads(Path(f"{output}.json").read_text())
+    assert len(lines) == 1
+    assert lines[0].startswith("coop: top-1 ") and f"bundle {full['bytes']:,} bytes" in lines[0]
+    assert f"{full['seconds']:.1f} s" in lines[0] and f"{full['top1']:.1f}%" in lines[0]
+    assert full["bytes"] == output.stat().st_size and len(full["epochs"]) == 1
+    assert read_bundle(output).manifest.metrics["top1"] == full["top1"]
+
+
+def test_json_flag_prints_the_full_result(tmp_path: Path, capsys) -> None:
+    capsys.readouterr()
+    output = _train(tmp_path, capsys, "rlp", "--json")
+    printed = json.loads(capsys.readouterr().out)
+    assert printed == json.loads(Path(f"{output}.json").read_text()) and printed["method"] == "rlp"
+
+
+def test_one_epoch_trains_with_the_warm_up_lowered_to_none(tmp_path: Path, capsys) -> None:
+    output = _train(tmp_path, capsys, "qprompt", "--json")
+    result = json.loads(capsys.readouterr().out)
+    assert result["train"]["epochs"] == 1 and result["train"]["warmup_epochs"] == 0
+    assert output.is_file()
+
+
+def test_an_explicit_warm_up_longer_than_the_run_is_still_refused(tmp_path: Path, capsys) -> None:
+    data = make_imagefolder(tmp_path / "data")
+    code = main(["train", "--method", "coop", "--layout", "imagefolder", "--data", str(data),
+                 "--output", str(tmp_path / "b.safetensors"), *MICRO, *ONE_EPOCH, "--warmup-epochs", "1"])
+    assert code == 2 and "warmup_epochs (1) must be fewer than epochs (1)" in capsys.readouterr().err
