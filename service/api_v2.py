@@ -164,11 +164,24 @@ async def repository_index(state: State) -> list[dict[str, str]]:
 
 
 INFER_ERRORS = error_responses(*CLASSIFY_ERRORS, v2=True)
+# The JSON form of the body (the binary extension appends raw tensor data after it); read by hand, not by FastAPI
+INFER_BODY = {"requestBody": {"required": True, "content": {"application/json": {"schema": {
+    "type": "object", "required": ["inputs"], "properties": {
+        "id": {"type": "string"}, "parameters": {"type": "object", "properties": {"top_k": {"type": "integer",
+                                                                                            "minimum": 1}}},
+        "inputs": {"type": "array", "minItems": 1, "maxItems": 1, "items": {
+            "type": "object", "required": ["name", "shape", "datatype"], "properties": {
+                "name": {"const": INPUT}, "datatype": {"const": "BYTES"},
+                "shape": {"type": "array", "items": {"type": "integer", "minimum": 1}, "minItems": 1},
+                "data": {"type": "array", "items": {"type": "string", "description": "an image file's base64"}},
+                "parameters": {"type": "object"}}}},
+        "outputs": {"type": "array", "items": {"type": "object", "required": ["name"], "properties": {
+            "name": {"enum": list(OUTPUTS)}, "parameters": {"type": "object"}}}}}}}}}}
 
 
 @router.post("/models/{task}/infer", dependencies=ClassifyAccess, summary="Classify a BYTES tensor of images",
-             responses=INFER_ERRORS)
-@router.post(f"{VERSION}/infer", dependencies=ClassifyAccess, openapi_extra=VERSION_PARAMETER,
+             responses=INFER_ERRORS, openapi_extra=INFER_BODY)
+@router.post(f"{VERSION}/infer", dependencies=ClassifyAccess, openapi_extra=VERSION_PARAMETER | INFER_BODY,
              summary="Classify a BYTES tensor of images with the active version", name="version_infer",
              responses=INFER_ERRORS)
 async def infer(active: Model, request: Request, state: State) -> Response:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import copy
 import logging
 from collections.abc import Callable
 from contextlib import asynccontextmanager
@@ -26,7 +27,7 @@ from service.batcher import MicroBatcher
 from service.body_limit import RequestLimits, RouteLimits
 from service.config import MiB, Settings
 from service.demo import seed_demo_tasks
-from service.errors import ServiceError, error_body, error_responses, is_v2_path
+from service.errors import ServiceError, error_body, error_responses, error_schemas, is_v2_path
 from service.images import ImagePreprocessor
 from service.metrics import Metrics, MetricsMiddleware
 from service.propagation import Propagator
@@ -92,7 +93,7 @@ def create_app(settings: Settings | None = None, backbone: Backbone | None = Non
     app.include_router(v2_router)
     add_web_page(app)
     add_docs_pages(app)
-    app.openapi = lambda: app.openapi_schema or _openapi_with_limits(app, settings)
+    app.openapi = lambda: app.openapi_schema or _openapi(app, settings)
 
     @app.get("/metrics", tags=["health"], summary="Prometheus metrics", response_class=PlainTextResponse,
              responses=error_responses())
@@ -107,15 +108,19 @@ def create_app(settings: Settings | None = None, backbone: Backbone | None = Non
     return app
 
 
-def _openapi_with_limits(app: FastAPI, settings: Settings) -> dict:
-    """The schema with this service's request-size settings as maxItems / maxLength, built once."""
-    schema = FastAPI.openapi(app)
-    images = {"maxItems": settings.max_images_per_request}
+def _openapi(app: FastAPI, settings: Settings) -> dict:
+    """The schema with the error bodies, and this service's request-size settings as maxItems; built once."""
+    # a copy: FastAPI shares the routes' openapi_extra dicts between apps, and these limits are per app
+    schema = copy.deepcopy(FastAPI.openapi(app))
+    schema["components"]["schemas"] |= error_schemas()
+    bound = {"maxItems": settings.max_images_per_request}
     for path in ("/v1/tasks/{task}/classify", "/v1/classify"):
         for content in schema["paths"][path]["post"]["requestBody"]["content"].values():
-            body = content["schema"]
-            content["schema"] = body | {"properties": body["properties"] | {
-                "images": body["properties"]["images"] | images}}
+            content["schema"]["properties"]["images"] |= bound
+    for path in ("/v2/models/{task}/infer", "/v2/models/{task}/versions/{version}/infer"):
+        body = schema["paths"][path]["post"]["requestBody"]["content"]["application/json"]["schema"]
+        body["properties"]["inputs"]["items"]["properties"]["data"] |= bound
+    app.openapi_schema = schema
     return schema
 
 

@@ -89,7 +89,13 @@ WITH_BODY = (408, 413)
 
 def error_responses(*statuses: int, v2: bool = False) -> dict[int | str, dict[str, Any]]:
     """`responses=` for a route: each status with its schema, description and an example body."""
-    model = V2ErrorBody if v2 else ErrorBody
-    return {status: {"model": model, "description": STATUS_DOCS[status][0], "content": {"application/json": {
-        "example": error_body(STATUS_DOCS[status][2], STATUS_DOCS[status][1], v2=v2)}}}
+    # a $ref, not `model`: FastAPI would file a model under the route's own media type (text/plain for /metrics)
+    schema = {"$ref": f"#/components/schemas/{(V2ErrorBody if v2 else ErrorBody).__name__}"}
+    return {status: {"description": STATUS_DOCS[status][0], "content": {"application/json": {
+        "schema": schema, "example": error_body(STATUS_DOCS[status][2], STATUS_DOCS[status][1], v2=v2)}}}
         for status in sorted({*statuses, *ALWAYS})}
+
+
+def error_schemas() -> dict[str, Any]:
+    """The components `error_responses` refers to."""
+    return {model.__name__: model.model_json_schema() for model in (ErrorBody, V2ErrorBody)}

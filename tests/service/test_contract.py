@@ -56,12 +56,17 @@ def test_every_operation_answers_as_documented(contract_schema):
 
 def cases(operation) -> st.SearchStrategy:
     """Valid and invalid requests, and valid ones aimed at the stored task so the routes get past the 404."""
-    names = {p.name for p in operation.path_parameters}
-    real = {k: v for k, v in {"task": "t", "version": "1"}.items() if k in names}
-    strategies = [operation.as_strategy(mode) for mode in (GenerationMode.POSITIVE, GenerationMode.NEGATIVE)]
-    if real:
-        strategies += [operation.as_strategy(mode, path_parameters=real) for mode in GenerationMode]
+    path = {k: v for k, v in {"task": "t", "version": "1"}.items() if k in names(operation.path_parameters)}
+    query = {"tasks": ["t"]} if "tasks" in names(operation.query) else {}
+    strategies = [operation.as_strategy(mode) for mode in GenerationMode]
+    if path or query:
+        strategies += [operation.as_strategy(mode, path_parameters=path or None, query=query or None)
+                       for mode in GenerationMode]
     return st.one_of(strategies)
+
+
+def names(parameters) -> set[str]:
+    return {parameter.name for parameter in parameters}
 
 
 def fuzz(operation, statuses: Counter) -> None:
