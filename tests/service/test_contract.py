@@ -3,6 +3,7 @@ examples; every answer must be documented (status, content type, body schema) an
 
 from __future__ import annotations
 
+import os
 from collections import Counter
 
 import pytest
@@ -24,16 +25,20 @@ from service.registry import DirectoryRegistry
 
 TOKEN = "contract-admin-token"
 CHECKS = [not_a_server_error, status_code_conformance, content_type_conformance, response_schema_conformance]
-EXAMPLES = 40  # per operation: keeps the whole run well under a minute on two cores
+# per operation: 40 keeps the whole run well under a minute on two cores; CONTRACT_EXAMPLES=200 digs deeper
+EXAMPLES = int(os.environ.get("CONTRACT_EXAMPLES", "40"))
 
 
-@pytest.fixture
-def contract_schema(backbone, make_coop_bundle, tmp_path):
+# as configured in production; then with uploads disabled and classify guarded by a token the client lacks
+GUARDS = {"admin": {"admin_token": TOKEN}, "locked": {"classify_token": "another-token"}}
+
+
+@pytest.fixture(params=GUARDS.values(), ids=GUARDS.keys())
+def contract_schema(request, backbone, make_coop_bundle, tmp_path):
     root = tmp_path / "registry"
     registry = DirectoryRegistry(root)
     registry.activate("t", registry.store("t", make_coop_bundle(backbone, ["cat", "dog"])))  # one real task
-    app = create_app(Settings(model="test-micro", registry=str(root), admin_token=TOKEN, demo=False),
-                     backbone=backbone)
+    app = create_app(Settings(model="test-micro", registry=str(root), demo=False, **request.param), backbone=backbone)
     schema = schemathesis.openapi.from_asgi("/openapi.json", app)
     schema.config.seed = 0
     return schema
