@@ -16,7 +16,7 @@ from service.backbone import Backbone
 from service.batcher import MicroBatcher, Overloaded
 from service.bundle import BundleError
 from service.config import Settings
-from service.errors import ServiceError, storage_error
+from service.errors import WITH_BODY, ServiceError, error_responses, storage_error
 from service.images import DecodeLimits, ImagePreprocessor, decode_images
 from service.metrics import Metrics
 from service.propagation import Propagator
@@ -99,6 +99,8 @@ def require_classify(state: State, credentials: Credentials) -> None:
 router = APIRouter()
 AdminOnly = [Depends(require_admin)]
 ClassifyAccess = [Depends(require_classify)]
+ADMIN_ERRORS = (401, 403)
+CLASSIFY_ERRORS = (401, 403, 404, *WITH_BODY, 415, 422, 503)  # 401/403 only when a classify token is set
 
 BUNDLE_BODY = {"requestBody": {"required": True, "content": {"application/octet-stream": {
     "schema": {"type": "string", "format": "binary"}}}}}
@@ -108,41 +110,57 @@ IMAGES_BODY = {"requestBody": {"required": True, "content": {"multipart/form-dat
     "application/json": {"schema": JSON_IMAGES_SCHEMA}}}}
 
 
-@router.get("/healthz", tags=["health"], summary="Liveness")
+@router.get("/healthz", tags=["health"], summary="Liveness", responses=error_responses())
 async def healthz() -> dict[str, str]:
     return {"status": "ok"}
 
 
 RequireRegistry = Annotated[bool, Query(description="false: stay ready through a registry outage once restored "
                                                    "(the replica keeps serving its active versions)")]
+RequireTasks = Annotated[bool, Query(description="false: stay ready while some tasks failed to restore (every "
+                                                "other task serves; `failed_tasks` lists them)")]
 
 
-@router.get("/readyz", tags=["health"], summary="Readiness: backbone loaded, registry reachable, tasks restored",
-            responses={503: {"model": Readiness, "description": "not ready; `reason` says why"}})
-async def readyz(state: State, response: Response, require_registry: RequireRegistry = True) -> Readiness:
+def not_ready_reason(state: AppState, *, require_registry: bool = True, require_tasks: bool = True) -> str | None:
+    """Why this replica is not ready: registry unreachable or never synced, or a task that failed to restore."""
     health = state.propagation.health
     reason = health.problem()
     if reason and not require_registry and health.restored:
         reason = None
+    failed = state.tasks.restore_failures
+    if reason is None and require_tasks and failed:
+        reason = f"{len(failed)} task(s) failed to restore: {', '.join(sorted(failed))}"
+    return reason
+
+
+@router.get("/readyz", tags=["health"], summary="Readiness: backbone loaded, registry reachable, tasks restored",
+            responses={503: {"model": Readiness, "description": "not ready; `reason` says why"},
+                       **error_responses(422)})
+async def readyz(state: State, response: Response, require_registry: RequireRegistry = True,
+                 require_tasks: RequireTasks = True) -> Readiness:
+    health = state.propagation.health
+    reason = not_ready_reason(state, require_registry=require_registry, require_tasks=require_tasks)
     response.status_code = 200 if reason is None else 503
     return Readiness(ready=reason is None, reason=reason, registry=vars(health), tasks=len(state.tasks.all()),
                      failed_tasks=state.tasks.restore_failures, backbone=state.backbone.describe())
 
 
-@router.get("/v1/tasks", tags=["tasks"], summary="List active tasks")
+@router.get("/v1/tasks", tags=["tasks"], summary="List active tasks", responses=error_responses())
 async def list_tasks(state: State) -> TaskList:
     return TaskList(tasks=[TaskSummary(name=t.name, method=t.manifest.method, version=t.version,
                                        num_classes=len(t.manifest.classnames)) for t in state.tasks.all()])
 
 
-@router.get("/v1/tasks/{task}", tags=["tasks"], summary="Describe a task's active version")
+@router.get("/v1/tasks/{task}", tags=["tasks"], summary="Describe a task's active version",
+            responses=error_responses(404, 422))
 async def get_task(task: TaskName, state: State) -> TaskDetail:
     return TaskDetail.of(state.tasks.get(task))
 
 
 @router.post("/v1/tasks/{task}/versions", tags=["tasks"], status_code=201, dependencies=AdminOnly,
              openapi_extra=BUNDLE_BODY, summary="Upload a bundle as the task's new active version",
-             responses={200: {"model": TaskDetail, "description": "identical to a stored version: that one is active"}})
+             responses={200: {"model": TaskDetail, "description": "identical to a stored version: that one is active"},
+                        **error_responses(*ADMIN_ERRORS, *WITH_BODY, 415, 422, 503, 507)})
 async def upload_bundle(task: TaskName, request: Request, response: Response, state: State) -> TaskDetail:
     """The raw bundle file is the body. It becomes active only after its text features are cached; on
     any error the previous version keeps serving. A bundle identical (sha256) to a stored version
@@ -169,7 +187,8 @@ async def upload_bundle(task: TaskName, request: Request, response: Response, st
 
 
 @router.delete("/v1/tasks/{task}", tags=["tasks"], status_code=204, dependencies=AdminOnly,
-               summary="Delete a task and all its versions")
+               summary="Delete a task and all its versions",
+               responses=error_responses(*ADMIN_ERRORS, 404, 422, 503, 507))
 async def delete_task(task: TaskName, state: State) -> Response:
     try:
         await anyio.to_thread.run_sync(state.tasks.delete, task)
@@ -189,7 +208,8 @@ TaskNames = Annotated[list[Annotated[str, StringConstraints(pattern=TASK_NAME_PA
 
 
 @router.post("/v1/tasks/{task}/classify", tags=["classify"], dependencies=ClassifyAccess, openapi_extra=IMAGES_BODY,
-             response_model=ClassifyResponse, summary="Classify one or more images (multipart field 'images')")
+             response_model=ClassifyResponse, summary="Classify one or more images (multipart field 'images')",
+             responses=error_responses(*CLASSIFY_ERRORS))
 async def classify(task: TaskName, request: Request, state: State, top_k: TopK = 5,
                    version: PinnedVersion = None) -> Response:
     # this one version answers every image of the request
@@ -205,7 +225,7 @@ async def classify(task: TaskName, request: Request, state: State, top_k: TopK =
 
 
 @router.post("/v1/classify", tags=["classify"], dependencies=ClassifyAccess, openapi_extra=IMAGES_BODY,
-             response_model=MultiClassifyResponse,
+             response_model=MultiClassifyResponse, responses=error_responses(*CLASSIFY_ERRORS),
              summary="Classify images for several tasks in one micro-batched pass")
 async def classify_many(request: Request, state: State, tasks: TaskNames, top_k: TopK = 5) -> Response:
     """Tasks that leave the image tower untouched share one image forward; each vision-side task adds one."""

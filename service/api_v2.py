@@ -26,8 +26,17 @@ from fastapi.routing import APIRoute
 from pydantic import BaseModel, Field, ValidationError
 
 from service import __version__
-from service.api import AppState, ClassifyAccess, State, TaskName, classify_uploads, top_predictions
-from service.errors import ServiceError
+from service.api import (
+    CLASSIFY_ERRORS,
+    AppState,
+    ClassifyAccess,
+    State,
+    TaskName,
+    classify_uploads,
+    not_ready_reason,
+    top_predictions,
+)
+from service.errors import WITH_BODY, ServiceError, error_body, error_responses
 from service.registry import UnknownTask
 from service.schemas import Prediction
 from service.tasks import ActiveTask
@@ -59,14 +68,20 @@ class V2Route(APIRoute):
 
 
 def _error(status: int, code: str, message: str, headers: dict[str, str] | None = None) -> JSONResponse:
-    return JSONResponse({"error": message, "code": code, "detail": message}, status_code=status, headers=headers)
+    return JSONResponse(error_body(message, code, v2=True), status_code=status, headers=headers)
 
 
 def _describe(error: dict[str, Any]) -> str:
     return f"{'.'.join(str(p) for p in error.get('loc', ()))}: {error.get('msg', 'invalid')}"
 
 
-router = APIRouter(prefix="/v2", tags=["kserve-v2"], route_class=V2Route)
+router = APIRouter(prefix="/v2", tags=["kserve-v2"], route_class=V2Route,
+                   generate_unique_id_function=lambda route: f"v2_{route.name}")
+MODEL_ERRORS = error_responses(404, 422, v2=True)
+
+
+class V2Readiness(BaseModel):
+    ready: bool
 
 
 class InputTensor(BaseModel):
@@ -89,18 +104,20 @@ class InferRequest(BaseModel):
     outputs: list[RequestedOutput] | None = None
 
 
-@router.get("/health/live", summary="Server liveness")
+@router.get("/health/live", summary="Server liveness", responses=error_responses(v2=True))
 async def live() -> dict[str, bool]:
     return {"live": True}
 
 
-@router.get("/health/ready", summary="Server readiness: backbone loaded and every task restored")
+@router.get("/health/ready", summary="Server readiness: registry reachable and every task restored (as /readyz)",
+            response_model=V2Readiness,
+            responses={503: {"model": V2Readiness, "description": "not ready"}, **error_responses(v2=True)})
 async def ready(state: State) -> JSONResponse:
-    is_ready = not state.tasks.restore_failures
+    is_ready = not_ready_reason(state) is None
     return JSONResponse({"ready": is_ready}, status_code=200 if is_ready else 503)
 
 
-@router.get("", summary="Server metadata")
+@router.get("", summary="Server metadata", responses=error_responses(v2=True))
 async def server_metadata() -> dict[str, Any]:
     return {"name": "promptserve", "version": __version__, "extensions": ["binary_tensor_data", "model_repository"]}
 
@@ -120,8 +137,9 @@ VERSION_PARAMETER = {"parameters": [{"name": "version", "in": "path", "required"
                                      "description": "the task's active version"}]}
 
 
-@router.get("/models/{task}", summary="Model metadata: a task's input and outputs")
-@router.get(VERSION, summary="Model metadata of the active version", openapi_extra=VERSION_PARAMETER)
+@router.get("/models/{task}", summary="Model metadata: a task's input and outputs", responses=MODEL_ERRORS)
+@router.get(VERSION, summary="Model metadata of the active version", openapi_extra=VERSION_PARAMETER,
+            name="version_metadata", responses=MODEL_ERRORS)
 async def model_metadata(active: Model) -> dict[str, Any]:
     return {
         "name": active.name, "versions": [str(active.version)], "platform": f"promptserve_{active.manifest.method}",
@@ -132,20 +150,40 @@ async def model_metadata(active: Model) -> dict[str, Any]:
     }
 
 
-@router.get("/models/{task}/ready", summary="Model readiness")
-@router.get(f"{VERSION}/ready", summary="Model readiness of the active version", openapi_extra=VERSION_PARAMETER)
+@router.get("/models/{task}/ready", summary="Model readiness", responses=MODEL_ERRORS)
+@router.get(f"{VERSION}/ready", summary="Model readiness of the active version", openapi_extra=VERSION_PARAMETER,
+            name="version_ready", responses=MODEL_ERRORS)
 async def model_ready(active: Model) -> dict[str, Any]:
     return {"name": active.name, "ready": True, "version": str(active.version)}
 
 
-@router.post("/repository/index", summary="The models (tasks) this server holds")
+@router.post("/repository/index", summary="The models (tasks) this server holds",
+             responses=error_responses(*WITH_BODY, v2=True))
 async def repository_index(state: State) -> list[dict[str, str]]:
     return [{"name": t.name, "version": str(t.version), "state": "READY"} for t in state.tasks.all()]
 
 
-@router.post("/models/{task}/infer", dependencies=ClassifyAccess, summary="Classify a BYTES tensor of images")
-@router.post(f"{VERSION}/infer", dependencies=ClassifyAccess, openapi_extra=VERSION_PARAMETER,
-             summary="Classify a BYTES tensor of images with the active version")
+INFER_ERRORS = error_responses(*CLASSIFY_ERRORS, v2=True)
+# The JSON form of the body (the binary extension appends raw tensor data after it); read by hand, not by FastAPI
+INFER_BODY = {"requestBody": {"required": True, "content": {"application/json": {"schema": {
+    "type": "object", "required": ["inputs"], "properties": {
+        "id": {"type": "string"}, "parameters": {"type": "object", "properties": {"top_k": {"type": "integer",
+                                                                                            "minimum": 1}}},
+        "inputs": {"type": "array", "minItems": 1, "maxItems": 1, "items": {
+            "type": "object", "required": ["name", "shape", "datatype"], "properties": {
+                "name": {"const": INPUT}, "datatype": {"const": "BYTES"},
+                "shape": {"type": "array", "items": {"type": "integer", "minimum": 1}, "minItems": 1},
+                "data": {"type": "array", "items": {"type": "string", "description": "an image file's base64"}},
+                "parameters": {"type": "object"}}}},
+        "outputs": {"type": "array", "items": {"type": "object", "required": ["name"], "properties": {
+            "name": {"enum": list(OUTPUTS)}, "parameters": {"type": "object"}}}}}}}}}}
+
+
+@router.post("/models/{task}/infer", dependencies=ClassifyAccess, summary="Classify a BYTES tensor of images",
+             responses=INFER_ERRORS, openapi_extra=INFER_BODY)
+@router.post(f"{VERSION}/infer", dependencies=ClassifyAccess, openapi_extra=VERSION_PARAMETER | INFER_BODY,
+             summary="Classify a BYTES tensor of images with the active version", name="version_infer",
+             responses=INFER_ERRORS)
 async def infer(active: Model, request: Request, state: State) -> Response:
     if request.headers.get("content-encoding", "identity") != "identity":
         raise ServiceError(415, "unsupported_encoding", "send the request body uncompressed")

@@ -11,9 +11,9 @@ from typing import Annotated
 import anyio
 from fastapi import APIRouter, Path
 
-from service.api import AdminOnly, AppState, State, TaskName
+from service.api import ADMIN_ERRORS, AdminOnly, AppState, State, TaskName
 from service.bundle import BundleError
-from service.errors import ServiceError
+from service.errors import WITH_BODY, ServiceError, error_responses
 from service.registry import ALIAS_PATTERN, VERSION_REF_PATTERN
 from service.schemas import AliasList, AliasTarget, TaskDetail, VersionEntry, VersionList
 from service.tasks import ActiveTask
@@ -23,7 +23,8 @@ VersionRef = Annotated[str, Path(pattern=VERSION_REF_PATTERN, description="a ver
 AliasName = Annotated[str, Path(pattern=ALIAS_PATTERN, description="alias name, e.g. prod or canary")]
 
 
-@router.get("/v1/tasks/{task}/versions", summary="List a task's stored versions, its active one and aliases")
+@router.get("/v1/tasks/{task}/versions", summary="List a task's stored versions, its active one and aliases",
+            responses=error_responses(404, 422, 503))
 async def list_versions(task: TaskName, state: State) -> VersionList:
     versions = await anyio.to_thread.run_sync(state.tasks.versions, task)
     aliases = state.tasks.aliases(task)
@@ -35,7 +36,8 @@ async def list_versions(task: TaskName, state: State) -> VersionList:
 
 
 @router.post("/v1/tasks/{task}/versions/{ref}/activate", dependencies=AdminOnly,
-             summary="Make a stored version (number or alias) the active one: rollback or roll forward")
+             summary="Make a stored version (number or alias) the active one: rollback or roll forward",
+             responses=error_responses(*ADMIN_ERRORS, 404, 422, 503))
 async def activate_version(task: TaskName, ref: VersionRef, state: State) -> TaskDetail:
     """The version is prepared before the swap: if it cannot be served, the active one keeps serving."""
     active = await _in_activation_worker(state, _activate, state, task, ref)
@@ -47,20 +49,22 @@ def _activate(state: AppState, task: str, ref: str) -> ActiveTask:
     return state.tasks.activate(task, state.tasks.registry.resolve(task, ref))
 
 
-@router.get("/v1/tasks/{task}/aliases", summary="A task's aliases")
+@router.get("/v1/tasks/{task}/aliases", summary="A task's aliases", responses=error_responses(404, 422))
 async def list_aliases(task: TaskName, state: State) -> AliasList:
     state.tasks.get(task)  # 404 for an unknown task
     return AliasList(task=task, aliases=state.tasks.aliases(task))
 
 
 @router.put("/v1/tasks/{task}/aliases/{alias}", dependencies=AdminOnly,
-            summary="Point an alias at a version (a number or another alias)")
+            summary="Point an alias at a version (a number or another alias)",
+            responses=error_responses(*ADMIN_ERRORS, *WITH_BODY, 404, 422, 503))
 async def set_alias(task: TaskName, alias: AliasName, target: AliasTarget, state: State) -> AliasList:
     aliases = await _in_activation_worker(state, state.tasks.set_alias, task, alias, str(target.version))
     return AliasList(task=task, aliases=aliases)
 
 
-@router.delete("/v1/tasks/{task}/aliases/{alias}", dependencies=AdminOnly, summary="Remove an alias")
+@router.delete("/v1/tasks/{task}/aliases/{alias}", dependencies=AdminOnly, summary="Remove an alias",
+               responses=error_responses(*ADMIN_ERRORS, 404, 422, 503))
 async def delete_alias(task: TaskName, alias: AliasName, state: State) -> AliasList:
     aliases = await _in_activation_worker(state, state.tasks.delete_alias, task, alias)
     return AliasList(task=task, aliases=aliases)

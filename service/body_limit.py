@@ -13,7 +13,7 @@ from dataclasses import dataclass
 import anyio
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from service.errors import error_bytes
+from service.errors import error_bytes, is_v2_path
 
 
 @dataclass(frozen=True)
@@ -33,30 +33,31 @@ class RequestLimits:
         if scope["type"] != "http":
             await self.app(scope, receive, send)
             return
+        v2 = is_v2_path(scope["path"])  # V2 clients read the protocol's `error` field
         header_bytes = sum(len(k) + len(v) for k, v in scope["headers"])
         if header_bytes > self.max_header_bytes:
-            await reject(send, 431, "headers_too_large",
-                         f"request headers hold {header_bytes} bytes, more than the {self.max_header_bytes} allowed")
+            await reject(send, 431, "headers_too_large", f"request headers hold {header_bytes} bytes, more than the "
+                         f"{self.max_header_bytes} allowed", v2=v2)
             return
         limits = self.limits_for(scope)
         declared = dict(scope["headers"]).get(b"content-length")
         if declared is not None and declared.isdigit() and int(declared) > limits.max_body_bytes:
-            await _reject_size(send, limits.max_body_bytes)
+            await _reject_size(send, limits.max_body_bytes, v2)
             return
         if not limits.expensive:
-            await self._guarded(scope, receive, send, limits)
+            await self._guarded(scope, receive, send, limits, v2)
             return
         if self.inflight >= self.max_inflight:
             await reject(send, 503, "overloaded", f"{self.inflight} requests in progress; retry shortly",
-                         [(b"retry-after", b"1")])
+                         [(b"retry-after", b"1")], v2=v2)
             return
         self.inflight += 1
         try:
-            await self._guarded(scope, receive, send, limits)
+            await self._guarded(scope, receive, send, limits, v2)
         finally:
             self.inflight -= 1
 
-    async def _guarded(self, scope: Scope, receive: Receive, send: Send, limits: RouteLimits) -> None:
+    async def _guarded(self, scope: Scope, receive: Receive, send: Send, limits: RouteLimits, v2: bool) -> None:
         deadline = anyio.current_time() + self.body_timeout_s
         received, body_done, rejected = 0, False, False
 
@@ -71,14 +72,14 @@ class RequestLimits:
             if timer.cancelled_caught:
                 rejected = True
                 await reject(send, 408, "body_timeout", f"the request body did not arrive within "
-                             f"{self.body_timeout_s:g} s", CLOSE)
+                             f"{self.body_timeout_s:g} s", CLOSE, v2=v2)
                 return {"type": "http.disconnect"}
             if message["type"] == "http.request":
                 received += len(message.get("body", b""))
                 body_done = not message.get("more_body", False)
                 if received > limits.max_body_bytes:
                     rejected = True
-                    await _reject_size(send, limits.max_body_bytes)
+                    await _reject_size(send, limits.max_body_bytes, v2)
                     return {"type": "http.disconnect"}
             return message
 
@@ -96,13 +97,13 @@ class RequestLimits:
 CLOSE = [(b"connection", b"close")]  # the rest of the body is never read, so the connection cannot be reused
 
 
-async def _reject_size(send: Send, limit: int) -> None:
-    await reject(send, 413, "body_too_large", f"request body exceeds the {limit}-byte limit", CLOSE)
+async def _reject_size(send: Send, limit: int, v2: bool) -> None:
+    await reject(send, 413, "body_too_large", f"request body exceeds the {limit}-byte limit", CLOSE, v2=v2)
 
 
 async def reject(send: Send, status: int, code: str, detail: str,
-                 extra_headers: list[tuple[bytes, bytes]] | None = None) -> None:
-    body = error_bytes(detail, code)
+                 extra_headers: list[tuple[bytes, bytes]] | None = None, *, v2: bool = False) -> None:
+    body = error_bytes(detail, code, v2=v2)
     headers = [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode()),
                *(extra_headers or [])]
     await send({"type": "http.response.start", "status": status, "headers": headers})

@@ -5,13 +5,15 @@ from __future__ import annotations
 import time
 from collections.abc import Sequence
 
-from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, PlatformCollector, ProcessCollector
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 
 class Metrics:
     def __init__(self) -> None:
         self.registry = CollectorRegistry()
+        ProcessCollector(registry=self.registry)  # memory, CPU, open files of this process
+        PlatformCollector(registry=self.registry)  # python_info
         self.requests = Counter(
             "promptserve_requests", "HTTP requests", ["method", "route", "status"], registry=self.registry
         )
@@ -34,7 +36,6 @@ class Metrics:
         self.batch_rows.observe(rows)
         for wait in waits:
             self.queue_wait.observe(wait)
-
 
     def forget_task(self, task: str) -> None:
         """Drop a deleted task's series, so label values stay bounded by the tasks that exist."""

@@ -318,6 +318,12 @@ async def test_metrics_count_requests_errors_and_tasks(client, backbone, make_co
     assert "promptserve_batch_queue_seconds_count 1.0" in text
 
 
+async def test_metrics_include_process_and_platform_series(client):
+    text = (await client.get("/metrics")).text
+    assert "process_resident_memory_bytes " in text and "process_cpu_seconds_total " in text
+    assert "python_info{" in text
+
+
 async def test_openapi_documents_every_route(client):
     spec = (await client.get("/openapi.json")).json()
     assert {"/healthz", "/readyz", "/metrics", "/v1/tasks", "/v1/tasks/{task}", "/v1/tasks/{task}/versions",

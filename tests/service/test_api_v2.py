@@ -156,3 +156,15 @@ async def test_infer_needs_the_classify_token_when_one_is_set(backbone, tmp_path
                                     headers=headers | {"Authorization": "Bearer reader"})
         assert allowed.status_code == 200 and allowed.headers["content-type"] == "application/json"
         assert [o["name"] for o in allowed.json()["outputs"]] == ["labels", "probabilities"]
+
+
+@pytest.mark.anyio
+async def test_errors_answered_before_the_routes_carry_the_protocol_error_field(backbone, tmp_path):
+    async with running(backbone, settings_for(tmp_path, max_header_bytes=2048)) as client:
+        too_large = await client.get("/v2/health/live", headers={"X-Pad": "x" * 4096})
+        unknown = await client.get("/v2/no-such-route")
+        v1 = await client.get("/healthz", headers={"X-Pad": "x" * 4096})
+    assert too_large.status_code == 431 and too_large.json()["code"] == "headers_too_large"
+    assert too_large.json()["error"] == too_large.json()["detail"]
+    assert unknown.status_code == 404 and unknown.json()["error"]
+    assert v1.status_code == 431 and "error" not in v1.json()

@@ -120,3 +120,22 @@ def test_new_directories_are_fsynced_into_their_parent(tmp_path, monkeypatch):
     registry.store("birds", b"x")
     assert str(tmp_path) in synced and str(tmp_path / "a") in synced  # parents of the new root dirs
     assert str(tmp_path / "a" / "registry") in synced  # parent of the new task dir
+
+
+async def test_a_task_that_failed_to_restore_makes_the_replica_unready_unless_asked_not_to(
+        backbone, tmp_path, make_coop_bundle):
+    root = tmp_path / "registry"
+    registry = DirectoryRegistry(root)
+    registry.activate("good", registry.store("good", make_coop_bundle(backbone, ["a", "b"])))
+    registry.activate("bad", registry.store("bad", make_coop_bundle(backbone, ["a", "b"])))
+    (root / "bad" / "ACTIVE").write_bytes(b"garbage")
+    async with running(backbone, settings_for(tmp_path)) as client:
+        strict = await client.get("/readyz")
+        assert strict.status_code == 503 and "bad" in strict.json()["reason"], strict.text
+        assert (await client.get("/v2/health/ready")).status_code == 503
+        lenient = await client.get("/readyz", params={"require_tasks": "false"})  # what the probes ask
+        assert lenient.status_code == 200 and "bad" in lenient.json()["failed_tasks"]
+        assert (await classify(client, "good", [png()])).status_code == 200
+        await client.delete("/v1/tasks/bad", headers={"Authorization": "Bearer test-admin-token"})
+        assert (await client.get("/readyz")).status_code == 200
+        assert (await client.get("/v2/health/ready")).json() == {"ready": True}
