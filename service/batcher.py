@@ -6,10 +6,14 @@ the next one fills up, so batches grow with load. The queue is bounded in rows (
 forward): when full, callers get `Overloaded` at once instead of waiting without limit.
 
 When to start a batch: closed-loop clients all get their answers from one batch and send their next
-requests together, but each spends a few milliseconds being read and decoded, so a worker that starts on
-the first arrival splits them into uneven batches (1+7, 2+6) for good. So requests announce themselves
-while they are read and decoded (`incoming()`), and the worker waits for those — never longer than
-`max_wait_s` after the first job, and only `SETTLE_S` when nothing is incoming.
+requests together, but each spends a few milliseconds on the way back, so a worker that starts on the first
+arrival splits them into uneven groups (3+5, 2+6) — and the split sustains itself: each group queues while
+the other one runs. So the worker waits, never longer than `max_wait_s` after the first job, for
+- requests that have announced themselves while they are read and decoded (`incoming()`), and
+- as many rows as were in flight when the last batch finished (its rows plus those queued meanwhile): the
+  clients it just answered are expected back, which merges the groups;
+and only `SETTLE_S` when neither is pending. When load drops, the wait for absent clients costs one
+`max_wait_s` once: the next estimate is what actually came.
 
 The batcher knows nothing of images or tasks: `rows` says what a job costs and `run` turns a list of jobs
 into one result per job (service/runtime.py supplies both for classification).
@@ -58,6 +62,7 @@ class MicroBatcher(Generic[Job, Result]):
         self._queue: deque[_Pending[Job]] = deque()
         self._queued_rows = 0
         self._incoming = 0
+        self._expected_rows = 0  # rows in flight when the last batch finished: the clients expected back
         self._arrived: asyncio.Event | None = None
         self._changed: asyncio.Event | None = None
         self.batch_rows: deque[int] = deque(maxlen=1000)  # recent batch sizes in rows, for tests
@@ -111,12 +116,15 @@ class MicroBatcher(Generic[Job, Result]):
                 await self._run_batch(batch)
 
     async def _gather(self) -> None:
-        """Wait until the batch is full, nothing more is incoming (after a short settle), or the deadline."""
+        """Wait until the batch is full, nothing more is incoming or expected (after a short settle), or the
+        deadline."""
         start = time.perf_counter()
         _, changed = self._events()
+        expected = min(self._expected_rows, self.max_rows)
         while self._queued_rows < self.max_rows:
             elapsed = time.perf_counter() - start
-            limit = self.max_wait_s if self._incoming else min(SETTLE_S, self.max_wait_s)
+            waiting = self._incoming or self._queued_rows < expected
+            limit = self.max_wait_s if waiting else min(SETTLE_S, self.max_wait_s)
             if elapsed >= limit:
                 return
             changed.clear()
@@ -147,6 +155,7 @@ class MicroBatcher(Generic[Job, Result]):
                 if not p.future.done():
                     p.future.set_exception(exc)
             return
+        self._expected_rows = rows + self._queued_rows
         for p, result in zip(batch, results, strict=True):
             if not p.future.done():  # the client may have gone away
                 p.future.set_result(result)

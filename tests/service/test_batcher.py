@@ -120,3 +120,27 @@ async def test_batches_report_their_rows_and_queue_waits():
     finally:
         worker.cancel()
     assert seen == [(5, 2)]
+
+
+async def test_closed_loop_clients_split_into_two_groups_merge_into_full_batches():
+    """Each client's next request comes back a few milliseconds after its answer, unannounced (the network,
+    the client's own work): the groups a first split makes (here 3 + 5) still merge into batches of eight."""
+    def forward(jobs):
+        time.sleep(0.02)
+        return jobs
+
+    batcher = MicroBatcher(forward, lambda job: 1, max_rows=32, max_wait_s=0.2, max_queued_rows=64)
+    worker = asyncio.create_task(batcher.run())
+
+    async def client(delay_s: float, back_s: float):
+        await asyncio.sleep(delay_s)  # the first requests arrive in two groups
+        for _ in range(8):
+            await batcher.submit(back_s)
+            await asyncio.sleep(back_s)
+
+    try:
+        await asyncio.gather(*(client(0.0 if k < 3 else 0.01, 0.001 * (1 + k % 4)) for k in range(8)))
+    finally:
+        worker.cancel()
+    rows = list(batcher.batch_rows)
+    assert rows[0] == 3 and all(r == 8 for r in rows[1:-1]), rows  # the last: what the first group left over
