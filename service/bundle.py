@@ -243,6 +243,10 @@ class MethodSpec:
         return self.info.vision_side
 
     @property
+    def image_conditioned(self) -> bool:
+        return self.info.image_conditioned
+
+    @property
     def kind(self) -> str:
         return self.info.kind
 

@@ -15,7 +15,7 @@ from dataclasses import dataclass
 from typing import Annotated, Any
 
 import pydantic_core
-from pydantic import BaseModel, ConfigDict, Field, TypeAdapter, ValidationError
+from pydantic import BaseModel, ConfigDict, Field, TypeAdapter, ValidationError, field_validator
 
 from service.manifest import (
     FORMAT_NAME,
@@ -125,6 +125,13 @@ class TensorEntry(BaseModel):
     dtype: str
     shape: Annotated[list[Annotated[int, Field(ge=0)]], Field(max_length=8)]
     data_offsets: Annotated[list[Annotated[int, Field(ge=0)]], Field(min_length=2, max_length=2)]
+
+    @field_validator("data_offsets")
+    @classmethod
+    def _begin_before_end(cls, offsets: list[int]) -> list[int]:
+        if offsets[0] > offsets[1]:
+            raise ValueError("data_offsets must be [begin, end] with begin ≤ end")
+        return offsets
 
 
 @dataclass(frozen=True)
