@@ -3,7 +3,8 @@
 A bundle is one safetensors file. Its header's `__metadata__` holds a JSON manifest under
 `MANIFEST_KEY`; its tensors hold only what a method learned. Nothing is ever unpickled: the header is
 parsed as JSON with bounds checks before any tensor is materialized, and every violation raises a
-`BundleError` that names the offending field.
+`BundleError` that names the offending field. The header and manifest half, which needs no torch, is
+`service.bundle_header`; this module adds the tensors (per-method rules, dtypes, shapes, values).
 """
 
 from __future__ import annotations
@@ -12,37 +13,37 @@ import json
 import logging
 import math
 import os
-import struct
 import tempfile
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Annotated, Any
+from typing import Any
 
-import pydantic_core
 import safetensors.torch
 import torch
-from pydantic import BaseModel, ConfigDict, Field, TypeAdapter, ValidationError
+from pydantic import TypeAdapter
 
 from service.bitpack import packed_size, unpack_indices
 from service.bonder import TGPTDims, tgpt_parameter_shapes
+from service.bundle_header import (
+    MANIFEST_KEY,
+    METHOD_INFO,
+    BundleError,
+    MethodInfo,
+    ctx_shape,
+    decode_header,
+    maple_shapes,
+    tensor_entry,
+)
 from service.manifest import (
     CLASS_TOKEN_POSITIONS,
     DEFAULT_TEMPLATES,
     FORMAT_NAME,
     FORMAT_VERSION,
     MAX_CLASSNAME_CHARS,
-    MAX_CONTEXT_ELEMENTS,
     BackboneRef,
     Manifest,
-    MapleOptions,
-    NoOptions,
     PromptLayout,
-    QMapleOptions,
-    QPromptOptions,
-    RLPOptions,
-    TGPTOptions,
-    ZeroShotOptions,
     describe_input,
 )
 
@@ -54,30 +55,8 @@ __all__ = [
     "decode_bundle", "encode_bundle", "fill_template", "read_bundle", "write_bundle",
 ]
 
-MANIFEST_KEY = "promptserve.manifest"
-MAX_HEADER_BYTES = 8 * 1024 * 1024
 MAX_ABS_VALUE = 1e4  # learned prompt values live near token-embedding scale; far larger ones only overflow
 FLOAT_DTYPES = {"F16": torch.float16, "BF16": torch.bfloat16, "F32": torch.float32}
-
-
-class BundleError(ValueError):
-    """A bundle violates the contract; `field` names the offending manifest field or tensor."""
-
-    def __init__(self, field_name: str, problem: str):
-        self.field = field_name
-        self.problem = problem
-        super().__init__(f"bundle field '{field_name}': {problem}")
-
-    @classmethod
-    def from_validation(cls, exc: ValidationError, prefix: str = "") -> BundleError:
-        """The first problem pydantic found, named by its field path (list indexes dropped)."""
-        first = exc.errors(include_url=False)[0]
-        path = ".".join(str(part) for part in first["loc"] if isinstance(part, str))
-        field_name = ".".join(p for p in (prefix, path) if p) or "manifest"
-        problem = first["msg"].removeprefix("Value error, ")
-        if first["type"] not in ("missing", "json_invalid", "value_error"):
-            problem += f" (got {describe_input(first.get('input'))})"
-        return cls(field_name, problem)
 
 
 def fill_template(template: str, classname: str) -> str:
@@ -126,22 +105,17 @@ class TensorRule:
     dtypes: tuple[str, ...]
 
 
-def _ctx_shape(m: Manifest) -> tuple[int, ...]:
-    p = m.prompt
-    return (len(m.classnames), p.n_ctx, p.ctx_dim) if p.class_specific else (p.n_ctx, p.ctx_dim)
-
-
 def _no_tensors(m: Manifest) -> dict[str, TensorRule]:
     return {}
 
 
 def _plain_ctx_tensors(m: Manifest) -> dict[str, TensorRule]:
-    return {"ctx": TensorRule(_ctx_shape(m), tuple(FLOAT_DTYPES))}
+    return {"ctx": TensorRule(ctx_shape(m), tuple(FLOAT_DTYPES))}
 
 
 def _qprompt_tensors(m: Manifest) -> dict[str, TensorRule]:
     bits = m.options["bits"]
-    count = math.prod(_ctx_shape(m))
+    count = math.prod(ctx_shape(m))
     return {
         "indices": TensorRule((packed_size(bits, count),), ("U8",)),
         "codebook": TensorRule((2**bits,), ("F16", "F32")),
@@ -149,24 +123,6 @@ def _qprompt_tensors(m: Manifest) -> dict[str, TensorRule]:
         "sigma": TensorRule((1,), ("F32",)),
     }
 
-
-class OptionsCheck:
-    """Validates a method's `options` with its typed model; `model` also feeds the published JSON Schema."""
-
-    def __init__(self, model: type[BaseModel]):
-        self.model = model
-
-    def __call__(self, options: Mapping[str, Any]) -> None:
-        try:
-            self.model.model_validate(options, strict=True)
-        except ValidationError as exc:
-            raise BundleError.from_validation(exc, "options") from exc
-
-
-# RLP bundles come in two forms (options.format): "merged" (a plain ctx, CoOp's tensors; bundles without a
-# format are merged) and "factorized" (fp16 factors a [n_ctx, r] and b [r, d] plus options.ctx_init; the
-# base prompt is that phrase's token embeddings, rebuilt from the backbone, so ctx = base + a·b).
-RLP_FORMATS = ("merged", "factorized")
 
 def phrase_embeddings(encoder: Any, text: str, n_ctx: int) -> torch.Tensor:
     """Token embeddings [n_ctx, d] (float32, CPU) of `text`, which must be exactly `n_ctx` tokens."""
@@ -212,29 +168,14 @@ def _tgpt_tensors(m: Manifest) -> dict[str, TensorRule]:
     return {name: TensorRule(shape, ("F16", "F32")) for name, shape in shapes.items()}
 
 
-_check_zeroshot_options = OptionsCheck(ZeroShotOptions)
-_check_qprompt_options = OptionsCheck(QPromptOptions)
-_no_options = OptionsCheck(NoOptions)
-_check_maple_options = OptionsCheck(MapleOptions)
-_check_qmaple_options = OptionsCheck(QMapleOptions)
-_check_tgpt_options = OptionsCheck(TGPTOptions)
-_check_rlp_options = OptionsCheck(RLPOptions)
-
-
-def _maple_shapes(m: Manifest) -> tuple[tuple[int, ...], tuple[int, ...]]:
-    """(text prompts [J, n, d_t], vision prompts [J, n, d_v]) of a MaPLe manifest."""
-    depth, n = m.options["depth"], m.prompt.n_ctx
-    return (depth, n, m.prompt.ctx_dim), (depth, n, m.options["vision_width"])
-
-
 def _maple_tensors(m: Manifest) -> dict[str, TensorRule]:
-    text, vision = _maple_shapes(m)
+    text, vision = maple_shapes(m)
     return {"text_prompts": TensorRule(text, tuple(FLOAT_DTYPES)), "vision_prompts": TensorRule(vision, ("F16", "F32"))}
 
 
 def _qmaple_tensors(m: Manifest) -> dict[str, TensorRule]:
     """Text prompts packed b-bit with one codebook and (mu, sigma) per depth row (one quantizer per tensor)."""
-    (text, vision), bits = _maple_shapes(m), m.options["bits"]
+    (text, vision), bits = maple_shapes(m), m.options["bits"]
     return {
         "indices": TensorRule((packed_size(bits, math.prod(text)),), ("U8",)),
         "codebook": TensorRule((text[0], 2**bits), ("F16", "F32")),
@@ -259,7 +200,7 @@ def _dequantize(bundle: Bundle, shape: tuple[int, ...]) -> torch.Tensor:
 
 
 def _dequantized_ctx(bundle: Bundle, text: Any = None) -> torch.Tensor:
-    return _dequantize(bundle, _ctx_shape(bundle.manifest))
+    return _dequantize(bundle, ctx_shape(bundle.manifest))
 
 
 def _maple_text_prompts(bundle: Bundle) -> torch.Tensor:
@@ -267,7 +208,7 @@ def _maple_text_prompts(bundle: Bundle) -> torch.Tensor:
 
 
 def _qmaple_text_prompts(bundle: Bundle) -> torch.Tensor:
-    return _dequantize(bundle, _maple_shapes(bundle.manifest)[0])
+    return _dequantize(bundle, maple_shapes(bundle.manifest)[0])
 
 
 def _merged_vision_prompts(bundle: Bundle) -> torch.Tensor:
@@ -280,42 +221,51 @@ def _none(bundle: Bundle, text: Any = None) -> None:
 
 @dataclass(frozen=True)
 class MethodSpec:
-    uses_context: bool
+    """A method's bundle side: its manifest facts (`info`, torch-free, from `METHOD_INFO`) and its tensors."""
+
+    info: MethodInfo
     tensor_rules: Callable[[Manifest], dict[str, TensorRule]]
-    check_options: Callable[[Mapping[str, Any]], None]
     context: Callable[[Bundle, Any], torch.Tensor | None]
     # Deep (MaPLe) methods: all J text prompt rows (row 0 is the context), and the merged vision prompts.
     text_prompts: Callable[[Bundle], torch.Tensor | None] = _none
     vision_prompts: Callable[[Bundle], torch.Tensor | None] = _none
-    # Image-conditioned (TGP-T) methods: prompts generated per image from its tokens; no class text is encoded.
-    image_conditioned: bool = False
+
+    def __post_init__(self) -> None:
+        if self.info.vision_side != (self.vision_prompts is not _none):
+            raise TypeError("a method has vision prompts exactly when its MethodInfo says vision_side")
+
+    @property
+    def uses_context(self) -> bool:
+        return self.info.uses_context
 
     @property
     def vision_side(self) -> bool:
-        return self.vision_prompts is not _none
+        return self.info.vision_side
+
+    @property
+    def image_conditioned(self) -> bool:
+        return self.info.image_conditioned
 
     @property
     def kind(self) -> str:
-        """How the service runs it: "text" (cached class features, the shared image forward), "vision" (its own
-        prompted image forward) or "image-conditioned" (prompts from the shared forward's image tokens)."""
-        return "image-conditioned" if self.image_conditioned else "vision" if self.vision_side else "text"
+        return self.info.kind
 
     @property
     def needs_image_fingerprint(self) -> bool:
-        """Vision-side and image-conditioned bundles depend on the image tower's weights."""
-        return self.kind != "text"
+        return self.info.needs_image_fingerprint
 
 
+# One entry per name of METHOD_INFO (a test holds the two name sets equal).
 METHODS: dict[str, MethodSpec] = {
-    "zeroshot": MethodSpec(False, _no_tensors, _check_zeroshot_options, _none),
-    "coop": MethodSpec(True, _plain_ctx_tensors, _no_options, _plain_ctx),
-    "rlp": MethodSpec(True, _rlp_tensors, _check_rlp_options, _rlp_ctx),
-    "qprompt": MethodSpec(True, _qprompt_tensors, _check_qprompt_options, _dequantized_ctx),
-    "maple": MethodSpec(True, _maple_tensors, _check_maple_options, lambda b, text=None: _maple_text_prompts(b)[0],
+    "zeroshot": MethodSpec(METHOD_INFO["zeroshot"], _no_tensors, _none),
+    "coop": MethodSpec(METHOD_INFO["coop"], _plain_ctx_tensors, _plain_ctx),
+    "rlp": MethodSpec(METHOD_INFO["rlp"], _rlp_tensors, _rlp_ctx),
+    "qprompt": MethodSpec(METHOD_INFO["qprompt"], _qprompt_tensors, _dequantized_ctx),
+    "maple": MethodSpec(METHOD_INFO["maple"], _maple_tensors, lambda b, text=None: _maple_text_prompts(b)[0],
                         _maple_text_prompts, _merged_vision_prompts),
-    "qmaple": MethodSpec(True, _qmaple_tensors, _check_qmaple_options, lambda b, text=None: _qmaple_text_prompts(b)[0],
+    "qmaple": MethodSpec(METHOD_INFO["qmaple"], _qmaple_tensors, lambda b, text=None: _qmaple_text_prompts(b)[0],
                          _qmaple_text_prompts, _merged_vision_prompts),
-    "tgpt": MethodSpec(False, _tgpt_tensors, _check_tgpt_options, _none, image_conditioned=True),
+    "tgpt": MethodSpec(METHOD_INFO["tgpt"], _tgpt_tensors, _none),
 }
 
 
@@ -385,10 +335,9 @@ def decode_bundle(data: bytes) -> Bundle:
     Order matters for cost: the manifest and the tensor header are checked (sizes included) before any
     tensor byte is materialized, and nothing here dequantizes a prompt.
     """
-    header = _read_header(data)
-    manifest = _parse_manifest(header.pop("__metadata__", None))
-    rules = METHODS[manifest.method].tensor_rules(manifest)
-    _check_header_tensors(header, rules)
+    header = decode_header(data)
+    manifest = header.manifest
+    _check_header_tensors(header.tensors, METHODS[manifest.method].tensor_rules(manifest))
     try:
         tensors = safetensors.torch.load(data)
     except Exception as exc:  # the library reports offsets and lengths it cannot honour
@@ -409,31 +358,6 @@ def _check_values(name: str, tensor: torch.Tensor) -> None:
         raise BundleError(name, f"values must lie within ±{MAX_ABS_VALUE:g} (larger ones overflow the encoder)")
 
 
-def _read_header(data: bytes) -> dict[str, Any]:
-    if len(data) < 8:
-        raise BundleError("file", "too short to be a safetensors bundle")
-    (header_len,) = struct.unpack("<Q", data[:8])
-    if header_len > min(MAX_HEADER_BYTES, len(data) - 8):
-        raise BundleError("file", "not a safetensors bundle (header length is out of range)")
-    try:  # pydantic-core's parser bounds nesting depth, where json.loads would overflow the stack
-        header = pydantic_core.from_json(data[8 : 8 + header_len])
-    except ValueError as exc:
-        raise BundleError("file", f"not a safetensors bundle (header is not JSON: {exc})") from exc
-    if not isinstance(header, dict):
-        raise BundleError("file", "not a safetensors bundle (header is not a JSON object)")
-    return header
-
-
-class TensorEntry(BaseModel):
-    """One tensor's safetensors header entry; checked before the library reads it."""
-
-    model_config = ConfigDict(strict=True)
-
-    dtype: str
-    shape: Annotated[list[Annotated[int, Field(ge=0)]], Field(max_length=8)]
-    data_offsets: Annotated[list[Annotated[int, Field(ge=0)]], Field(min_length=2, max_length=2)]
-
-
 def _check_header_tensors(header: Mapping[str, Any], rules: Mapping[str, TensorRule]) -> None:
     missing, extra = set(rules) - set(header), set(header) - set(rules)
     if missing:
@@ -441,66 +365,11 @@ def _check_header_tensors(header: Mapping[str, Any], rules: Mapping[str, TensorR
     if extra:
         raise BundleError(sorted(extra)[0], "tensor is not part of this method's bundle")
     for name, rule in rules.items():
-        try:
-            entry = TensorEntry.model_validate(header[name])
-        except ValidationError as exc:
-            raise BundleError(name, "tensor header entry is malformed") from exc
+        entry = tensor_entry(name, header[name])
         if entry.dtype not in rule.dtypes:
             raise BundleError(name, f"dtype must be one of {list(rule.dtypes)}, got {describe_input(entry.dtype)}")
         if tuple(entry.shape) != rule.shape:
             raise BundleError(name, f"shape must be {list(rule.shape)}, got {entry.shape}")
-
-
-_MANIFEST = TypeAdapter(Manifest)
-
-
-def _parse_manifest(metadata: Any) -> Manifest:
-    if not isinstance(metadata, dict) or not isinstance(metadata.get(MANIFEST_KEY), str):
-        raise BundleError("manifest", f"missing: the safetensors metadata has no '{MANIFEST_KEY}' entry")
-    text = metadata[MANIFEST_KEY]
-    try:
-        raw = pydantic_core.from_json(text)
-    except ValueError as exc:
-        raise BundleError("manifest", f"is not valid JSON ({exc})") from exc
-    if not isinstance(raw, dict):
-        raise BundleError("manifest", "must be a JSON object")
-    _check_format(raw)
-    unknown = set(raw) - set(Manifest.__dataclass_fields__)
-    if unknown:
-        log.warning("bundle manifest has unknown fields, ignored: %s", sorted(unknown)[:10])
-    try:
-        manifest = _MANIFEST.validate_json(text, strict=True)
-    except ValidationError as exc:
-        raise BundleError.from_validation(exc) from exc
-    _check_method(manifest)
-    return manifest
-
-
-def _check_format(raw: Mapping[str, Any]) -> None:
-    """Format first: a bundle of another format or version is named as such, not by its first odd field."""
-    if raw.get("format") != FORMAT_NAME:
-        raise BundleError("format", f"must be {FORMAT_NAME!r}, got {describe_input(raw.get('format'))}")
-    version = raw.get("format_version")
-    if type(version) is not int or not 1 <= version <= FORMAT_VERSION:
-        raise BundleError("format_version", f"this reader handles 1..{FORMAT_VERSION}, got {describe_input(version)}")
-
-
-def _check_method(manifest: Manifest) -> None:
-    """The checks that span fields: the method exists, its prompt layout and its options."""
-    spec = METHODS.get(manifest.method)
-    if spec is None:
-        raise BundleError("method", f"unknown method {manifest.method!r}; this reader knows {sorted(METHODS)}")
-    layout = manifest.prompt
-    if spec.uses_context and (layout.n_ctx < 1 or layout.ctx_dim < 1):
-        raise BundleError("prompt.n_ctx", "this method needs n_ctx ≥ 1 and ctx_dim ≥ 1")
-    if spec.uses_context and math.prod(_ctx_shape(manifest)) > MAX_CONTEXT_ELEMENTS:
-        raise BundleError("prompt", f"the context would hold more than {MAX_CONTEXT_ELEMENTS} values")
-    spec.check_options(manifest.options)
-    if spec.needs_image_fingerprint and manifest.backbone.image_fingerprint is None:
-        raise BundleError("backbone.image_fingerprint", f"is required: a {manifest.method} bundle depends on the "
-                          "image tower")
-    if spec.vision_side and (layout.class_specific or layout.class_token_position != "end"):
-        raise BundleError("prompt.class_token_position", f"method {manifest.method!r} needs a shared context at 'end'")
 
 
 # --- the published schema ----------------------------------------------------------------------------
@@ -508,17 +377,17 @@ def _check_method(manifest: Manifest) -> None:
 
 def manifest_json_schema() -> dict[str, Any]:
     """JSON Schema of the manifest, with each method's options schema attached by `if method == ...`."""
-    schema = _MANIFEST.json_schema()
+    schema = TypeAdapter(Manifest).json_schema()
     definitions = schema.setdefault("$defs", {})
     rules = []
-    for method, spec in sorted(METHODS.items()):
-        model = getattr(spec.check_options, "model", NoOptions)
+    for method, info in sorted(METHOD_INFO.items()):
+        model = info.options
         options = model.model_json_schema(ref_template="#/$defs/{model}")
         definitions.update(options.pop("$defs", {}))
         definitions[model.__name__] = options
         rules.append({"if": {"properties": {"method": {"const": method}}},
                       "then": {"properties": {"options": {"$ref": f"#/$defs/{model.__name__}"}}}})
-    schema["properties"]["method"]["enum"] = sorted(METHODS)
+    schema["properties"]["method"]["enum"] = sorted(METHOD_INFO)
     return {
         "$schema": "https://json-schema.org/draft/2020-12/schema",
         "$id": "https://promptserve.invalid/bundle-format.schema.json",

@@ -30,6 +30,11 @@ FORMAT_NAME = "promptserve.bundle"
 FORMAT_VERSION = 1
 CLASS_TOKEN_POSITIONS = ("end", "middle", "front")
 DEFAULT_TEMPLATES = ("a photo of a {}.",)
+# RLP bundles come in two forms (options.format): "merged" (a plain ctx, CoOp's tensors; bundles without a
+# format are merged) and "factorized" (fp16 factors a [n_ctx, r] and b [r, d] plus options.ctx_init; the
+# base prompt is that phrase's token embeddings, rebuilt from the backbone, so ctx = base + a·b).
+RLP_FORMATS = ("merged", "factorized")
+FIXED_TOKENS = 3  # TGP-T: SOT, ".", EOT around each prompt's query rows
 
 MAX_CLASSES = 100_000  # format-wide; a service refuses more than its own PROMPTSERVE_MAX_CLASSES
 MAX_CLASSNAME_CHARS = 200

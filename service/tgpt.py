@@ -18,10 +18,9 @@ import torch.nn.functional as F
 from service.backbone import Backbone
 from service.bonder import TGPTModel
 from service.bundle import Bundle, BundleError, Manifest, tgpt_dims
+from service.manifest import FIXED_TOKENS
 from service.open_clip_compat import prompt_capable_vit, vit_pooled_and_tokens
 from service.text_encoder import PromptTextEncoder
-
-FIXED_TOKENS = 3  # SOT, ".", EOT around the prompt rows
 
 
 @dataclass(frozen=True)

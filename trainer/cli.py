@@ -17,6 +17,7 @@ import argparse
 import dataclasses
 import json
 import logging
+import math
 import sys
 import time
 from collections.abc import Callable
@@ -188,7 +189,7 @@ def _method_options(args: argparse.Namespace) -> dict[str, Any]:
 
 def _train_config(args: argparse.Namespace, defaults: dict[str, Any]) -> Any:
     """TrainConfig from the method's defaults under the given flags; warm-up defaults to at most epochs − 1."""
-    from trainer.engine import TrainConfig
+    from trainer.configs import TrainConfig
 
     names = {f.name for f in dataclasses.fields(TrainConfig)}
     values = defaults | {k: v for k, v in vars(args).items() if k in names and v is not None}
@@ -266,19 +267,26 @@ def run_eval(args: argparse.Namespace) -> dict[str, Any]:
 
 
 def run_inspect(args: argparse.Namespace) -> dict[str, Any]:
-    from service.bundle import read_bundle  # torch, never open_clip: inspect reads no backbone
+    """The bundle's manifest, sizes and tensor entries, from its header alone (no torch: the tensors' values and
+    their per-method shapes are checked where they are used, by `eval` and the service)."""
+    from service.bundle_header import METHOD_INFO, TORCH_DTYPE_NAMES, decode_header, maple_shapes
 
-    bundle = read_bundle(args.bundle)
-    layout = bundle.manifest.prompt  # not bundle.context(): a factorized RLP prompt needs the backbone to rebuild
-    classes = len(bundle.manifest.classnames) if layout.class_specific else 1
-    deep = [t for t in (bundle.deep_text_prompts(), bundle.vision_prompts()) if t is not None]
+    path = Path(args.bundle)
+    header = decode_header(path.read_bytes())
+    manifest, layout = header.manifest, header.manifest.prompt
+    classes = len(manifest.classnames) if layout.class_specific else 1
+    values = classes * layout.n_ctx * layout.ctx_dim  # not the stored tensors: factorized RLP stores factors
+    if METHOD_INFO[manifest.method].vision_side:  # deep text prompts (rows 1..J-1) and the vision prompts
+        text, vision = maple_shapes(manifest)
+        values += math.prod(text) - math.prod(text[1:]) + math.prod(vision)
     return {
-        "file_bytes": Path(args.bundle).stat().st_size,
-        "payload_bytes": bundle.payload_bytes,
-        "prompt_values": classes * layout.n_ctx * layout.ctx_dim + sum(t.numel() for t in deep),
-        "trainable_parameters": bundle.manifest.options.get("trainable_parameters"),
-        "tensors": {k: {"dtype": str(t.dtype), "shape": list(t.shape)} for k, t in bundle.tensors.items()},
-        "manifest": json.loads(bundle.manifest.to_json()),
+        "file_bytes": path.stat().st_size,
+        "payload_bytes": header.payload_bytes,
+        "prompt_values": values,
+        "trainable_parameters": manifest.options.get("trainable_parameters"),
+        "tensors": {name: {"dtype": TORCH_DTYPE_NAMES.get(e.dtype, e.dtype), "shape": e.shape}
+                    for name, e in header.entries().items()},
+        "manifest": json.loads(manifest.to_json()),
     }
 
 
@@ -337,7 +345,7 @@ def _add_data(p: argparse.ArgumentParser) -> None:
 
 
 def _add_train(p: argparse.ArgumentParser) -> None:
-    from trainer.engine import TrainConfig
+    from trainer.configs import TrainConfig
     from trainer.methods import METHODS, method_options
     from trainer.options import add_options, config_options
 

@@ -19,25 +19,52 @@ ONE_EPOCH = ["--epochs", "1", "--batch-size", "8", "--lr", "0.01", "--shots", "2
 ROOT = Path(__file__).resolve().parents[2]
 
 
-def _modules_after(argv: list[str]) -> set[str]:
-    """The top-level modules loaded after main(argv) in a fresh interpreter (help exits via SystemExit)."""
+def _fresh_main(argv: list[str]) -> tuple[set[str], str]:
+    """(top-level modules loaded, stdout) after main(argv) in a fresh interpreter (help exits via SystemExit)."""
     code = ("import sys\nfrom trainer.cli import main\ntry:\n    main(sys.argv[1:])\nexcept SystemExit:\n    pass\n"
             "print(' '.join(sorted({m.split('.')[0] for m in sys.modules})), file=sys.stderr)")
     done = subprocess.run([sys.executable, "-c", code, *argv], capture_output=True, text=True, cwd=ROOT,
                           env={"PYTHONPATH": str(ROOT)}, timeout=120)
-    return set(done.stderr.split())
+    return set(done.stderr.split()), done.stdout
 
 
-@pytest.mark.parametrize("argv", [["--help"], ["eval", "--help"], ["inspect", "--help"]])
+@pytest.mark.parametrize("argv", [["--help"], ["train", "--help"], ["eval", "--help"], ["inspect", "--help"]])
 def test_help_imports_neither_torch_nor_open_clip(argv: list[str]) -> None:
-    loaded = _modules_after(argv)
+    loaded, out = _fresh_main(argv)
     assert "trainer" in loaded and not {"torch", "open_clip"} & loaded
+    assert "usage: promptserve-train" in out
 
 
-def test_inspect_reads_the_bundle_without_open_clip(tmp_path: Path, capsys) -> None:
-    bundle = _train(tmp_path, capsys, "coop")
-    loaded = _modules_after(["inspect", str(bundle)])
-    assert "service" in loaded and "open_clip" not in loaded
+def _inspected_in_process(path: Path) -> dict:
+    """What inspect reports, computed from the fully decoded bundle (tensors materialized, with torch)."""
+    bundle = read_bundle(path)
+    layout = bundle.manifest.prompt
+    classes = len(bundle.manifest.classnames) if layout.class_specific else 1
+    deep = [t for t in (bundle.deep_text_prompts(), bundle.vision_prompts()) if t is not None]
+    return {
+        "file_bytes": path.stat().st_size,
+        "payload_bytes": bundle.payload_bytes,
+        "prompt_values": classes * layout.n_ctx * layout.ctx_dim + sum(t.numel() for t in deep),
+        "trainable_parameters": bundle.manifest.options.get("trainable_parameters"),
+        "tensors": {k: {"dtype": str(t.dtype), "shape": list(t.shape)} for k, t in bundle.tensors.items()},
+        "manifest": json.loads(bundle.manifest.to_json()),
+    }
+
+
+@pytest.mark.parametrize(("method", "extra"), [("coop", ()), ("qmaple", ("--depth", "2", "--bits", "2"))])
+def test_inspect_reports_the_decoded_bundle_without_importing_torch(tmp_path: Path, capsys, method: str,
+                                                                   extra: tuple[str, ...]) -> None:
+    bundle = _train(tmp_path, capsys, method, *extra)
+    loaded, out = _fresh_main(["inspect", str(bundle)])
+    assert "service" in loaded and not {"torch", "open_clip"} & loaded
+    assert json.loads(out) == _inspected_in_process(bundle)
+
+
+def test_inspect_refuses_a_file_that_is_not_a_bundle(tmp_path: Path, capsys) -> None:
+    for name, data in (("notes.txt", b"not a bundle at all"), ("empty.safetensors", b"")):
+        (tmp_path / name).write_bytes(data)
+        assert main(["inspect", str(tmp_path / name)]) == 2
+        assert capsys.readouterr().err.startswith("error: bundle field 'file': ")
 
 
 def test_train_help_shows_every_config_option_with_its_defaults_and_choices(capsys) -> None:

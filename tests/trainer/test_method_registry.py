@@ -20,7 +20,7 @@ def test_every_trainer_method_has_a_bundle_spec_and_every_trained_bundle_method_
 
 @pytest.mark.parametrize("method", sorted(METHODS))
 def test_each_learner_writes_the_method_it_is_registered_under(method: str) -> None:
-    assert METHODS[method].learner.method == method
+    assert METHODS[method].learner_class().method == method
 
 
 @pytest.mark.parametrize("method", sorted(METHODS))

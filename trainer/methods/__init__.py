@@ -1,38 +1,53 @@
 """Prompt methods (text-side, MaPLe's vision-side, TGP-T's image-conditioned), registered once:
-name → (config class, learner class, training defaults). The CLI's method flags are generated from these
-configs' fields (`method_options`); the bundle side of each method is `service.bundle.METHODS`."""
+name → (config class, learner, training defaults). The CLI's method flags are generated from these
+configs' fields (`method_options`); the bundle side of each method is `service.bundle.METHODS`.
+
+Torch-free: the configs live in `trainer.configs` and each learner is named "module:Class", imported on first
+use (`build_learner`), so building the `train` parser loads no torch.
+"""
 
 from __future__ import annotations
 
+import importlib
 from dataclasses import asdict, dataclass, field, fields
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-from service.backbone import Backbone
-from trainer.methods.base import PromptConfig, PromptLearner
-from trainer.methods.coop import CoOp, CoOpConfig
-from trainer.methods.maple import MaPLe, MaPLeConfig
-from trainer.methods.qmaple import QMaPLe, QMaPLeConfig
-from trainer.methods.qprompt import QPrompt, QPromptConfig
-from trainer.methods.quantizer import QuantizerConfig
-from trainer.methods.rlp import RLP, RLPConfig
-from trainer.methods.tgpt import TGPT, TRAIN_DEFAULTS, TGPTConfig
+from trainer.configs import (
+    TGPT_TRAIN_DEFAULTS,
+    CoOpConfig,
+    MaPLeConfig,
+    QMaPLeConfig,
+    QPromptConfig,
+    QuantizerConfig,
+    RLPConfig,
+    TGPTConfig,
+)
 from trainer.options import OptionSpec, config_options, merge_options
+
+if TYPE_CHECKING:
+    from service.backbone import Backbone
+    from trainer.methods.base import PromptLearner
+    from trainer.methods.tgpt import TGPT
 
 
 @dataclass(frozen=True)
 class MethodEntry:
     config: type
-    learner: type
+    learner: str  # "module:Class", imported by `learner_class`
     train_defaults: dict[str, Any] = field(default_factory=dict)  # under the user's own training flags
+
+    def learner_class(self) -> type:
+        module, name = self.learner.split(":")
+        return getattr(importlib.import_module(module), name)
 
 
 METHODS: dict[str, MethodEntry] = {
-    "coop": MethodEntry(CoOpConfig, CoOp),
-    "qprompt": MethodEntry(QPromptConfig, QPrompt),
-    "rlp": MethodEntry(RLPConfig, RLP),
-    "maple": MethodEntry(MaPLeConfig, MaPLe),
-    "qmaple": MethodEntry(QMaPLeConfig, QMaPLe),
-    "tgpt": MethodEntry(TGPTConfig, TGPT, TRAIN_DEFAULTS),
+    "coop": MethodEntry(CoOpConfig, "trainer.methods.coop:CoOp"),
+    "qprompt": MethodEntry(QPromptConfig, "trainer.methods.qprompt:QPrompt"),
+    "rlp": MethodEntry(RLPConfig, "trainer.methods.rlp:RLP"),
+    "maple": MethodEntry(MaPLeConfig, "trainer.methods.maple:MaPLe"),
+    "qmaple": MethodEntry(QMaPLeConfig, "trainer.methods.qmaple:QMaPLe"),
+    "tgpt": MethodEntry(TGPTConfig, "trainer.methods.tgpt:TGPT", TGPT_TRAIN_DEFAULTS),
 }
 
 
@@ -57,7 +72,7 @@ def method_options() -> dict[str, OptionSpec]:
 
 
 def build_learner(method: str, config: Any, backbone: Backbone, classnames: tuple[str, ...]) -> PromptLearner | TGPT:
-    return _entry(method).learner(config, backbone, classnames)
+    return _entry(method).learner_class()(config, backbone, classnames)
 
 
 def _entry(method: str) -> MethodEntry:
@@ -66,4 +81,4 @@ def _entry(method: str) -> MethodEntry:
     return METHODS[method]
 
 
-__all__ = ["METHODS", "TGPT", "PromptConfig", "PromptLearner", "build_learner", "make_config", "method_options"]
+__all__ = ["METHODS", "MethodEntry", "build_learner", "make_config", "method_options"]

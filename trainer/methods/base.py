@@ -1,15 +1,15 @@
 """The shared prompt-learner base: a learned context spliced into class prompts of the frozen text tower.
 
-A method is a config dataclass plus a `PromptLearner` subclass that says how its context is produced
-(`context()`) and how it becomes bundle tensors (`export_tensors()`). Everything else — text encoding,
-logits, the manifest — lives here once.
+A method is a config dataclass (in the torch-free `trainer.configs`) plus a `PromptLearner` subclass that says
+how its context is produced (`context()`) and how it becomes bundle tensors (`export_tensors()`). Everything
+else — text encoding, logits, the manifest — lives here once.
 """
 
 from __future__ import annotations
 
 import json
 import logging
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict
 from typing import Any, ClassVar
 
 import torch
@@ -18,33 +18,14 @@ from torch import nn
 
 from service import __version__
 from service.backbone import Backbone
-from service.bundle import CLASS_TOKEN_POSITIONS, Manifest, PromptLayout
 from service.bundle import METHODS as BUNDLE_METHODS
+from service.bundle import Manifest, PromptLayout
+from trainer.configs import EXPORT_DTYPE_NAMES, PromptConfig
 
 log = logging.getLogger(__name__)
 
 TRAINER_VERSION = f"promptserve-trainer {__version__}"
-EXPORT_DTYPES = {"float16": torch.float16, "float32": torch.float32}
-
-
-@dataclass
-class PromptConfig:
-    n_ctx: int = field(default=4, metadata={"help": "number of learned context tokens"})
-    ctx_init: str | None = field(
-        default="a photo of a", metadata={"help": "text whose token embeddings start the context; '' = N(0, init_std)"}
-    )
-    class_token_position: str = field(
-        default="end", metadata={"help": "where the class name goes", "choices": CLASS_TOKEN_POSITIONS}
-    )
-    init_std: float = field(default=0.02, metadata={"help": "std of the random init when ctx_init is None"})
-
-    def __post_init__(self) -> None:
-        if self.n_ctx < 1:
-            raise ValueError(f"n_ctx must be ≥ 1, got {self.n_ctx}")
-        if self.class_token_position not in CLASS_TOKEN_POSITIONS:
-            raise ValueError(
-                f"class_token_position must be one of {CLASS_TOKEN_POSITIONS}, got {self.class_token_position!r}"
-            )
+EXPORT_DTYPES = {name: getattr(torch, name) for name in EXPORT_DTYPE_NAMES}
 
 
 def config_json(config: Any) -> dict[str, Any]:

@@ -2,24 +2,12 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
-
 import torch
 from torch import nn
 
 from service.backbone import Backbone
-from trainer.methods.base import EXPORT_DTYPES, PromptConfig, PromptLearner, initial_context
-
-
-@dataclass
-class CoOpConfig(PromptConfig):
-    export_dtype: str = field(default="float16", metadata={"help": "dtype of the exported ctx",
-                                                                  "choices": tuple(EXPORT_DTYPES)})
-
-    def __post_init__(self) -> None:
-        super().__post_init__()
-        if self.export_dtype not in EXPORT_DTYPES:
-            raise ValueError(f"export_dtype must be one of {list(EXPORT_DTYPES)}, got {self.export_dtype!r}")
+from trainer.configs import CoOpConfig
+from trainer.methods.base import EXPORT_DTYPES, PromptLearner, initial_context
 
 
 class CoOp(PromptLearner):

@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import copy
 import logging
-from dataclasses import dataclass, field
 from typing import Any
 
 import torch
@@ -23,29 +22,10 @@ from torch import nn
 from service.backbone import Backbone
 from service.open_clip_compat import deep_prompt_depth_limit
 from service.vision_prompts import prompted_image_features
-from trainer.methods.base import EXPORT_DTYPES, PromptConfig, PromptLearner, text_init_context
+from trainer.configs import MaPLeConfig
+from trainer.methods.base import EXPORT_DTYPES, PromptLearner, text_init_context
 
 log = logging.getLogger(__name__)
-
-
-@dataclass
-class MaPLeConfig(PromptConfig):
-    n_ctx: int = field(default=2, metadata={"help": "prompt tokens per layer and tower"})
-    depth: int = field(default=9, metadata={"help": "J: layers that get prompts (clamped to the towers' depth)"})
-    deep_std: float = field(default=0.02, metadata={"help": "std of the deep text prompts' N(0, std) init"})
-    export_dtype: str = field(default="float16", metadata={"help": "dtype of the merged prompts",
-                                                                  "choices": tuple(EXPORT_DTYPES)})
-
-    def __post_init__(self) -> None:
-        super().__post_init__()
-        if self.depth < 1:
-            raise ValueError(f"depth must be ≥ 1, got {self.depth}")
-        if self.class_token_position != "end":
-            raise ValueError("MaPLe puts the class name after the context: class_token_position must be 'end'")
-        if self.ctx_init and len(self.ctx_init.split()) < self.n_ctx:
-            raise ValueError(f"ctx_init {self.ctx_init!r} has fewer than n_ctx={self.n_ctx} words")
-        if self.export_dtype not in EXPORT_DTYPES:
-            raise ValueError(f"export_dtype must be one of {list(EXPORT_DTYPES)}, got {self.export_dtype!r}")
 
 
 def usable_depth(requested: int, backbone: Backbone) -> int:

@@ -9,7 +9,6 @@ exactly what training computed.
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
 from typing import Any
 
 import torch
@@ -17,20 +16,10 @@ from torch import nn
 
 from service.backbone import Backbone
 from service.bitpack import pack_indices
+from trainer.configs import QMaPLeConfig
 from trainer.methods.base import EXPORT_DTYPES
-from trainer.methods.maple import MaPLe, MaPLeConfig
-from trainer.methods.quantizer import KMeansQuantizer, QuantizerConfig
-
-
-@dataclass
-class QMaPLeConfig(MaPLeConfig):
-    quantizer: QuantizerConfig = field(default_factory=lambda: QuantizerConfig(bits=4),
-                                       metadata={"help": "bits (default 4), t, T_KL"})
-
-    def __post_init__(self) -> None:
-        super().__post_init__()
-        if isinstance(self.quantizer, dict):
-            self.quantizer = QuantizerConfig(**self.quantizer)
+from trainer.methods.maple import MaPLe
+from trainer.methods.quantizer import KMeansQuantizer
 
 
 class QMaPLe(MaPLe):

@@ -2,25 +2,15 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
 from typing import Any
 
 import torch
 from torch import nn
 
 from service.backbone import Backbone
-from trainer.methods.base import PromptConfig, PromptLearner, initial_context
-from trainer.methods.quantizer import KMeansQuantizer, QuantizerConfig
-
-
-@dataclass
-class QPromptConfig(PromptConfig):
-    quantizer: QuantizerConfig = field(default_factory=QuantizerConfig, metadata={"help": "bits, t, T_KL"})
-
-    def __post_init__(self) -> None:
-        super().__post_init__()
-        if isinstance(self.quantizer, dict):
-            self.quantizer = QuantizerConfig(**self.quantizer)
+from trainer.configs import QPromptConfig
+from trainer.methods.base import PromptLearner, initial_context
+from trainer.methods.quantizer import KMeansQuantizer
 
 
 class QPrompt(PromptLearner):

@@ -16,37 +16,16 @@ Centroids are kept exactly representable in float16, so the packed export dequan
 from __future__ import annotations
 
 import logging
-from dataclasses import dataclass, field
 
 import torch
 from torch import nn
 
 from service.bitpack import pack_indices
+from trainer.configs import QuantizerConfig
 
 log = logging.getLogger(__name__)
 
 EPS = 1e-6
-
-
-@dataclass
-class QuantizerConfig:
-    bits: int = field(default=1, metadata={"help": "bits per prompt value, 1..8 (2^bits centroids)"})
-    min_steps: int = field(default=10, metadata={"help": "t: fewest steps between two clusterings"})
-    kl_threshold: float = field(
-        default=0.001, metadata={"help": "T_KL per degree of freedom: re-cluster when KL > kl_threshold·(2^b − 1)"}
-    )
-    kmeans_iters: int = field(default=25, metadata={"help": "Lloyd iterations per clustering"})
-
-    def __post_init__(self) -> None:
-        if not 1 <= self.bits <= 8:
-            raise ValueError(f"bits must be from 1 to 8, got {self.bits}")
-        if self.min_steps < 0 or self.kl_threshold < 0:
-            raise ValueError("min_steps and kl_threshold must be ≥ 0")
-
-    @property
-    def effective_kl_threshold(self) -> float:
-        """T_KL at this bit width: the per-degree-of-freedom threshold times 2^b − 1 (see the module doc)."""
-        return self.kl_threshold * (2**self.bits - 1)
 
 
 def normalize(weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:

@@ -10,42 +10,17 @@ The default export is the factorized form: A and B in float16 plus the init phra
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
 from typing import Any
 
 import torch
 from torch import nn
 
 from service.backbone import Backbone
-from service.bundle import RLP_FORMATS, phrase_embeddings
-from trainer.methods.base import EXPORT_DTYPES, PromptConfig, PromptLearner
+from service.bundle import phrase_embeddings
+from trainer.configs import RLPConfig
+from trainer.methods.base import EXPORT_DTYPES, PromptLearner
 
 FACTOR_DTYPE = torch.float16
-
-
-@dataclass
-class RLPConfig(PromptConfig):
-    rank: int = field(default=1, metadata={"help": "rank r of the update A·B"})
-    dropout: float = field(default=0.1, metadata={"help": "dropout on the low-rank branch (training only)"})
-    factor_std: float | None = field(default=None, metadata={"help": "std of B's init (A is 0); None = 1/sqrt(d)"})
-    init_seed: int = field(default=1, metadata={"help": "seed of B's random init", "cli": False})  # from --seed
-    export_format: str = field(default="factorized", metadata={"help": "'factorized' (A, B fp16) or 'merged' ctx",
-                                                               "choices": RLP_FORMATS})
-    export_dtype: str = field(default="float32", metadata={"help": "dtype of the merged ctx",
-                                                           "choices": tuple(EXPORT_DTYPES)})
-
-    def __post_init__(self) -> None:
-        super().__post_init__()
-        if not self.ctx_init:
-            raise ValueError("RLP starts from a hand-written prompt: set ctx_init (e.g. 'a photo of a')")
-        if not 1 <= self.rank <= self.n_ctx:
-            raise ValueError(f"rank must be from 1 to n_ctx={self.n_ctx}, got {self.rank}")
-        if not 0 <= self.dropout < 1:
-            raise ValueError(f"dropout must be in [0, 1), got {self.dropout}")
-        if self.export_format not in RLP_FORMATS:
-            raise ValueError(f"export_format must be one of {list(RLP_FORMATS)}, got {self.export_format!r}")
-        if self.export_dtype not in EXPORT_DTYPES:
-            raise ValueError(f"export_dtype must be one of {list(EXPORT_DTYPES)}, got {self.export_dtype!r}")
 
 
 class LowRankDelta(nn.Module):

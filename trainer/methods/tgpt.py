@@ -15,7 +15,7 @@ construction; the image tower is frozen, so training runs from cached tokens + p
 from __future__ import annotations
 
 import logging
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
 from typing import Any, ClassVar
 
 import torch
@@ -28,7 +28,8 @@ from service.bonder import TGPTDims, TGPTModel
 from service.bundle import Manifest
 from service.open_clip_compat import prompt_capable_vit
 from service.text_encoder import PromptTextEncoder
-from service.tgpt import FIXED_TOKENS, encode_image_tokens, group_logits, logits_from_prompts
+from service.tgpt import encode_image_tokens, group_logits, logits_from_prompts
+from trainer.configs import CATEGORY_TEMPLATE, TGPTConfig
 from trainer.data import Sample
 from trainer.features import encode_views
 from trainer.methods.base import EXPORT_DTYPES, TRAINER_VERSION, config_json
@@ -36,45 +37,6 @@ from trainer.methods.base import EXPORT_DTYPES, TRAINER_VERSION, config_json
 log = logging.getLogger(__name__)
 
 IGNORE = -100
-CATEGORY_TEMPLATE = "a photo of a {}."
-# The reference's optimizer: AdamW (eps 1e-7, wd 1e-4), batch 8, 100 warm-up steps at 1e-5, cosine.
-TRAIN_DEFAULTS = {"optimizer": "adamw", "lr": 5e-5, "weight_decay": 1e-4, "adam_eps": 1e-7, "warmup_steps": 100,
-                  "batch_size": 8}
-
-
-@dataclass
-class TGPTConfig:
-    category_queries: int = field(default=32, metadata={"help": "category prompt rows (nq + 3 ≤ context length)"})
-    content_queries: int = field(default=64, metadata={"help": "content prompt rows (nq + 3 ≤ context length)"})
-    heads: int = field(default=8, metadata={"help": "self-attention heads of each Bonder"})
-    ctx_init: str | None = field(default="a photo of a", metadata={"help": "text whose embeddings start the "
-                                                                           "first category queries"})
-    init_std: float = field(default=0.02, metadata={"help": "std of the queries' N(0, std) init"})
-    label_smoothing: float = field(default=0.1, metadata={"help": "of the token cross-entropy"})
-    vocab_chunk: int = field(default=8192, metadata={"help": "vocabulary rows per chunk of the token loss"})
-    templates: tuple[str, ...] = field(default=(CATEGORY_TEMPLATE,), metadata={"help": "zero-shot head init"})
-    export_dtype: str = field(default="float16", metadata={"help": "dtype of the exported tensors",
-                                                           "choices": tuple(EXPORT_DTYPES)})
-
-    def __post_init__(self) -> None:
-        if self.category_queries < 1 or self.content_queries < 1:
-            raise ValueError("category_queries and content_queries must be ≥ 1")
-        if not 0 <= self.label_smoothing < 1 or self.vocab_chunk < 1:
-            raise ValueError("label_smoothing must be in [0, 1) and vocab_chunk ≥ 1")
-        if self.export_dtype not in EXPORT_DTYPES:
-            raise ValueError(f"export_dtype must be one of {list(EXPORT_DTYPES)}, got {self.export_dtype!r}")
-        self.templates = tuple(self.templates)
-        if not self.templates or any(t.count("{}") != 1 for t in self.templates):
-            raise ValueError("templates must be a non-empty list, each with exactly one '{}'")
-
-    def check_context(self, context_length: int) -> None:
-        for name in ("category_queries", "content_queries"):
-            count = getattr(self, name)
-            if count + FIXED_TOKENS > context_length:
-                raise ValueError(
-                    f"{name} = {count}: the prompt [SOT, {count} rows, '.', EOT] needs {count + FIXED_TOKENS} tokens "
-                    f"but the text tower's context length is {context_length}; use at most "
-                    f"{context_length - FIXED_TOKENS} (e.g. 8 category / 24 content queries on a 32-token tower)")
 
 
 @dataclass(frozen=True)
