@@ -103,6 +103,14 @@ class Client:
     def delete(self, task: str) -> None:
         self._request("DELETE", f"/v1/tasks/{task}")
 
+    def versions(self, task: str) -> dict[str, Any]:
+        """The task's stored versions (oldest first, each with sha256, size, method, aliases), active one, aliases."""
+        return self._request("GET", f"/v1/tasks/{task}/versions").json()
+
+    def activate(self, task: str, version: int | str) -> dict[str, Any]:
+        """Make a stored version (a number or an alias) the active one: rollback or roll forward."""
+        return self._request("POST", f"/v1/tasks/{task}/versions/{version}/activate").json()
+
     def classify(self, images: Sequence[Image], tasks: Sequence[str], top_k: int = 5) -> list[ImageAnswer]:
         """Top-k predictions of each task for each image, in the order given."""
         files = [("images", _image_part(image)) for image in images]

@@ -66,6 +66,10 @@ def parser() -> argparse.ArgumentParser:
     upload.add_argument("task")
     upload.add_argument("file")
     commands.add_parser("delete", parents=[common], help="delete a task and its versions").add_argument("task")
+    commands.add_parser("versions", parents=[common], help="a task's stored versions and aliases").add_argument("task")
+    activate = commands.add_parser("activate", parents=[common], help="make a stored version (number or alias) active")
+    activate.add_argument("task")
+    activate.add_argument("version")
     classify = commands.add_parser("classify", parents=[common], help="classify image files")
     classify.add_argument("files", nargs="+", metavar="FILE")
     classify.add_argument("--task", dest="tasks", action="append", required=True, help="task to answer, repeatable")
@@ -79,16 +83,21 @@ COMMANDS: dict[str, Callable[[Client, argparse.Namespace], Any]] = {
     "task": lambda client, args: client.task(args.name),
     "upload": lambda client, args: client.upload(args.task, args.file),
     "delete": lambda client, args: client.delete(args.task) or {"deleted": args.task},
+    "versions": lambda client, args: client.versions(args.task),
+    "activate": lambda client, args: client.activate(args.task, args.version),
     "classify": lambda client, args: client.classify(args.files, args.tasks, args.top_k),
     "health": lambda client, args: client.health(),
 }
 
 
-def _tasks_table(tasks: list[TaskSummary]) -> str:
-    rows = [("TASK", "METHOD", "VERSION", "CLASSES")] + [(t.name, t.method, str(t.version), str(t.num_classes))
-                                                          for t in tasks]
-    widths = [max(len(row[i]) for row in rows) for i in range(4)]
+def _table(rows: list[tuple[str, ...]]) -> str:
+    widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]))]
     return "\n".join("  ".join(cell.ljust(w) for cell, w in zip(row, widths, strict=True)).rstrip() for row in rows)
+
+
+def _tasks_table(tasks: list[TaskSummary]) -> str:
+    return _table([("TASK", "METHOD", "VERSION", "CLASSES")] + [(t.name, t.method, str(t.version), str(t.num_classes))
+                                                                for t in tasks])
 
 
 def _task_text(task: dict[str, Any]) -> str:
@@ -102,6 +111,12 @@ def _task_text(task: dict[str, Any]) -> str:
 
 def _uploaded_text(task: dict[str, Any]) -> str:
     return f"{task['name']}: version {task['version']} active ({task['method']}, {task['num_classes']} classes)"
+
+
+def _versions_text(listing: dict[str, Any]) -> str:
+    return _table([("VERSION", "ACTIVE", "METHOD", "BYTES", "SHA256", "ALIASES")] + [
+        (str(v["version"]), "*" if v["active"] else "", v["method"], str(v["size"]), v["sha256"][:12],
+         ",".join(v["aliases"])) for v in listing["versions"]])
 
 
 def _answers_text(images: list[ImageAnswer]) -> str:
@@ -124,7 +139,8 @@ def _health_text(health: dict[str, Any]) -> str:
 
 HUMAN: dict[str, Callable[[Any], str]] = {
     "tasks": _tasks_table, "task": _task_text, "upload": _uploaded_text, "classify": _answers_text,
-    "delete": lambda answer: f"deleted {answer['deleted']}", "health": _health_text,
+    "delete": lambda answer: f"deleted {answer['deleted']}", "health": _health_text, "versions": _versions_text,
+    "activate": _uploaded_text,
 }
 
 

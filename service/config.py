@@ -70,7 +70,8 @@ class Settings(BaseSettings):
     max_connections: int | None = Field(1000, gt=0, description="uvicorn's connection cap (plain 503 beyond)")
 
     batch_max_images: int = Field(32, gt=0, description="most rows (image forwards) in one micro-batch")
-    batch_max_wait_ms: float = Field(10.0, ge=0, description="longest a batch waits for requests being decoded")
+    batch_max_wait_ms: float = Field(30.0, ge=0, description="longest a batch waits for requests being decoded "
+                                     "or just answered (bounded; docs/serving.md)")
     batch_max_queued_images: int = Field(256, gt=0, description="queued rows beyond which classify answers 503")
 
     host: str = "127.0.0.1"

@@ -77,6 +77,27 @@ def test_upload_task_delete_round_trip_with_the_admin_token(cli, live_service, t
     assert code == 1 and "404 unknown_task" in err
 
 
+def test_versions_lists_every_version_and_activate_rolls_back(cli, live_service, tmp_path, monkeypatch):
+    backbone = httpx.get(f"{live_service.url}/readyz").json()["backbone"]
+    monkeypatch.setenv("PROMPTSERVE_ADMIN_TOKEN", TOKEN)
+    for seed, classes in ((1, ["cube", "ball"]), (2, ["cube", "ball", "cone"])):
+        (tmp_path / f"v{seed}.bundle").write_bytes(coop_bundle_for(backbone, classes, seed=seed))
+        assert cli("upload", "cli-versions", str(tmp_path / f"v{seed}.bundle"))[0] == 0
+
+    code, out, _ = cli("versions", "cli-versions")
+    lines = [line.split() for line in out.splitlines()]
+    assert code == 0 and lines[0] == ["VERSION", "ACTIVE", "METHOD", "BYTES", "SHA256", "ALIASES"]
+    assert [row[:3] for row in lines[1:]] == [["1", "coop", str(len((tmp_path / "v1.bundle").read_bytes()))],
+                                              ["2", "*", "coop"]]
+    code, out, _ = cli("activate", "cli-versions", "1")
+    assert code == 0 and out.strip() == "cli-versions: version 1 active (coop, 2 classes)"
+    code, out, _ = cli("versions", "cli-versions", "--json")
+    assert json.loads(out)["active"] == 1
+    code, _, err = cli("activate", "cli-versions", "9")
+    assert code == 1 and "404" in err
+    assert cli("delete", "cli-versions")[0] == 0
+
+
 def test_an_unreachable_service_is_a_one_line_error(cli):
     code, _, err = cli("tasks", "--url", "http://127.0.0.1:9")
     assert code == 1 and err.startswith("error: cannot reach http://127.0.0.1:9")
