@@ -13,7 +13,7 @@ from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 from pydantic import SecretStr, StringConstraints
 
 from service.backbone import Backbone
-from service.batcher import MicroBatcher, Overloaded
+from service.batcher import JobTooLarge, MicroBatcher, Overloaded
 from service.bundle import BundleError
 from service.config import Settings
 from service.errors import WITH_BODY, ServiceError, error_responses, storage_error
@@ -283,6 +283,9 @@ async def classify_uploads(state: AppState, uploads: Uploads, tasks: tuple[Activ
         probabilities = await state.batcher.submit(ClassifyJob(pixels, tasks))
     except Overloaded as exc:
         raise _overloaded(exc) from exc
+    except JobTooLarge as exc:
+        raise ServiceError(413, "too_many_forwards", f"{exc}: send fewer images or fewer vision-side tasks at "
+                           "once") from exc
     for task in tasks:
         state.metrics.images.labels(task.name).inc(len(uploads))
     return probabilities

@@ -46,6 +46,10 @@ class Overloaded(Exception):
     """The batch queue is full; the caller should retry later."""
 
 
+class JobTooLarge(Exception):
+    """The job alone costs more rows than the queue may ever hold: retrying cannot help."""
+
+
 @dataclass
 class _Pending(Generic[Job]):
     job: Job
@@ -72,7 +76,10 @@ class MicroBatcher(Generic[Job, Result]):
         return self._queued_rows
 
     def check_capacity(self, rows: int) -> None:
-        """Raise `Overloaded` if `rows` more would not fit; lets callers shed load before reading a body."""
+        """Raise `Overloaded` if `rows` more would not fit now (lets callers shed load before reading a body),
+        `JobTooLarge` if they never could."""
+        if rows > self.max_queued_rows:
+            raise JobTooLarge(f"this request needs {rows} image forwards; at most {self.max_queued_rows} can queue")
         if self._queued_rows + rows > self.max_queued_rows:
             raise Overloaded(f"{self._queued_rows} rows are already queued (limit {self.max_queued_rows})")
 

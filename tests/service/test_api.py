@@ -372,11 +372,12 @@ async def test_concurrent_requests_get_the_same_answers_as_single_ones(client, b
         assert_same_predictions(concurrent.json()["results"][0]["predictions"], single["predictions"])
 
 
-async def test_overload_answers_503_with_retry_after(backbone, tmp_path, make_coop_bundle):
+async def test_a_request_larger_than_the_whole_queue_is_413_not_a_retry_forever_503(backbone, tmp_path,
+                                                                                    make_coop_bundle):
     async with running(backbone, settings_for(tmp_path, batch_max_queued_images=2)) as client:
         await upload(client, "t", make_coop_bundle(backbone, ["a", "b"]))
         with anyio.fail_after(10):
             response = await classify(client, "t", [png()] * 3)
-        assert response.status_code == 503 and response.headers["retry-after"] == "1"
-        assert response.json()["code"] == "overloaded"
+        assert response.status_code == 413 and "retry-after" not in response.headers
+        assert response.json()["code"] == "too_many_forwards"
         assert (await classify(client, "t", [png()])).status_code == 200

@@ -5,7 +5,7 @@ import time
 import pytest
 import torch
 
-from service.batcher import MicroBatcher, Overloaded
+from service.batcher import JobTooLarge, MicroBatcher, Overloaded
 
 pytestmark = pytest.mark.anyio
 
@@ -144,3 +144,9 @@ async def test_closed_loop_clients_split_into_two_groups_merge_into_full_batches
         worker.cancel()
     rows = list(batcher.batch_rows)
     assert rows[0] == 3 and all(r == 8 for r in rows[1:-1]), rows  # the last: what the first group left over
+
+
+async def test_a_job_larger_than_the_whole_queue_is_refused_as_too_large_not_as_overload():
+    batcher = MicroBatcher(lambda jobs: jobs, len, max_rows=4, max_wait_s=0, max_queued_rows=8)
+    with pytest.raises(JobTooLarge, match="needs 9 image forwards; at most 8"):
+        await batcher.submit("x" * 9)
