@@ -36,7 +36,8 @@ log = logging.getLogger(__name__)
 
 Job = TypeVar("Job")
 Result = TypeVar("Result")
-BatchObserver = Callable[[int, Sequence[float]], None]  # (rows of a batch, seconds each of its jobs queued)
+# (rows of a batch, seconds each of its jobs queued, rows still queued behind it when it starts)
+BatchObserver = Callable[[int, Sequence[float], int], None]
 
 # A grace for requests that have arrived but not yet announced themselves.
 SETTLE_S = 0.002
@@ -153,7 +154,7 @@ class MicroBatcher(Generic[Job, Result]):
         rows, started = sum(p.rows for p in batch), time.perf_counter()
         self.batch_rows.append(rows)
         if self.observe:
-            self.observe(rows, [started - p.queued_at for p in batch])
+            self.observe(rows, [started - p.queued_at for p in batch], self._queued_rows)
         try:
             results = await anyio.to_thread.run_sync(self.run_batch, [p.job for p in batch])
         except Exception as exc:  # every waiting request learns of the failure

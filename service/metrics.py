@@ -28,12 +28,15 @@ class Metrics:
                                     registry=self.registry)
         self.batch_rows = Histogram("promptserve_batch_rows", "Rows (image forwards) per micro-batch",
                                     buckets=(1, 2, 3, 4, 6, 8, 12, 16, 24, 32, 64, 128, 256), registry=self.registry)
+        self.queue_depth = Histogram("promptserve_batch_queue_depth", "Rows still queued when a micro-batch starts",
+                                     buckets=(0, 1, 2, 4, 8, 16, 32, 64, 128, 256), registry=self.registry)
         self.queue_wait = Histogram("promptserve_batch_queue_seconds", "Time a classify job waited for its batch",
                                     buckets=(0.001, 0.002, 0.005, 0.01, 0.02, 0.05, 0.1, 0.2, 0.5, 1, 2, 5),
                                     registry=self.registry)
 
-    def observe_batch(self, rows: int, waits: Sequence[float]) -> None:
+    def observe_batch(self, rows: int, waits: Sequence[float], queued_rows: int) -> None:
         self.batch_rows.observe(rows)
+        self.queue_depth.observe(queued_rows)
         for wait in waits:
             self.queue_wait.observe(wait)
 

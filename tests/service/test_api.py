@@ -316,6 +316,7 @@ async def test_metrics_count_requests_errors_and_tasks(client, backbone, make_co
     assert "promptserve_request_seconds_bucket" in text
     assert 'promptserve_batch_rows_bucket{le="2.0"} 1.0' in text and "promptserve_batch_rows_count 1.0" in text
     assert "promptserve_batch_queue_seconds_count 1.0" in text
+    assert 'promptserve_batch_queue_depth_bucket{le="0.0"} 1.0' in text
 
 
 async def test_metrics_include_process_and_platform_series(client):

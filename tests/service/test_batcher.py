@@ -113,13 +113,13 @@ async def test_a_stalled_incoming_request_delays_a_batch_by_at_most_the_wait_bou
 async def test_batches_report_their_rows_and_queue_waits():
     seen = []
     batcher = MicroBatcher(lambda jobs: jobs, len, max_rows=8, max_wait_s=0, max_queued_rows=8,
-                           observe=lambda rows, waits: seen.append((rows, len(waits))))
+                           observe=lambda rows, waits, depth: seen.append((rows, len(waits), depth)))
     worker = asyncio.create_task(batcher.run())
     try:
         await asyncio.gather(batcher.submit("ab"), batcher.submit("cde"))
     finally:
         worker.cancel()
-    assert seen == [(5, 2)]
+    assert seen == [(5, 2, 0)]
 
 
 async def test_closed_loop_clients_split_into_two_groups_merge_into_full_batches():
