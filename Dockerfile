@@ -36,7 +36,7 @@ RUN useradd --create-home --uid 10001 promptserve \
 USER 10001
 VOLUME ["/data/registry", "/data/cache"]
 EXPOSE 8000
-# Healthy while it can serve: a registry outage alone does not fail it (readiness without require_registry does).
+# Healthy while it can serve: neither a registry outage nor one damaged task fails it (strict /readyz does).
 HEALTHCHECK --interval=15s --timeout=5s --start-period=60s \
-    CMD ["python", "-c", "import urllib.request; urllib.request.urlopen('http://127.0.0.1:8000/readyz?require_registry=false', timeout=4)"]
+    CMD ["python", "-c", "import urllib.request; urllib.request.urlopen('http://127.0.0.1:8000/readyz?require_registry=false&require_tasks=false', timeout=4)"]
 CMD ["python", "-m", "service"]
