@@ -22,17 +22,40 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).parents[1]))
 
-from bench.base_to_novel import mean_std, world_dataset, zero_shot_bundle  # noqa: E402
+from bench.base_to_novel import zero_shot_bundle  # noqa: E402
 from service.backbone import Backbone, BackboneSpec, load_backbone  # noqa: E402
 from service.bundle import Bundle, encode_bundle  # noqa: E402
-from trainer.data import Dataset  # noqa: E402
+from trainer.data import Dataset, Sample, load_dataset  # noqa: E402
 from trainer.descriptions import descriptions_for, read_descriptions  # noqa: E402
 from trainer.engine import TrainConfig, train_cached  # noqa: E402
 from trainer.evaluate import evaluate  # noqa: E402
 from trainer.features import encode_samples  # noqa: E402
 from trainer.fewshot import sample_few_shot  # noqa: E402
 from trainer.methods import build_learner, make_config  # noqa: E402
-from trainer.world.families import STYLES  # noqa: E402
+from trainer.world.dataset import write_imagefolder  # noqa: E402
+from trainer.world.families import STYLES, family_classnames  # noqa: E402
+
+
+def world_dataset(root: Path, family: str, style: str, train_per_class: int, test_per_class: int,
+                  size: int) -> Dataset:
+    """An ImageFolder tree of the family (train and test rendered from different seeds, the training images'
+    captions in train/descriptions.tsv), made once."""
+    folder = root / f"{family}-{style}-{size}px-{train_per_class}-{test_per_class}"
+    if not (folder / "test").is_dir() or not (folder / "train" / "descriptions.tsv").is_file():
+        write_imagefolder(folder / "train", family, train_per_class, seed=1, style=style, size=size,
+                          descriptions=True)
+        write_imagefolder(folder / "test", family, test_per_class, seed=2, style=style, size=size)
+    # ImageFolder labels classes in folder-name order; the world's own order is the label order here.
+    names = family_classnames(family)
+    dataset, index = load_dataset(folder, "imagefolder"), {n: i for i, n in enumerate(names)}
+    splits = {s: [Sample(x.path, index[x.classname], x.classname) for x in xs] for s, xs in dataset.splits.items()}
+    return Dataset(family, tuple(names), splits)
+
+
+def mean_std(values: list[float]) -> str:
+    if len(values) > 1:
+        return f"{statistics.mean(values):.1f} ± {statistics.stdev(values):.1f}"
+    return f"{statistics.mean(values):.1f}"
 
 
 @dataclass(frozen=True)
