@@ -11,7 +11,6 @@ block through `service.open_clip_compat`, so a concurrent plain forward on the s
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from service.open_clip_compat import prompt_capable_vit, vit_blocks, vit_embed, vit_pool
@@ -45,24 +44,3 @@ def check_prompts(prompts: torch.Tensor, batch: int, width: int, layers: int) ->
         raise ValueError(f"vision prompts must be [{batch}, J, n, {width}], got {list(prompts.shape)}")
     if not 1 <= prompts.shape[1] <= layers or prompts.shape[2] < 1:
         raise ValueError(f"vision prompt depth must be 1..{layers} with n ≥ 1, got {list(prompts.shape)}")
-
-
-def prompted_image_features_mixed(
-    visual: nn.Module, pixels: torch.Tensor, prompts: list[torch.Tensor | None]
-) -> torch.Tensor:
-    """Normalized float32 features [B, D] for rows with prompts of any shape ([J, n, d_v] each, or None).
-
-    Rows are grouped by prompt shape (None = plain), one forward per group, results back in row order.
-    """
-    if len(prompts) != pixels.shape[0]:
-        raise ValueError(f"{pixels.shape[0]} images but {len(prompts)} prompt entries")
-    groups: dict[tuple[int, ...] | None, list[int]] = {}
-    for row, p in enumerate(prompts):
-        groups.setdefault(None if p is None else tuple(p.shape), []).append(row)
-    out: torch.Tensor | None = None
-    for shape, rows in groups.items():
-        batch_prompts = None if shape is None else torch.stack([prompts[r] for r in rows])
-        features = F.normalize(prompted_image_features(visual, pixels[rows], batch_prompts).float(), dim=-1)
-        out = features.new_empty(len(prompts), features.shape[1]) if out is None else out
-        out[rows] = features
-    return out

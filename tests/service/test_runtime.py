@@ -18,10 +18,10 @@ def manager(backbone, tmp_path) -> TaskManager:
     return TaskManager(backbone, DirectoryRegistry(tmp_path / "registry"), BundleLimits())
 
 
-def maple_bytes(backbone, classes: tuple[str, ...], seed: int) -> bytes:
+def maple_bytes(backbone, classes: tuple[str, ...], seed: int, depth: int = 9) -> bytes:
     from service.bundle import encode_bundle
 
-    learner = build_learner("maple", make_config("maple", export_dtype="float32"), backbone, classes)
+    learner = build_learner("maple", make_config("maple", export_dtype="float32", depth=depth), backbone, classes)
     with torch.no_grad():  # trained-looking prompts and couplings, different per task
         for p in learner.parameters():
             if p.requires_grad:
@@ -65,6 +65,7 @@ def kinds(tiny_backbone, tmp_path_factory):
         "coop": tasks.publish("coop", coop_bundle(tiny_backbone, ["red", "green", "blue"])),
         "maple": tasks.publish("maple", maple_bytes(tiny_backbone, ("circle", "square", "star", "heart"), seed=1)),
         "maple2": tasks.publish("maple2", maple_bytes(tiny_backbone, ("ring", "cross"), seed=2)),
+        "maple-shallow": tasks.publish("maple-shallow", maple_bytes(tiny_backbone, ("arrow", "ring"), seed=6, depth=1)),
         "tgpt3": tasks.publish("tgpt3", tgpt_bundle(tiny_backbone, 3, seed=3)),
         "tgpt40": tasks.publish("tgpt40", tgpt_bundle(tiny_backbone, 40, seed=4, content=20)),
     }
@@ -91,6 +92,14 @@ def test_rows_of_two_vision_side_tasks_share_one_prompted_forward(tiny_backbone,
     answers = runtime(jobs)
     assert list(runtime.forwards) == [Forward(ImageNeed.PROMPTED, 2 + 3 + 3)]
     assert_answers_as_alone(runtime, jobs, answers)
+
+
+def test_vision_side_tasks_of_different_prompt_depths_run_one_forward_per_shape(tiny_backbone, kinds):
+    runtime = ClassifyRuntime(tiny_backbone)
+    job = ClassifyJob(pixels_of(2, 48, seed=5), (kinds["maple"], kinds["maple-shallow"], kinds["maple2"]))
+    answers = runtime([job])
+    assert list(runtime.forwards) == [Forward(ImageNeed.PROMPTED, 4), Forward(ImageNeed.PROMPTED, 2)]
+    assert_answers_as_alone(runtime, [job], answers)
 
 
 def test_image_conditioned_tasks_of_3_and_40_classes_cost_two_text_calls_per_micro_batch(

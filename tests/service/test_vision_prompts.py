@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from service.open_clip_compat import vit_blocks, vit_embed, vit_pool
-from service.vision_prompts import prompted_image_features, prompted_image_features_mixed
+from service.vision_prompts import prompted_image_features
 
 TOWERS = ["deep_backbone", "tiny_backbone"]  # pool_type 'tok' and 'avg'
 
@@ -67,17 +67,6 @@ def test_shallower_prompts_only_replace_the_first_blocks(deep_backbone):
     pixels, prompts = _pixels(visual, 2), _prompts(visual, 2, 3)
     shallow = prompted_image_features(visual, pixels, prompts[:, :1])
     assert not torch.allclose(shallow, prompted_image_features(visual, pixels, prompts), atol=1e-4)
-
-
-@torch.no_grad()
-def test_mixed_rows_are_grouped_by_prompt_shape_and_keep_their_order(deep_backbone):
-    visual = deep_backbone.model.visual
-    pixels = _pixels(visual, 3)
-    deep, shallow = _prompts(visual, 1, 3)[0], _prompts(visual, 1, 1, seed=2)[0]
-    mixed = prompted_image_features_mixed(visual, pixels, [deep, None, shallow])
-    for row, prompt in enumerate([deep, None, shallow]):
-        alone = prompted_image_features(visual, pixels[row : row + 1], None if prompt is None else prompt[None])
-        torch.testing.assert_close(mixed[row], torch.nn.functional.normalize(alone[0], dim=-1), rtol=0, atol=1e-5)
 
 
 def test_prompts_of_the_wrong_shape_are_refused_naming_the_shape(deep_backbone):
