@@ -35,14 +35,15 @@ from PIL import Image
 
 sys.path.insert(0, str(Path(__file__).parents[1]))
 
-from service.backbone import Backbone, BackboneSpec, load_backbone  # noqa: E402
-from service.bundle import Bundle, Manifest, decode_bundle, encode_bundle  # noqa: E402
-from service.tasks import text_features  # noqa: E402
+from service.bundle.codec import Bundle, decode_bundle, encode_bundle  # noqa: E402
+from service.bundle.manifest import build_manifest  # noqa: E402
+from service.core.backbone import Backbone, BackboneSpec, load_backbone  # noqa: E402
+from service.methods import METHODS  # noqa: E402
+from service.serving.text_features import text_features  # noqa: E402
 from trainer.engine import TrainConfig, train_cached  # noqa: E402
-from trainer.evaluate import with_classnames  # noqa: E402
 from trainer.features import FeatureSet  # noqa: E402
 from trainer.fewshot import base_novel_split  # noqa: E402
-from trainer.methods import METHODS, build_learner, make_config  # noqa: E402
+from trainer.methods import build_learner, make_config  # noqa: E402
 from trainer.metrics import harmonic_mean  # noqa: E402
 from trainer.world.dataset import family_specs, render_pool  # noqa: E402
 from trainer.world.families import FAMILIES  # noqa: E402
@@ -114,7 +115,7 @@ class Classifier:
         return F.normalize(images.features - self.centre, dim=-1)
 
     def accuracy(self, backbone: Backbone, images: Images, classnames: tuple[str, ...]) -> float:
-        classes = text_features(with_classnames(self.bundle, classnames), backbone)
+        classes = text_features(self.bundle.with_classnames(classnames), backbone)
         predictions = (self.image_features(images) @ classes.T).argmax(dim=-1)
         return 100.0 * (predictions == images.labels).float().mean().item()
 
@@ -127,7 +128,7 @@ Row = Callable[[Shots], Classifier]
 
 
 def zero_shot_bundle(backbone: Backbone, classnames: tuple[str, ...]) -> Bundle:
-    return Bundle(Manifest("zeroshot", backbone.ref(), classnames, options={"templates": [ZERO_SHOT_TEMPLATE]}), {})
+    return Bundle(build_manifest("zeroshot", backbone, classnames, options={"templates": [ZERO_SHOT_TEMPLATE]}), {})
 
 
 def zero_shot(shots: Shots) -> Classifier:

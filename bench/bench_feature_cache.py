@@ -19,7 +19,7 @@ from pathlib import Path
 import torch
 from PIL import Image, ImageDraw
 
-from service.backbone import BackboneSpec, load_backbone
+from service.core.backbone import BackboneSpec, load_backbone
 from trainer.data import Sample
 from trainer.engine import TrainConfig, train_cached, train_on_images
 from trainer.features import encode_samples

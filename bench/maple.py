@@ -25,8 +25,8 @@ import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).parents[1]))
 
-from service.backbone import Backbone, BackboneSpec, load_backbone  # noqa: E402
-from service.bundle import encode_bundle  # noqa: E402
+from service.bundle.codec import encode_bundle  # noqa: E402
+from service.core.backbone import Backbone, BackboneSpec, load_backbone  # noqa: E402
 from trainer.methods import build_learner, make_config  # noqa: E402
 
 PAPER_KB = {"MaPLe": 7096, "QMaPLe 4-bit": 1774}  # QPrompt paper, ViT-B/16 (KB = 1000 bytes)

@@ -42,9 +42,11 @@ sys.path.insert(0, str(Path(__file__).parents[1]))
 from bench import infinity_peer  # noqa: E402
 from bench.prometheus_text import bucket_counts, format_buckets, histogram_buckets, share_at_most  # noqa: E402
 from bench.timing import ClientRun, Send, closed_loop, timed_rate, wait_until_answering  # noqa: E402
-from service.backbone import BackboneSpec, load_backbone  # noqa: E402
-from service.bundle import Manifest, PromptLayout, decode_bundle, encode_bundle  # noqa: E402
-from service.tasks import text_features  # noqa: E402
+from service.bundle.codec import decode_bundle, encode_bundle  # noqa: E402
+from service.bundle.manifest import build_manifest  # noqa: E402
+from service.core.backbone import BackboneSpec, load_backbone  # noqa: E402
+from service.core.records import PromptLayout  # noqa: E402
+from service.serving.text_features import text_features  # noqa: E402
 
 TOKEN = "bench-token"
 BATCH_HISTOGRAM = "promptserve_batch_rows"
@@ -81,7 +83,7 @@ def sample_image_bytes(size: int) -> bytes:
 
 def coop_bundle(backbone, classnames: list[str]) -> bytes:
     ctx = torch.randn(4, backbone.text.width, generator=torch.Generator().manual_seed(1)) * 0.02
-    manifest = Manifest("coop", backbone.ref(), tuple(classnames), PromptLayout(4, backbone.text.width))
+    manifest = build_manifest("coop", backbone, classnames, prompt=PromptLayout(4, backbone.text.width))
     return encode_bundle(manifest, {"ctx": ctx})
 
 
@@ -194,7 +196,7 @@ def plain_text_features(backbone, prompts: list[str]) -> torch.Tensor:
 def activation_ratio(backbone, n_classes: int) -> tuple[float, float, float]:
     """A zero-shot task's text features both ways: same prompts, so the features must agree."""
     classnames = [f"object category number {i}" for i in range(n_classes)]
-    manifest = Manifest("zeroshot", backbone.ref(), tuple(classnames), options={"templates": ["a photo of a {}."]})
+    manifest = build_manifest("zeroshot", backbone, classnames, options={"templates": ["a photo of a {}."]})
     bundle = decode_bundle(encode_bundle(manifest, {}))
     start = time.perf_counter()
     fast = text_features(bundle, backbone)

@@ -21,9 +21,11 @@ import httpx
 
 sys.path.insert(0, str(Path(__file__).parents[1]))
 
-from service.bundle import BackboneRef, Manifest, encode_bundle  # noqa: E402
-from service.demo import DEMO_TASKS  # noqa: E402
-from service.process import ServiceProcess  # noqa: E402
+from bench.process import ServiceProcess  # noqa: E402
+from service.bundle.codec import encode_bundle  # noqa: E402
+from service.bundle.manifest import Manifest  # noqa: E402
+from service.core.records import BackboneRef  # noqa: E402
+from service.serving.demo import DEMO_TASKS  # noqa: E402
 
 TOKEN = "soak-token"
 SAMPLES = Path(__file__).parents[1] / "service" / "assets" / "samples"

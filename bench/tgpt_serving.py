@@ -3,8 +3,8 @@
     python bench/tgpt_serving.py --model promptserve-tiny --pretrained world-v1 --queries 8 24
     python bench/tgpt_serving.py --model ViT-B-16 --pretrained '' --queries 32 64 --batch 8
 
-For a micro-batch of B images: the shared image forward (`encode_image_tokens`: pooled features + tokens),
-then `tgpt_logits` for B rows of 1 task and of 2 tasks (2B rows: still two text calls). Timings are the
+For a micro-batch of B images: the shared image forward (`Backbone.encode_image_tokens`: pooled features +
+tokens), then `group_logits` for B rows of 1 task and of 2 tasks (2B rows: still two text calls). Timings are the
 median of `--repeats` interleaved runs; the ratio (TGP-T time per task / image-forward time) is what to
 read, since the machine's load moves both alike.
 """
@@ -12,7 +12,6 @@ read, since the machine's load moves both alike.
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import statistics
 import sys
 import time
@@ -22,9 +21,8 @@ sys.path.insert(0, str(Path(__file__).parents[1]))
 
 import torch  # noqa: E402
 
-from service.backbone import BackboneSpec, load_backbone  # noqa: E402
-from service.bonder import TGPTDims, TGPTModel  # noqa: E402
-from service.tgpt import TGPTRow, encode_image_tokens, tgpt_logits  # noqa: E402
+from service.core.backbone import BackboneSpec, load_backbone  # noqa: E402
+from service.core.bonder import TGPTDims, TGPTModel, group_logits  # noqa: E402
 
 
 def _timed(fn) -> float:
@@ -33,6 +31,7 @@ def _timed(fn) -> float:
     return time.perf_counter() - start
 
 
+@torch.inference_mode()
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model", default="promptserve-tiny")
@@ -49,12 +48,10 @@ def main() -> None:
     dims = TGPTDims(*args.queries, backbone.text.width, visual.output_dim)
     models = [TGPTModel(dims, args.classes).eval() for _ in range(2)]
     pixels = torch.randn(args.batch, 3, *visual.image_size)
-    out = encode_image_tokens(backbone, pixels)
-    one = [TGPTRow(models[0], t, p) for t, p in zip(out.tokens, out.pooled, strict=True)]
-    two = one + [dataclasses.replace(r, model=models[1]) for r in one]
-    cases = {"image forward": lambda: encode_image_tokens(backbone, pixels),
-             "1 TGP-T task": lambda: tgpt_logits(backbone.text, one),
-             "2 TGP-T tasks": lambda: tgpt_logits(backbone.text, two)}
+    out = backbone.encode_image_tokens(pixels)
+    cases = {"image forward": lambda: backbone.encode_image_tokens(pixels),
+             "1 TGP-T task": lambda: group_logits(backbone.text, models[:1], [out.tokens], [out.pooled]),
+             "2 TGP-T tasks": lambda: group_logits(backbone.text, models, [out.tokens] * 2, [out.pooled] * 2)}
     for fn in cases.values():
         fn()  # warm-up
     times = {name: [] for name in cases}

@@ -23,8 +23,8 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).parents[1]))
 
 from bench.base_to_novel import zero_shot_bundle  # noqa: E402
-from service.backbone import Backbone, BackboneSpec, load_backbone  # noqa: E402
-from service.bundle import Bundle, encode_bundle  # noqa: E402
+from service.bundle.codec import Bundle, encode_bundle  # noqa: E402
+from service.core.backbone import Backbone, BackboneSpec, load_backbone  # noqa: E402
 from trainer.data import Dataset, Sample, load_dataset  # noqa: E402
 from trainer.descriptions import descriptions_for, read_descriptions  # noqa: E402
 from trainer.engine import TrainConfig, train_cached  # noqa: E402
@@ -78,7 +78,7 @@ def train_bundle(method: str, backbone: Backbone, dataset: Dataset, seed: int, a
         learner = build_learner("tgpt", make_config("tgpt", **options), backbone, dataset.classnames)
         table = read_descriptions(dataset.split("train")[0].path.parents[1] / "descriptions.tsv")
         texts = descriptions_for(samples, table) if descriptions else [None] * len(samples)
-        data = learner.token_set(samples, texts, seed=seed)
+        data = learner.training_set(samples, texts, views=1, seed=seed, progress=False)
         cfg = TrainConfig(epochs=args.tgpt_epochs, batch_size=8, optimizer="adamw", lr=args.tgpt_lr,
                           weight_decay=1e-4, adam_eps=1e-7, warmup_steps=args.warmup_steps, seed=seed)
     train_cached(learner, data, cfg)

@@ -30,7 +30,7 @@ sys.path.insert(0, str(Path(__file__).parents[1]))
 import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
 
-from service.backbone import BackboneSpec, load_backbone  # noqa: E402
+from service.core.backbone import BackboneSpec, load_backbone  # noqa: E402
 from trainer.engine import TrainConfig, make_optimizer  # noqa: E402
 from trainer.methods import build_learner, make_config  # noqa: E402
 from trainer.methods.tgpt import TokenBatch  # noqa: E402

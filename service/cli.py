@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import logging
 import os
 import sys
 from collections.abc import Callable
@@ -43,9 +44,18 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def serve(argv: list[str]) -> int:
-    from service.__main__ import main as serve_main  # torch and the app load only to serve
+    """Serve the configured backbone and registry with uvicorn (torch and the app load only here)."""
+    from service.config import Settings
+    from service.http.app import create_app
+    from service.http.server import serve as run_server
 
-    serve_main(argv)
+    settings = Settings()
+    parser = argparse.ArgumentParser(prog="promptserve serve", description="serve the promptserve API")
+    parser.add_argument("--host", default=settings.host)
+    parser.add_argument("--port", type=int, default=settings.port)
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    run_server(create_app(settings), settings, args.host, args.port)
     return 0
 
 

@@ -2,26 +2,15 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
 from typing import Literal
 
 from pydantic import Field, SecretStr
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
-from service.backbone import BackboneSpec
+from service.core.backbone import BackboneSpec
+from service.serving.activation import BundleLimits
 
 MiB = 1024 * 1024
-
-
-@dataclass(frozen=True)
-class BundleLimits:
-    """What this service agrees to serve, beyond what the bundle format allows (cost of activation)."""
-
-    max_classes: int = 2000
-    max_classname_chars: int = 200
-    max_template_chars: int = 300
-    max_templates: int = 64
-    max_text_prompts: int = 20_000
 
 
 class Settings(BaseSettings):

@@ -1,14 +1,18 @@
-"""Shared fixtures: tiny open_clip models built from the configs in tests/model_configs (random weights)."""
+"""Shared fixtures: tiny open_clip models built from the configs in tests/model_configs (random weights), and a
+fresh PostgreSQL database per test on the local server."""
 
 from __future__ import annotations
 
+import os
+import uuid
+from collections.abc import Iterator
 from pathlib import Path
 
 import open_clip
 import pytest
-from pg_fixtures import postgres_url  # noqa: F401  (a fresh PostgreSQL database per test)
 
-from service.backbone import Backbone, BackboneSpec, load_backbone
+from service.core.backbone import Backbone, BackboneSpec, load_backbone
+from tests.helpers import PG_SERVER, coop_bundle, pg_admin_connection, pg_cluster, pg_is_up
 
 open_clip.add_model_config(Path(__file__).parent / "model_configs")
 
@@ -40,20 +44,32 @@ def other_backbone() -> Backbone:
     return load_backbone(BackboneSpec("test-micro", device="cpu", seed=1))
 
 
-def coop_bundle(backbone: Backbone, classnames: list[str], *, n_ctx: int = 4, seed: int = 0, **overrides) -> bytes:
-    """A valid CoOp bundle for `backbone` with random context (tests only need it to be well-formed)."""
-    import torch
-
-    from service.bundle import Manifest, PromptLayout, encode_bundle
-
-    ctx = torch.randn(n_ctx, backbone.text.width, generator=torch.Generator().manual_seed(seed)) * 0.02
-    manifest = Manifest(
-        method="coop", backbone=backbone.ref(), classnames=tuple(classnames),
-        prompt=PromptLayout(n_ctx=n_ctx, ctx_dim=backbone.text.width), **overrides,
-    )
-    return encode_bundle(manifest, {"ctx": ctx})
-
-
 @pytest.fixture
 def make_coop_bundle():
     return coop_bundle
+
+
+@pytest.fixture
+def anyio_backend() -> str:
+    return "asyncio"
+
+
+@pytest.fixture
+def postgres_url() -> Iterator[str]:
+    """A database of its own on the local server (127.0.0.1:5432, trust auth), dropped after the test, so tests never
+    see each other's data or notifications. Without a reachable server the test is skipped locally and fails in CI."""
+    pytest.importorskip("psycopg")
+    if not pg_is_up():
+        if os.environ.get("CI"):
+            pytest.fail(f"PostgreSQL is not reachable at {PG_SERVER}")
+        pytest.skip(f"PostgreSQL is not reachable at {PG_SERVER}")
+    name = f"promptserve_test_{uuid.uuid4().hex[:12]}"
+    with pg_admin_connection() as conn:
+        conn.execute(f'CREATE DATABASE "{name}"')
+    try:
+        yield f"{PG_SERVER}/{name}"
+    finally:
+        if not pg_is_up():  # a test that stopped the server restarts it; be sure before dropping
+            pg_cluster("start")
+        with pg_admin_connection() as conn:
+            conn.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')

@@ -17,8 +17,8 @@ import pytest
 import tomllib
 import yaml
 
-from service.app import create_app
 from service.config import Settings
+from service.http.app import create_app
 
 ROOT = Path(__file__).parents[1]
 DEPLOY = ROOT / "deploy"

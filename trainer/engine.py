@@ -20,11 +20,11 @@ import torch
 from PIL import Image
 from tqdm.auto import tqdm
 
-from service.backbone import Backbone
+from service.core.backbone import Backbone
 from trainer.configs import TrainConfig
 from trainer.data import Sample, open_image
 from trainer.features import CachedSet, Transform, train_transform
-from trainer.methods.base import PromptLearner
+from trainer.methods.base import Learner
 
 log = logging.getLogger(__name__)
 
@@ -67,7 +67,7 @@ def make_scheduler(optimizer: torch.optim.Optimizer, cfg: TrainConfig, steps_per
 class _Run:
     """One training run's optimizer, schedule and step; the loops below feed it batches."""
 
-    def __init__(self, learner: PromptLearner, cfg: TrainConfig, steps_per_epoch: int):
+    def __init__(self, learner: Learner, cfg: TrainConfig, steps_per_epoch: int):
         params = [p for p in learner.parameters() if p.requires_grad]
         if not params:
             raise ValueError(f"{type(learner).__name__} has no trainable parameters")
@@ -98,7 +98,7 @@ class _Run:
         return stats
 
 
-def train_cached(learner: PromptLearner, data: CachedSet, cfg: TrainConfig) -> list[EpochStats]:
+def train_cached(learner: Learner, data: CachedSet, cfg: TrainConfig) -> list[EpochStats]:
     """Train from cached image outputs (features, or TGP-T's tokens): each epoch visits every image once,
     in one randomly chosen view."""
     if learner.needs_image_tower:
@@ -119,7 +119,7 @@ def train_cached(learner: PromptLearner, data: CachedSet, cfg: TrainConfig) -> l
 
 
 def train_on_images(
-    learner: PromptLearner, backbone: Backbone, samples: list[Sample], cfg: TrainConfig,
+    learner: Learner, backbone: Backbone, samples: list[Sample], cfg: TrainConfig,
     transform: Transform | None = None,
 ) -> list[EpochStats]:
     """The plain loop: augment and run the image tower on every step (for methods that change it).
@@ -143,7 +143,7 @@ def train_on_images(
 
 
 def _image_batch(
-    learner: PromptLearner, images: list[Image.Image], labels: torch.Tensor, idx: torch.Tensor, transform: Transform
+    learner: Learner, images: list[Image.Image], labels: torch.Tensor, idx: torch.Tensor, transform: Transform
 ) -> tuple[torch.Tensor, torch.Tensor]:
     pixels = torch.stack([transform(images[i]) for i in idx.tolist()])
     return learner.image_features(pixels), labels[idx]

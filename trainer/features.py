@@ -18,7 +18,7 @@ from PIL import Image
 from torchvision import transforms as T
 from tqdm.auto import tqdm
 
-from service.backbone import Backbone
+from service.core.backbone import Backbone
 from trainer.data import Sample, open_image
 
 log = logging.getLogger(__name__)

@@ -9,7 +9,7 @@ from collections import defaultdict
 from dataclasses import dataclass
 from pathlib import Path
 
-from service.bundle import atomic_write
+from service.core.fsio import atomic_write
 from trainer.data import DataError, Sample
 
 SPLIT_FORMAT = "promptserve.fewshot-split/1"

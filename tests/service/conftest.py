@@ -5,18 +5,13 @@ from __future__ import annotations
 from collections.abc import Iterator
 
 import pytest
-from test_uvicorn import TOKEN
 
-from service.process import ServiceProcess
-
-
-@pytest.fixture
-def anyio_backend():
-    return "asyncio"
+from bench.process import ServiceProcess
+from tests.helpers import TOKEN
 
 
 @pytest.fixture(scope="session")
-def live_service(tmp_path_factory) -> Iterator[ServiceProcess]:
+def live_service(tmp_path_factory: pytest.TempPathFactory) -> Iterator[ServiceProcess]:
     """`python -m service` on a free port: embedded tiny CLIP, demo tasks shapes/colours, admin token set."""
     service = ServiceProcess(tmp_path_factory.mktemp("live") / "registry", admin_token=TOKEN)
     try:

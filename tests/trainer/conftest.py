@@ -5,9 +5,9 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
-from fixture_data import make_coop
 
-from service.backbone import Backbone
+from service.core.backbone import Backbone
+from tests.helpers import make_coop
 from trainer.data import Dataset, load_coop
 from trainer.features import FeatureSet, encode_samples
 

@@ -7,11 +7,12 @@ from pathlib import Path
 
 import pytest
 import torch
-from fixture_data import make_coop, make_csv, make_imagefolder
 
-from service.bundle import decode_bundle, read_bundle
+from service.bundle.codec import decode_bundle, read_bundle
+from tests.helpers import make_coop, make_csv, make_imagefolder
 from trainer.cli import main
-from trainer.world import FAMILIES, write_imagefolder
+from trainer.world import FAMILIES
+from trainer.world.dataset import write_imagefolder
 
 MICRO = ["--model", "test-micro", "--random-weights", "--device", "cpu", "--no-progress"]
 FAST = ["--epochs", "4", "--batch-size", "8", "--warmup-epochs", "1", "--lr", "0.01"]

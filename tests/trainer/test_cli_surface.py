@@ -8,15 +8,14 @@ import sys
 from pathlib import Path
 
 import pytest
-from fixture_data import make_imagefolder
 
-from service.bundle import read_bundle
+from service.bundle.codec import read_bundle
+from service.methods import METHODS
+from tests.helpers import ROOT, make_imagefolder
 from trainer.cli import main
-from trainer.methods import METHODS
 
 MICRO = ["--model", "test-micro", "--random-weights", "--device", "cpu", "--no-progress"]
 ONE_EPOCH = ["--epochs", "1", "--batch-size", "8", "--lr", "0.01", "--shots", "2"]
-ROOT = Path(__file__).resolve().parents[2]
 
 
 def _fresh_main(argv: list[str]) -> tuple[set[str], str]:
@@ -40,7 +39,8 @@ def _inspected_in_process(path: Path) -> dict:
     bundle = read_bundle(path)
     layout = bundle.manifest.prompt
     classes = len(bundle.manifest.classnames) if layout.class_specific else 1
-    deep = [t for t in (bundle.deep_text_prompts(), bundle.vision_prompts()) if t is not None]
+    prompt = bundle.class_prompt()
+    deep = [t for t in (prompt.deep if prompt else None, bundle.vision_prompts()) if t is not None]
     return {
         "file_bytes": path.stat().st_size,
         "payload_bytes": bundle.payload_bytes,
@@ -85,10 +85,10 @@ def test_train_help_shows_every_config_option_with_its_defaults_and_choices(caps
 def test_a_new_config_field_becomes_a_flag_without_touching_the_cli(monkeypatch, capsys) -> None:
     import dataclasses
 
-    entry = METHODS["coop"]
+    spec = METHODS["coop"]
     extra = dataclasses.make_dataclass("CoOpPlus", [("temperature", float, dataclasses.field(
-        default=0.5, metadata={"help": "a new knob", "choices": (0.5, 1.0)}))], bases=(entry.config,))
-    monkeypatch.setitem(METHODS, "coop", dataclasses.replace(entry, config=extra))
+        default=0.5, metadata={"help": "a new knob", "choices": (0.5, 1.0)}))], bases=(spec.config,))
+    monkeypatch.setitem(METHODS, "coop", type("CoOpPlusSpec", (type(spec),), {"config": extra})())
     with pytest.raises(SystemExit):
         main(["train", "--help"])
     assert "--temperature {0.5,1.0}" in capsys.readouterr().out

@@ -5,8 +5,8 @@ import shutil
 from pathlib import Path
 
 import pytest
-from fixture_data import COLOURS, make_coop, make_csv, make_imagefolder
 
+from tests.helpers import COLOURS, make_coop, make_csv, make_imagefolder
 from trainer.data import DataError, load_coop, load_csv, load_dataset, load_imagefolder, open_image
 from trainer.fewshot import base_novel_split, load_split, sample_few_shot, save_split
 

@@ -5,7 +5,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-from trainer.engine import TrainConfig, make_scheduler, train_cached, train_on_images
+from trainer.configs import TrainConfig
+from trainer.engine import make_scheduler, train_cached, train_on_images
 from trainer.features import encode_samples
 from trainer.fewshot import sample_few_shot
 from trainer.methods import build_learner, make_config

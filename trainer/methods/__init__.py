@@ -1,84 +1,67 @@
-"""Prompt methods (text-side, MaPLe's vision-side, TGP-T's image-conditioned), registered once:
-name → (config class, learner, training defaults). The CLI's method flags are generated from these
-configs' fields (`method_options`); the bundle side of each method is `service.bundle.METHODS`.
+"""The trainer's side of each registered method (`service.methods`): its config from keyword options, its
+learner, and the CLI's method flags generated from the configs' fields.
 
-Torch-free: the configs live in `trainer.configs` and each learner is named "module:Class", imported on first
-use (`build_learner`), so building the `train` parser loads no torch.
+Torch-free: a spec names its learner as "module:Class", imported on first use (`build_learner`), so building
+the `train` parser loads no torch.
 """
 
 from __future__ import annotations
 
 import importlib
-from dataclasses import asdict, dataclass, field, fields
+from dataclasses import MISSING, asdict, fields
 from typing import TYPE_CHECKING, Any
 
-from trainer.configs import (
-    TGPT_TRAIN_DEFAULTS,
-    CoOpConfig,
-    MaPLeConfig,
-    QMaPLeConfig,
-    QPromptConfig,
-    QuantizerConfig,
-    RLPConfig,
-    TGPTConfig,
-)
+from service.methods import METHODS, MethodSpec, method
+from service.methods.common import QuantizerConfig
 from trainer.options import OptionSpec, config_options, merge_options
 
 if TYPE_CHECKING:
-    from service.backbone import Backbone
-    from trainer.methods.base import PromptLearner
-    from trainer.methods.tgpt import TGPT
+    from service.core.backbone import Backbone
+    from trainer.methods.base import Learner
 
 
-@dataclass(frozen=True)
-class MethodEntry:
-    config: type
-    learner: str  # "module:Class", imported by `learner_class`
-    train_defaults: dict[str, Any] = field(default_factory=dict)  # under the user's own training flags
-
-    def learner_class(self) -> type:
-        module, name = self.learner.split(":")
-        return getattr(importlib.import_module(module), name)
+def trainable() -> dict[str, MethodSpec[Any]]:
+    """The registered methods that have a trainer (a config and a learner), by name."""
+    return {name: spec for name, spec in METHODS.items() if spec.config is not None and spec.learner is not None}
 
 
-METHODS: dict[str, MethodEntry] = {
-    "coop": MethodEntry(CoOpConfig, "trainer.methods.coop:CoOp"),
-    "qprompt": MethodEntry(QPromptConfig, "trainer.methods.qprompt:QPrompt"),
-    "rlp": MethodEntry(RLPConfig, "trainer.methods.rlp:RLP"),
-    "maple": MethodEntry(MaPLeConfig, "trainer.methods.maple:MaPLe"),
-    "qmaple": MethodEntry(QMaPLeConfig, "trainer.methods.qmaple:QMaPLe"),
-    "tgpt": MethodEntry(TGPTConfig, "trainer.methods.tgpt:TGPT", TGPT_TRAIN_DEFAULTS),
-}
-
-
-def make_config(method: str, **options: Any) -> Any:
+def make_config(method_name: str, **options: Any) -> Any:
     """The method's config from keyword options; options the method does not use are refused by name."""
-    entry = _entry(method)
-    known = {f.name for f in fields(entry.config)}
-    if "quantizer" in known:
-        quantizer_default = next(f for f in fields(entry.config) if f.name == "quantizer").default_factory()
-        quantizer_keys = {f.name for f in fields(QuantizerConfig)}
-        given = {k: options.pop(k) for k in quantizer_keys & set(options)}
-        options["quantizer"] = QuantizerConfig(**(asdict(quantizer_default) | given))
+    config, _ = _trainer_of(method_name)
+    by_name = {f.name: f for f in fields(config)}
+    quantizer = by_name.get("quantizer")
+    if quantizer is not None and quantizer.default_factory is not MISSING:  # flat flags → the nested config
+        given = {k: options.pop(k) for k in {f.name for f in fields(QuantizerConfig)} & set(options)}
+        options["quantizer"] = QuantizerConfig(**(asdict(quantizer.default_factory()) | given))
+    known = set(by_name)
     unknown = sorted(set(options) - known)
     if unknown:
-        raise ValueError(f"method {method!r} has no option {unknown[0]!r}; its options: {sorted(known)}")
-    return entry.config(**options)
+        raise ValueError(f"method {method_name!r} has no option {unknown[0]!r}; its options: {sorted(known)}")
+    return config(**options)
 
 
 def method_options() -> dict[str, OptionSpec]:
     """Every method's config options, each once, with its default per method (QPrompt's quantizer flattened)."""
-    return merge_options({name: config_options(entry.config, name) for name, entry in METHODS.items()})
+    return merge_options({name: config_options(spec.config, name) for name, spec in trainable().items()
+                          if spec.config is not None})
 
 
-def build_learner(method: str, config: Any, backbone: Backbone, classnames: tuple[str, ...]) -> PromptLearner | TGPT:
-    return _entry(method).learner_class()(config, backbone, classnames)
+def learner_class(method_name: str) -> type[Learner]:
+    module, name = _trainer_of(method_name)[1].split(":")
+    cls: type[Learner] = getattr(importlib.import_module(module), name)
+    return cls
 
 
-def _entry(method: str) -> MethodEntry:
-    if method not in METHODS:
-        raise ValueError(f"unknown method {method!r}; known: {sorted(METHODS)}")
-    return METHODS[method]
+def build_learner(method_name: str, config: Any, backbone: Backbone, classnames: tuple[str, ...]) -> Learner:
+    return learner_class(method_name)(config, backbone, classnames)
 
 
-__all__ = ["METHODS", "MethodEntry", "build_learner", "make_config", "method_options"]
+def _trainer_of(method_name: str) -> tuple[type, str]:
+    """(config class, learner "module:Class") of a trainable method."""
+    spec = method(method_name)
+    if spec.config is None or spec.learner is None:
+        raise ValueError(f"method {method_name!r} has nothing to train; trainable: {sorted(trainable())}")
+    return spec.config, spec.learner
+
+
+__all__ = ["build_learner", "learner_class", "make_config", "method_options", "trainable"]

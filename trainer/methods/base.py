@@ -1,26 +1,30 @@
-"""The shared prompt-learner base: a learned context spliced into class prompts of the frozen text tower.
+"""What a learner is (`Learner`, the protocol the loops, evaluation and export use) and the shared base of the
+context methods: a learned context spliced into class prompts of the frozen text tower.
 
-A method is a config dataclass (in the torch-free `trainer.configs`) plus a `PromptLearner` subclass that says
-how its context is produced (`context()`) and how it becomes bundle tensors (`export_tensors()`). Everything
-else — text encoding, logits, the manifest — lives here once.
+A context method is a config (in its spec, `service.methods`) plus a `PromptLearner` subclass that says how its
+context is produced (`context()`) and how it becomes bundle tensors (`export_tensors()`). Everything else —
+text encoding, logits, the cached training set, the manifest — lives here once.
 """
 
 from __future__ import annotations
 
 import json
 import logging
+from collections.abc import Iterator
 from dataclasses import asdict
-from typing import Any, ClassVar
+from typing import Any, ClassVar, Protocol
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 from service import __version__
-from service.backbone import Backbone
-from service.bundle import METHODS as BUNDLE_METHODS
-from service.bundle import Manifest, PromptLayout
-from trainer.configs import EXPORT_DTYPE_NAMES, PromptConfig
+from service.bundle.manifest import Manifest, build_manifest
+from service.core.backbone import Backbone
+from service.core.records import PromptLayout
+from service.methods.common import EXPORT_DTYPE_NAMES, PromptConfig
+from trainer.data import Sample
+from trainer.features import CachedSet, encode_samples
 
 log = logging.getLogger(__name__)
 
@@ -33,19 +37,48 @@ def config_json(config: Any) -> dict[str, Any]:
     return json.loads(json.dumps(asdict(config)))
 
 
-def text_init_context(backbone: Backbone, text: str, n_ctx: int) -> torch.Tensor:
-    """Token embeddings of `text` ([n_ctx, d]); `n_ctx` must equal its token count."""
-    ids = backbone.tokenizer.encode(text)
-    if len(ids) != n_ctx:
-        raise ValueError(f"ctx_init {text!r} is {len(ids)} tokens; set n_ctx to {len(ids)} or pick another text")
-    embedding = backbone.text.tower.token_embedding
-    return embedding(torch.tensor(ids, device=embedding.weight.device)).detach().float().cpu()
-
-
 def initial_context(config: PromptConfig, backbone: Backbone, generator: torch.Generator | None = None) -> torch.Tensor:
     if config.ctx_init:
-        return text_init_context(backbone, config.ctx_init, config.n_ctx)
+        return backbone.text.phrase_embeddings(config.ctx_init, config.n_ctx)
     return torch.randn(config.n_ctx, backbone.text.width, generator=generator) * config.init_std
+
+
+class Learner(Protocol):
+    """A method's learner, as the training loops, the run and the export use it (an nn.Module)."""
+
+    method: ClassVar[str]
+    needs_image_tower: ClassVar[bool]  # trains through the image tower each step (else from a cached set)
+
+    def __init__(self, config: Any, backbone: Backbone, classnames: tuple[str, ...]) -> None: ...
+
+    def parameters(self, recurse: bool = True) -> Iterator[nn.Parameter]: ...
+
+    def train(self, mode: bool = True) -> Any: ...
+
+    def eval(self) -> Any: ...
+
+    def trainable_parameters(self) -> int: ...
+
+    def training_set(self, samples: list[Sample], descriptions: list[str | None], views: int, seed: int,
+                     progress: bool) -> CachedSet:
+        """What the cached loop reads each step (image features, or image tokens)."""
+        ...
+
+    def image_features(self, pixels: torch.Tensor) -> torch.Tensor:
+        """Normalized image features through the learner's own image forward (`needs_image_tower` learners)."""
+        ...
+
+    def loss(self, inputs: Any, labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(training loss, logits) of one batch."""
+        ...
+
+    def after_step(self) -> None:
+        """Called after every optimizer step (QPrompt re-clusters here)."""
+        ...
+
+    def export(self, metrics: dict[str, Any] | None = None) -> tuple[Manifest, dict[str, torch.Tensor]]:
+        """The bundle (manifest, tensors) that stands for this learner in the service."""
+        ...
 
 
 class PromptLearner(nn.Module):
@@ -88,6 +121,11 @@ class PromptLearner(nn.Module):
         """Normalized image features of preprocessed pixels; methods that prompt the image tower override this."""
         return self.backbone.encode_images(pixels)
 
+    def training_set(self, samples: list[Sample], descriptions: list[str | None], views: int, seed: int,
+                     progress: bool) -> CachedSet:
+        """Every image's features under `views` views, cached once (the image tower is frozen)."""
+        return encode_samples(self.backbone, samples, views=views, seed=seed, progress=progress)
+
     def loss(self, image_features: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """(training loss, logits) of one batch: cross-entropy over the class logits."""
         logits = self(image_features)
@@ -103,15 +141,8 @@ class PromptLearner(nn.Module):
         return self.backbone.logit_scale * image_features @ self.text_features().T
 
     def manifest(self, metrics: dict[str, Any] | None = None) -> Manifest:
-        return Manifest(
-            method=self.method,
-            backbone=self.backbone.ref(with_image=BUNDLE_METHODS[self.method].needs_image_fingerprint),
-            classnames=self.classnames,
-            prompt=self.layout,
-            options=self.export_options(),
-            metrics=metrics or {},
-            trainer_version=TRAINER_VERSION,
-        )
+        return build_manifest(self.method, self.backbone, self.classnames, prompt=self.layout,
+                              options=self.export_options(), metrics=metrics, trainer_version=TRAINER_VERSION)
 
     def export(self, metrics: dict[str, Any] | None = None) -> tuple[Manifest, dict[str, torch.Tensor]]:
         """The bundle (manifest, tensors) that stands for this learner in the service."""

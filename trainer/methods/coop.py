@@ -5,8 +5,8 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from service.backbone import Backbone
-from trainer.configs import CoOpConfig
+from service.core.backbone import Backbone
+from service.methods.coop import CoOpConfig
 from trainer.methods.base import EXPORT_DTYPES, PromptLearner, initial_context
 
 

@@ -5,7 +5,7 @@ first n_ctx words of `ctx_init`; the remaining words stay frozen text, so "a pho
 [SOT, ctx(2), of, a, {class}, ., EOT]); P_1.. replace the context rows' hidden states before text blocks
 1..J-1. Vision prompts are V_i = coupling_i(P_i), one Linear(d_t → d_v) per depth (the deep ones start as
 copies of one Linear, as the reference builds them). Both towers run through the service's own functions
-(`PromptTextEncoder`, `service.vision_prompts`), so the exported bundle reproduces training's logits.
+(`PromptTextEncoder`, `service.core.vision_prompts`), so the exported bundle reproduces training's logits.
 The export is *merged*: the couplings are applied once and only [J, n, d] prompts per tower are stored.
 """
 
@@ -19,18 +19,17 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from service.backbone import Backbone
-from service.open_clip_compat import deep_prompt_depth_limit
-from service.vision_prompts import prompted_image_features
-from trainer.configs import MaPLeConfig
-from trainer.methods.base import EXPORT_DTYPES, PromptLearner, text_init_context
+from service.core.backbone import Backbone
+from service.core.vision_prompts import prompted_features
+from service.methods.maple import MaPLeConfig
+from trainer.methods.base import EXPORT_DTYPES, PromptLearner
 
 log = logging.getLogger(__name__)
 
 
 def usable_depth(requested: int, backbone: Backbone) -> int:
     """The requested depth, clamped (with a log line saying so) to the shallower tower's number of blocks."""
-    limit = deep_prompt_depth_limit(backbone.model)
+    limit = backbone.sizes.deep_prompt_depth
     if requested > limit:
         log.warning("MaPLe depth %d exceeds this backbone's %d layers (the shallower tower); using depth %d",
                     requested, limit, limit)
@@ -51,11 +50,13 @@ class MaPLe(PromptLearner):
 
     def __init__(self, config: MaPLeConfig, backbone: Backbone, classnames: tuple[str, ...]):
         super().__init__(config, backbone, classnames)
+        d_t, d_v = backbone.text.width, backbone.sizes.vision_width
+        if d_v is None:
+            raise ValueError(f"{self.method} cannot run on this backbone: {backbone.sizes.token_prompts}")
         self.depth = usable_depth(config.depth, backbone)
         ctx_text, self.fixed_text = split_init(config)
         self.tokens = backbone.text.class_prompt_tokens(self.classnames, self.layout, self.fixed_text)
-        d_t, d_v = backbone.text.width, backbone.model.visual.transformer.width
-        ctx = (text_init_context(backbone, ctx_text, config.n_ctx) if ctx_text
+        ctx = (backbone.text.phrase_embeddings(ctx_text, config.n_ctx) if ctx_text
                else torch.randn(config.n_ctx, d_t) * config.init_std)
         deep = [torch.randn(config.n_ctx, d_t) * config.deep_std for _ in range(self.depth - 1)]
         self.text_params = nn.ParameterList([nn.Parameter(p) for p in [ctx, *deep]])
@@ -87,10 +88,7 @@ class MaPLe(PromptLearner):
         return F.normalize(features.float(), dim=-1)
 
     def image_features(self, pixels: torch.Tensor) -> torch.Tensor:
-        visual = self.backbone.model.visual
-        prompts = self.vision_prompts()
-        batch = prompts.expand(pixels.shape[0], *prompts.shape)
-        return F.normalize(prompted_image_features(visual, pixels.to(self.backbone.device), batch).float(), dim=-1)
+        return prompted_features(self.backbone.model.visual, pixels.to(self.backbone.device), self.vision_prompts())
 
     def export_tensors(self) -> dict[str, torch.Tensor]:
         dtype = EXPORT_DTYPES[self.config.export_dtype]
@@ -100,7 +98,7 @@ class MaPLe(PromptLearner):
 
     def export_options(self) -> dict[str, Any]:
         options = super().export_options()
-        width = self.backbone.model.visual.transformer.width
+        width = self.backbone.sizes.vision_width
         return options | {"depth": self.depth, "vision_width": width, "fixed_text": self.fixed_text}
 
     def full_form_values(self) -> dict[str, int]:

@@ -14,9 +14,9 @@ from typing import Any
 import torch
 from torch import nn
 
-from service.backbone import Backbone
-from service.bitpack import pack_indices
-from trainer.configs import QMaPLeConfig
+from service.core.backbone import Backbone
+from service.core.bitpack import pack_indices
+from service.methods.qmaple import QMaPLeConfig
 from trainer.methods.base import EXPORT_DTYPES
 from trainer.methods.maple import MaPLe
 from trainer.methods.quantizer import KMeansQuantizer

@@ -7,8 +7,8 @@ from typing import Any
 import torch
 from torch import nn
 
-from service.backbone import Backbone
-from trainer.configs import QPromptConfig
+from service.core.backbone import Backbone
+from service.methods.qprompt import QPromptConfig
 from trainer.methods.base import PromptLearner, initial_context
 from trainer.methods.quantizer import KMeansQuantizer
 

@@ -20,8 +20,8 @@ import logging
 import torch
 from torch import nn
 
-from service.bitpack import pack_indices
-from trainer.configs import QuantizerConfig
+from service.core.bitpack import pack_indices
+from service.methods.common import QuantizerConfig
 
 log = logging.getLogger(__name__)
 

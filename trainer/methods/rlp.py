@@ -15,9 +15,8 @@ from typing import Any
 import torch
 from torch import nn
 
-from service.backbone import Backbone
-from service.bundle import phrase_embeddings
-from trainer.configs import RLPConfig
+from service.core.backbone import Backbone
+from service.methods.rlp import RLPConfig
 from trainer.methods.base import EXPORT_DTYPES, PromptLearner
 
 FACTOR_DTYPE = torch.float16
@@ -46,8 +45,8 @@ class RLP(PromptLearner):
 
     def __init__(self, config: RLPConfig, backbone: Backbone, classnames: tuple[str, ...]):
         super().__init__(config, backbone, classnames)
-        # the service rebuilds P₀ with this same function from its backbone (service.bundle, factorized form)
-        self.register_buffer("base", phrase_embeddings(backbone.text, config.ctx_init, config.n_ctx))
+        # the service rebuilds P₀ with this same function from its backbone (factorized form: service.methods.rlp)
+        self.register_buffer("base", backbone.text.phrase_embeddings(config.ctx_init, config.n_ctx))
         self.delta = LowRankDelta(config.n_ctx, backbone.text.width, config.rank, config.dropout, config.factor_std,
                                   config.init_seed)
         self.merged: torch.Tensor | None = None

@@ -8,7 +8,7 @@ frozen vocabulary head (the token embedding matrix, tied) reads every prompt row
 category prompt must spell "a photo of a {class}." and the content prompt the image's description
 (token cross-entropy, label smoothing 0.1, over the 49k-token vocabulary in chunks so memory stays bounded).
 
-Logits come from the service's own functions (`service.tgpt`), so the trainer and the service agree by
+Logits come from the service's own functions (`service.core.bonder`), so the trainer and the service agree by
 construction; the image tower is frozen, so training runs from cached tokens + pooled features.
 """
 
@@ -23,13 +23,11 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
-from service.backbone import Backbone
-from service.bonder import TGPTDims, TGPTModel
-from service.bundle import Manifest
-from service.open_clip_compat import prompt_capable_vit
-from service.text_encoder import PromptTextEncoder
-from service.tgpt import encode_image_tokens, group_logits, logits_from_prompts
-from trainer.configs import CATEGORY_TEMPLATE, TGPTConfig
+from service.bundle.manifest import Manifest, build_manifest
+from service.core.backbone import Backbone
+from service.core.bonder import TGPTDims, TGPTModel, group_logits, logits_from_prompts
+from service.core.text_encoder import PromptTextEncoder
+from service.methods.tgpt import CATEGORY_TEMPLATE, TGPTConfig
 from trainer.data import Sample
 from trainer.features import encode_views
 from trainer.methods.base import EXPORT_DTYPES, TRAINER_VERSION, config_json
@@ -99,14 +97,16 @@ class TGPT(nn.Module):
 
     def __init__(self, config: TGPTConfig, backbone: Backbone, classnames: tuple[str, ...]):
         super().__init__()
-        visual, text = prompt_capable_vit(backbone.model.visual), backbone.text
-        if visual.output_dim != text.width:
-            raise ValueError(f"tgpt feeds projected image tokens ({visual.output_dim} wide) to Bonders as wide as the "
+        sizes, text = backbone.sizes, backbone.text
+        if sizes.token_prompts is not None:
+            raise ValueError(f"tgpt cannot run on this backbone: {sizes.token_prompts}")
+        if sizes.embed_dim != text.width:
+            raise ValueError(f"tgpt feeds projected image tokens ({sizes.embed_dim} wide) to Bonders as wide as the "
                              f"text tower ({text.width}); this backbone's widths differ")
         config.check_context(text.context_length)
         self.config, self.classnames = config, tuple(classnames)
         self._backbone = [backbone]  # not a submodule: never saved, moved or trained
-        dims = TGPTDims(config.category_queries, config.content_queries, text.width, visual.output_dim, config.heads)
+        dims = TGPTDims(config.category_queries, config.content_queries, text.width, sizes.embed_dim, config.heads)
         self.model = TGPTModel(dims, len(self.classnames))
         self._init_queries()
         self._init_head()
@@ -129,8 +129,8 @@ class TGPT(nn.Module):
         for queries in (self.model.category_queries, self.model.content_queries):
             queries.normal_(0.0, self.config.init_std)
         if self.config.ctx_init:
-            ids = self.backbone.tokenizer.encode(self.config.ctx_init)[: self.config.category_queries]
-            self.model.category_queries[: len(ids)] = self.vocab[torch.tensor(ids, device=self.vocab.device)].cpu()
+            phrase = self.backbone.text.phrase_embeddings(self.config.ctx_init)[: self.config.category_queries]
+            self.model.category_queries[: len(phrase)] = phrase
 
     @torch.no_grad()
     def _init_head(self) -> None:
@@ -164,11 +164,14 @@ class TGPT(nn.Module):
                                   cfg.vocab_chunk)
         return F.cross_entropy(logits, labels) + category_loss + content_loss, logits
 
-    def token_set(self, samples: list[Sample], descriptions: list[str | None], views: int = 1, seed: int = 0,
-                  progress: bool = False) -> TokenSet:
+    def image_features(self, pixels: torch.Tensor) -> torch.Tensor:
+        return self.backbone.encode_images(pixels)
+
+    def training_set(self, samples: list[Sample], descriptions: list[str | None], views: int = 1, seed: int = 0,
+                     progress: bool = False) -> TokenSet:
         """The cached training set: every image's tokens and pooled feature per view, and its targets."""
         def encode(pixels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-            out = encode_image_tokens(self.backbone, pixels)
+            out = self.backbone.encode_image_tokens(pixels)
             return out.tokens.cpu(), out.pooled.cpu()
 
         tokens, pooled = encode_views(encode, self.backbone, samples, views, seed, progress=progress,
@@ -181,7 +184,6 @@ class TGPT(nn.Module):
         dtype = EXPORT_DTYPES[self.config.export_dtype]
         options = {**asdict(self.model.dims), "trainer": config_json(self.config),
                    "trainable_parameters": self.trainable_parameters()}
-        manifest = Manifest(method=self.method, backbone=self.backbone.ref(with_image=True),
-                            classnames=self.classnames, options=options, metrics=metrics or {},
-                            trainer_version=TRAINER_VERSION)
+        manifest = build_manifest(self.method, self.backbone, self.classnames, options=options, metrics=metrics,
+                                  trainer_version=TRAINER_VERSION)
         return manifest, {name: t.detach().to(dtype).cpu() for name, t in self.model.state_dict().items()}

@@ -28,7 +28,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from service.text_encoder import PromptTextEncoder
+from service.core.text_encoder import PromptTextEncoder
 
 from .captions import ATTRIBUTES, random_caption
 from .dataset import family_specs, render_pool
@@ -381,7 +381,7 @@ embedded default backbone: small, real, and deterministic to rebuild. It knows n
 
 ## Loading
 ```python
-from service.backbone import BackboneSpec, load_backbone
+from service.core.backbone import BackboneSpec, load_backbone
 backbone = load_backbone(BackboneSpec("promptserve-tiny", "world-v1"))   # the service's default
 # plain open_clip, once service.backbone has registered the config:
 #     open_clip.create_model("promptserve-tiny", pretrained="service/assets/tiny_clip/weights.safetensors")

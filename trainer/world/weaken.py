@@ -18,7 +18,7 @@ import open_clip
 import safetensors.torch
 import torch
 
-from service.bundle import atomic_write
+from service.core.fsio import atomic_write
 
 
 def interpolate(pretrained: dict[str, torch.Tensor], random: dict[str, torch.Tensor], alpha: float

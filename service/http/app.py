@@ -1,0 +1,135 @@
+"""The FastAPI application: wiring only (state, routes, middleware, error bodies, the OpenAPI document)."""
+
+from __future__ import annotations
+
+import asyncio
+import copy
+import logging
+from collections.abc import AsyncIterator, Callable
+from contextlib import asynccontextmanager
+from operator import attrgetter
+from typing import Any
+
+import anyio
+from fastapi import FastAPI
+from fastapi.responses import PlainTextResponse
+from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+from starlette.types import Scope
+
+from service import __version__
+from service.config import MiB, Settings
+from service.core.backbone import Backbone, load_backbone
+from service.http.deps import AppState
+from service.http.errors import add_error_handlers, error_responses, error_schemas
+from service.http.limits import RequestLimits, RouteLimits
+from service.http.metrics import Metrics, MetricsMiddleware
+from service.http.routes import docs, kserve_v2, v1, versions, web
+from service.registry import open_registry
+from service.serving.batcher import MicroBatcher
+from service.serving.demo import seed_demo_tasks
+from service.serving.images import DecodeLimits, ImagePreprocessor
+from service.serving.pipeline import AnswerLimits, ClassifyPipeline
+from service.serving.propagation import Propagator
+from service.serving.runtime import ClassifyRuntime
+from service.serving.tasks import TaskManager
+
+log = logging.getLogger(__name__)
+
+
+def build_state(settings: Settings, metrics: Metrics, backbone: Backbone | None = None) -> AppState:
+    """Load the backbone (unless given), restore every task, and seed the demo task on a fresh registry.
+    If the registry is unreachable, the propagation thread restores them once it answers."""
+    backbone = backbone or load_backbone(settings.backbone_spec())
+    tasks = TaskManager(backbone, open_registry(settings.registry), settings.bundle_limits())
+    tasks.prepared_cache_size = settings.prepared_versions
+    runtime = ClassifyRuntime(backbone)
+    batcher = MicroBatcher(runtime, attrgetter("rows"), max_rows=settings.batch_max_images,
+                           max_wait_s=settings.batch_max_wait_ms / 1000,
+                           max_queued_rows=settings.batch_max_queued_images, observe=metrics.observe_batch)
+    s = settings
+    limits = AnswerLimits(DecodeLimits(s.max_image_bytes, s.max_image_pixels, s.max_request_pixels,
+                                       s.max_aspect_ratio), s.max_answer_predictions)
+    pipeline = ClassifyPipeline(batcher, ImagePreprocessor(backbone.preprocess), limits, s.decode_concurrency,
+                                on_classified=lambda task, images: metrics.images.labels(task).inc(images))
+    propagation = Propagator(tasks, settings.resync_interval_s)
+    state = AppState(settings, backbone, tasks, metrics, runtime, pipeline, anyio.CapacityLimiter(1), propagation)
+    propagation.after_sync = _after_sync(state)
+    propagation.resync()
+    return state
+
+
+def _after_sync(state: AppState) -> Callable[[], None]:
+    """After each sync: seed the demo tasks the first time (a fresh registry), and refresh the gauges."""
+    demo_pending = [True] if state.settings.demo else []
+
+    def after_sync() -> None:
+        if demo_pending:
+            seed_demo_tasks(state.tasks)
+            demo_pending.clear()
+        state.refresh_task_gauges()
+
+    return after_sync
+
+
+def create_app(settings: Settings | None = None, backbone: Backbone | None = None) -> FastAPI:
+    settings = settings or Settings()
+    metrics = Metrics()
+
+    @asynccontextmanager
+    async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        state = await anyio.to_thread.run_sync(build_state, settings, metrics, backbone)
+        app.state.promptserve = state
+        batch_worker = asyncio.create_task(state.pipeline.batcher.run())
+        state.propagation.start()
+        try:
+            yield
+        finally:
+            batch_worker.cancel()
+            await anyio.to_thread.run_sync(state.propagation.stop)
+
+    app = FastAPI(title="promptserve", version=__version__, lifespan=lifespan, docs_url=None, redoc_url=None,
+                  description="Many few-shot prompt classifiers on one frozen open_clip backbone.",
+                  generate_unique_id_function=lambda route: route.name)
+    app.include_router(v1.router)
+    app.include_router(versions.router)
+    app.include_router(kserve_v2.router)
+    web.add_web_page(app)
+    docs.add_docs_pages(app)
+    app.openapi = lambda: app.openapi_schema or _openapi(app, settings)
+
+    @app.get("/metrics", tags=["health"], summary="Prometheus metrics", response_class=PlainTextResponse,
+             responses=error_responses())
+    async def prometheus_metrics() -> PlainTextResponse:
+        return PlainTextResponse(generate_latest(metrics.registry), media_type=CONTENT_TYPE_LATEST)
+
+    add_error_handlers(app)
+    app.add_middleware(RequestLimits, limits_for=lambda scope: route_limits(scope, settings),
+                       max_header_bytes=settings.max_header_bytes, body_timeout_s=settings.body_timeout_s,
+                       max_inflight=settings.max_inflight_requests)
+    app.add_middleware(MetricsMiddleware, metrics=metrics)
+    return app
+
+
+def _openapi(app: FastAPI, settings: Settings) -> dict[str, Any]:
+    """The schema with the error bodies, and this service's request-size settings as maxItems; built once."""
+    # a copy: FastAPI shares the routes' openapi_extra dicts between apps, and these limits are per app
+    schema = copy.deepcopy(FastAPI.openapi(app))
+    schema["components"]["schemas"] |= error_schemas()
+    bound = {"maxItems": settings.max_images_per_request}
+    for path in ("/v1/tasks/{task}/classify", "/v1/classify"):
+        for content in schema["paths"][path]["post"]["requestBody"]["content"].values():
+            content["schema"]["properties"]["images"] |= bound
+    for path in ("/v2/models/{task}/infer", "/v2/models/{task}/versions/{version}/infer"):
+        body = schema["paths"][path]["post"]["requestBody"]["content"]["application/json"]["schema"]
+        body["properties"]["inputs"]["items"]["properties"]["data"] |= bound
+    app.openapi_schema = schema
+    return schema
+
+
+def route_limits(scope: Scope, settings: Settings) -> RouteLimits:
+    path, post = scope["path"], scope["method"] == "POST"
+    if path.endswith("/versions"):
+        return RouteLimits(settings.max_bundle_bytes, expensive=post)
+    if path.endswith(("classify", "/infer")):
+        return RouteLimits(settings.max_classify_body_bytes, expensive=post)
+    return RouteLimits(MiB, expensive=False)

@@ -1,0 +1,100 @@
+"""What every route depends on: the app's state, auth, and the path parameters shared across route families.
+
+Routes take these as FastAPI dependencies (`State`, `AdminOnly`, `ClassifyAccess`, `TaskName`), so auth and
+lookups live here once.
+"""
+
+from __future__ import annotations
+
+import secrets
+from dataclasses import dataclass
+from typing import Annotated
+
+import anyio
+from fastapi import Depends, Path, Request
+from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
+from pydantic import SecretStr
+
+from service.config import Settings
+from service.core.backbone import Backbone
+from service.http.errors import WITH_BODY
+from service.http.metrics import Metrics
+from service.registry.base import TASK_NAME_PATTERN
+from service.serving.errors import ServiceError
+from service.serving.pipeline import ClassifyPipeline
+from service.serving.propagation import Propagator
+from service.serving.runtime import ClassifyRuntime
+from service.serving.tasks import TaskManager
+
+
+@dataclass
+class AppState:
+    settings: Settings
+    backbone: Backbone
+    tasks: TaskManager
+    metrics: Metrics
+    runtime: ClassifyRuntime
+    pipeline: ClassifyPipeline
+    # Activations run in a worker thread one at a time, so the event loop stays free and a large task's
+    # activation never runs twice over alongside classification.
+    activation_limiter: anyio.CapacityLimiter
+    propagation: Propagator  # keeps this replica in step with the registry
+
+    def refresh_task_gauges(self) -> None:
+        self.metrics.cached_tasks.set(len(self.tasks.all()))
+        self.metrics.active_version.clear()
+        for task in self.tasks.all():
+            self.metrics.active_version.labels(task.name).set(task.version)
+
+    def not_ready_reason(self, *, require_registry: bool = True, require_tasks: bool = True) -> str | None:
+        """Why this replica is not ready: registry unreachable or never synced, or a task that failed to restore."""
+        health = self.propagation.health
+        reason = health.problem()
+        if reason and not require_registry and health.restored:
+            reason = None
+        failed = self.tasks.restore_failures
+        if reason is None and require_tasks and failed:
+            reason = f"{len(failed)} task(s) failed to restore: {', '.join(sorted(failed))}"
+        return reason
+
+
+def get_state(request: Request) -> AppState:
+    state: AppState = request.app.state.promptserve
+    return state
+
+
+State = Annotated[AppState, Depends(get_state)]
+TaskName = Annotated[str, Path(pattern=TASK_NAME_PATTERN, description="task name")]
+bearer = HTTPBearer(auto_error=False, description="Bearer token from PROMPTSERVE_ADMIN_TOKEN / _CLASSIFY_TOKEN")
+Credentials = Annotated[HTTPAuthorizationCredentials | None, Depends(bearer)]
+
+
+def _token_matches(credentials: HTTPAuthorizationCredentials | None, *tokens: SecretStr | None) -> bool:
+    given = credentials.credentials.encode() if credentials else b""
+    return any(t is not None and secrets.compare_digest(given, t.get_secret_value().encode()) for t in tokens)
+
+
+def _demand(credentials: HTTPAuthorizationCredentials | None, accepted: tuple[SecretStr | None, ...]) -> None:
+    if credentials is None:
+        raise ServiceError(401, "missing_token", "this endpoint needs 'Authorization: Bearer <token>'",
+                           headers={"WWW-Authenticate": "Bearer"})
+    if not _token_matches(credentials, *accepted):
+        raise ServiceError(403, "bad_token", "the bearer token is not valid for this endpoint")
+
+
+def require_admin(state: State, credentials: Credentials) -> None:
+    if state.settings.admin_token is None:
+        raise ServiceError(403, "admin_disabled",
+                           "uploads and deletes are disabled: start the service with PROMPTSERVE_ADMIN_TOKEN set")
+    _demand(credentials, (state.settings.admin_token,))
+
+
+def require_classify(state: State, credentials: Credentials) -> None:
+    if state.settings.classify_token is not None:
+        _demand(credentials, (state.settings.classify_token, state.settings.admin_token))
+
+
+AdminOnly = [Depends(require_admin)]
+ClassifyAccess = [Depends(require_classify)]
+ADMIN_ERRORS = (401, 403)
+CLASSIFY_ERRORS = (401, 403, 404, *WITH_BODY, 415, 422, 503)  # 401/403 only when a classify token is set

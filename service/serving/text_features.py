@@ -1,0 +1,49 @@
+"""Class text features: every class name through the prompt-aware text encoder, once per task version.
+
+A learned prompt (`Bundle.class_prompt`) is spliced around each name; without one, each name goes through the
+method's templates and the features are averaged (zero-shot). Trainer, evaluator and service all call this.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+from service.bundle.codec import Bundle
+from service.core.backbone import Backbone
+from service.core.records import PromptLayout
+from service.methods import BundleError, ClassPrompt
+from service.methods.common import fill_template
+
+TEXT_BATCH = 256
+
+
+@torch.no_grad()
+def text_features(bundle: Bundle, backbone: Backbone) -> torch.Tensor:
+    """L2-normalized class text features [C, D] (float32, CPU)."""
+    names = list(bundle.classnames)
+    prompt = bundle.class_prompt(backbone.text)
+    if prompt is not None:
+        features = _encode_classes(backbone, names, prompt, bundle.prompt)
+    else:
+        templates = bundle.spec.templates(bundle)
+        if not templates:
+            raise BundleError("method", f"a {bundle.manifest.method} bundle encodes no class text")
+        features = torch.stack([_encode_texts(backbone, [fill_template(t, n) for n in names])
+                                for t in templates]).mean(dim=0)
+    return F.normalize(features.float(), dim=-1).cpu()
+
+
+def _encode_classes(backbone: Backbone, names: list[str], prompt: ClassPrompt, layout: PromptLayout) -> torch.Tensor:
+    chunks = []
+    for start in range(0, len(names), TEXT_BATCH):
+        ctx = prompt.ctx[start : start + TEXT_BATCH] if layout.class_specific else prompt.ctx
+        chunks.append(backbone.text.encode_classes(names[start : start + TEXT_BATCH], ctx, layout, prompt.deep,
+                                                   prompt.fixed_text).float())
+    return torch.cat(chunks)
+
+
+def _encode_texts(backbone: Backbone, texts: list[str]) -> torch.Tensor:
+    """Each text's normalized features (templates are averaged after normalizing, as CLIP's zero-shot does)."""
+    return torch.cat([F.normalize(backbone.text.encode_texts(texts[start : start + TEXT_BATCH]).float(), dim=-1)
+                      for start in range(0, len(texts), TEXT_BATCH)])

@@ -1,0 +1,121 @@
+"""`promptserve` subcommands end to end against the service in its own uvicorn process."""
+
+import json
+import os
+import subprocess
+import sys
+
+import httpx
+import pytest
+
+from promptserve_client import Client, ImageAnswer
+from service.cli import main
+from tests.helpers import SAMPLES, TOKEN, coop_bundle_for
+
+pytestmark = pytest.mark.slow
+SAMPLE_FILES = sorted(SAMPLES.glob("*.png"))
+
+
+@pytest.fixture
+def cli(live_service, capsys, monkeypatch):
+    """Run `promptserve ARGS...` in-process against the live service; returns (exit code, stdout, stderr)."""
+    monkeypatch.setenv("PROMPTSERVE_URL", live_service.url)
+    monkeypatch.delenv("PROMPTSERVE_ADMIN_TOKEN", raising=False)
+
+    def run(*args: str) -> tuple[int, str, str]:
+        code = main(list(args))
+        out, err = capsys.readouterr()
+        return code, out, err
+
+    return run
+
+
+def expected(path) -> dict[str, str]:
+    colour, shape = path.stem.split("_")
+    return {"shapes": shape, "colours": colour}
+
+
+def test_health_and_tasks_read_the_running_service(cli):
+    code, out, _ = cli("health")
+    assert code == 0 and out.startswith("ready: ") and "promptserve-tiny world-v1" in out
+    code, out, _ = cli("tasks")
+    assert code == 0 and out.splitlines()[0].split() == ["TASK", "METHOD", "VERSION", "CLASSES"]
+    assert {"shapes zeroshot 1 16", "colours zeroshot 1 16"} <= {" ".join(line.split()) for line in out.splitlines()}
+    code, out, _ = cli("tasks", "--json")
+    assert {"name": "shapes", "method": "zeroshot", "version": 1, "num_classes": 16} in json.loads(out)
+
+
+def test_classify_names_each_samples_shape_and_colour(cli):
+    code, out, _ = cli("classify", *map(str, SAMPLE_FILES), "--task", "shapes", "--task", "colours", "--top-k", "2")
+    assert code == 0, out
+    lines = iter(out.splitlines())
+    for path in SAMPLE_FILES:
+        assert next(lines) == path.name
+        for task in ("shapes", "colours"):
+            name, _, top = next(lines).strip().partition(": ")
+            assert name == f"{task} v1" and top.split()[0] == expected(path)[task] and top.count(",") == 1
+    code, out, _ = cli("classify", str(SAMPLE_FILES[0]), "--task", "shapes", "--top-k", "1", "--json")
+    [image] = json.loads(out)
+    assert image["answers"][0]["predictions"][0]["label"] == expected(SAMPLE_FILES[0])["shapes"]
+
+
+def test_upload_task_delete_round_trip_with_the_admin_token(cli, live_service, tmp_path, monkeypatch):
+    backbone = httpx.get(f"{live_service.url}/readyz").json()["backbone"]
+    bundle = tmp_path / "things.bundle"
+    bundle.write_bytes(coop_bundle_for(backbone, ["cube", "ball", "cone"], seed=3))
+
+    code, _, err = cli("upload", "cli-things", str(bundle))
+    assert code == 1 and "401 missing_token" in err
+    code, out, _ = cli("upload", "cli-things", str(bundle), "--token", TOKEN)
+    assert code == 0 and out.strip() == "cli-things: version 1 active (coop, 3 classes)"
+    code, out, _ = cli("task", "cli-things")
+    assert code == 0 and "classes (3): cube, ball, cone" in out
+    monkeypatch.setenv("PROMPTSERVE_ADMIN_TOKEN", TOKEN)  # the token from the environment
+    code, out, _ = cli("delete", "cli-things")
+    assert code == 0 and out.strip() == "deleted cli-things"
+    code, _, err = cli("task", "cli-things", "--json")
+    assert code == 1 and "404 unknown_task" in err
+
+
+def test_versions_lists_every_version_and_activate_rolls_back(cli, live_service, tmp_path, monkeypatch):
+    backbone = httpx.get(f"{live_service.url}/readyz").json()["backbone"]
+    monkeypatch.setenv("PROMPTSERVE_ADMIN_TOKEN", TOKEN)
+    for seed, classes in ((1, ["cube", "ball"]), (2, ["cube", "ball", "cone"])):
+        (tmp_path / f"v{seed}.bundle").write_bytes(coop_bundle_for(backbone, classes, seed=seed))
+        assert cli("upload", "cli-versions", str(tmp_path / f"v{seed}.bundle"))[0] == 0
+
+    code, out, _ = cli("versions", "cli-versions")
+    lines = [line.split() for line in out.splitlines()]
+    assert code == 0 and lines[0] == ["VERSION", "ACTIVE", "METHOD", "BYTES", "SHA256", "ALIASES"]
+    assert [row[:3] for row in lines[1:]] == [["1", "coop", str(len((tmp_path / "v1.bundle").read_bytes()))],
+                                              ["2", "*", "coop"]]
+    code, out, _ = cli("activate", "cli-versions", "1")
+    assert code == 0 and out.strip() == "cli-versions: version 1 active (coop, 2 classes)"
+    code, out, _ = cli("versions", "cli-versions", "--json")
+    assert json.loads(out)["active"] == 1
+    code, _, err = cli("activate", "cli-versions", "9")
+    assert code == 1 and "404" in err
+    assert cli("delete", "cli-versions")[0] == 0
+
+
+def test_an_unreachable_service_is_a_one_line_error(cli):
+    code, _, err = cli("tasks", "--url", "http://127.0.0.1:9")
+    assert code == 1 and err.startswith("error: cannot reach http://127.0.0.1:9")
+
+
+def test_the_client_returns_typed_answers(live_service):
+    with Client(live_service.url) as client:
+        [answer] = client.classify([("star.png", SAMPLE_FILES[0].read_bytes())], ["colours"], top_k=3)
+    assert isinstance(answer, ImageAnswer) and answer.filename == "star.png"
+    assert answer.answers[0].predictions[0].label == expected(SAMPLE_FILES[0])["colours"]
+    assert len(answer.answers[0].predictions) == 3
+
+
+def test_the_console_script_module_runs_without_loading_the_service(live_service):
+    """`promptserve` is `service.cli:main`; client commands must not pay for torch (`serve` alone loads it)."""
+    env = os.environ | {"PROMPTSERVE_URL": live_service.url}
+    probe = "import sys; from service.cli import main; code = main(['health', '--json']); " \
+            "sys.exit(code or ('torch' in sys.modules) * 3)"
+    done = subprocess.run([sys.executable, "-c", probe], env=env, capture_output=True, text=True, timeout=60)
+    assert done.returncode == 0, done.stderr
+    assert json.loads(done.stdout)["ready"] is True
