@@ -108,3 +108,11 @@ def test_activating_an_image_conditioned_task_encodes_no_class_text(tiny_backbon
     calls = count_calls(monkeypatch, tiny_backbone.text)
     manager(tiny_backbone, tmp_path).publish("tgpt", tgpt_bundle(tiny_backbone, 40, seed=5))
     assert calls == []
+
+
+def test_every_kind_has_a_head_and_every_registered_method_a_kind() -> None:
+    from service.methods import METHODS, Kind
+    from service.serving.heads import HEADS
+
+    assert set(HEADS) == set(Kind)
+    assert {spec.kind for spec in METHODS.values()} <= set(HEADS)
