@@ -22,11 +22,10 @@ import safetensors.torch
 import torch
 from pydantic import BaseModel
 
-from service.bundle.header import MANIFEST_KEY, decode_header, tensor_entry
+from service.bundle.header import MANIFEST_KEY, ManifestFacts, decode_header, tensor_entry
 from service.bundle.manifest import Manifest
 from service.core.fsio import atomic_write
-from service.core.records import PromptLayout
-from service.methods import METHODS, BundleError, ClassPrompt, MethodSpec, TensorRule
+from service.methods import BundleError, ClassPrompt, TensorRule
 from service.methods.spec import describe_input
 
 if TYPE_CHECKING:
@@ -37,28 +36,16 @@ MAX_ABS_VALUE = 1e4  # learned prompt values live near token-embedding scale; fa
 
 
 @dataclass(frozen=True)
-class Bundle:
+class Bundle(ManifestFacts):
     """A bundle's manifest and its tensors (checked by `decode_bundle`, or just exported by a learner)."""
 
     manifest: Manifest
     tensors: Mapping[str, torch.Tensor]
 
-    @property
-    def spec(self) -> MethodSpec[Any]:
-        return METHODS[self.manifest.method]
-
     @functools.cached_property
     def options(self) -> BaseModel:
         """The manifest's options as the method's typed model."""
         return self.spec.parse_options(self.manifest.options)
-
-    @property
-    def classnames(self) -> tuple[str, ...]:
-        return self.manifest.classnames
-
-    @property
-    def prompt(self) -> PromptLayout:
-        return self.manifest.prompt
 
     @property
     def payload_bytes(self) -> int:

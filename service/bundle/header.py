@@ -49,13 +49,10 @@ class TensorEntry(BaseModel):
         return offsets
 
 
-@dataclass(frozen=True)
-class BundleHeader:
-    """A bundle's validated manifest, its method's typed options, and the raw header entries of its tensors."""
+class ManifestFacts:
+    """What a method's rules read from a bundle's manifest (shared by `BundleHeader` and the decoded `Bundle`)."""
 
     manifest: Manifest
-    options: BaseModel
-    tensors: Mapping[str, Any]
 
     @property
     def spec(self) -> MethodSpec[Any]:
@@ -68,6 +65,15 @@ class BundleHeader:
     @property
     def prompt(self) -> PromptLayout:
         return self.manifest.prompt
+
+
+@dataclass(frozen=True)
+class BundleHeader(ManifestFacts):
+    """A bundle's validated manifest, its method's typed options, and the raw header entries of its tensors."""
+
+    manifest: Manifest
+    options: BaseModel
+    tensors: Mapping[str, Any]
 
     def entries(self) -> dict[str, TensorEntry]:
         """Each tensor's header entry, checked for form (not against the method's rules)."""
