@@ -15,7 +15,7 @@ import json
 import logging
 import os
 import sys
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import asdict, is_dataclass
 from typing import Any
 
@@ -92,7 +92,7 @@ COMMANDS: dict[str, Callable[[Client, argparse.Namespace], Any]] = {
     "tasks": lambda client, args: client.tasks(),
     "task": lambda client, args: client.task(args.name),
     "upload": lambda client, args: client.upload(args.task, args.file),
-    "delete": lambda client, args: client.delete(args.task) or {"deleted": args.task},
+    "delete": lambda client, args: _delete(client, args.task),
     "versions": lambda client, args: client.versions(args.task),
     "activate": lambda client, args: client.activate(args.task, args.version),
     "classify": lambda client, args: client.classify(args.files, args.tasks, args.top_k),
@@ -100,7 +100,12 @@ COMMANDS: dict[str, Callable[[Client, argparse.Namespace], Any]] = {
 }
 
 
-def _table(rows: list[tuple[str, ...]]) -> str:
+def _delete(client: Client, task: str) -> dict[str, str]:
+    client.delete(task)
+    return {"deleted": task}
+
+
+def _table(rows: Sequence[tuple[str, ...]]) -> str:
     widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]))]
     return "\n".join("  ".join(cell.ljust(w) for cell, w in zip(row, widths, strict=True)).rstrip() for row in rows)
 
@@ -157,7 +162,7 @@ HUMAN: dict[str, Callable[[Any], str]] = {
 def _plain(answer: Any) -> Any:
     if isinstance(answer, list):
         return [_plain(item) for item in answer]
-    return asdict(answer) if is_dataclass(answer) else answer
+    return asdict(answer) if is_dataclass(answer) and not isinstance(answer, type) else answer
 
 
 if __name__ == "__main__":

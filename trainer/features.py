@@ -30,7 +30,8 @@ ImageOutputs = Callable[[torch.Tensor], tuple[torch.Tensor, ...]]  # pixels [B, 
 class CachedSet(Protocol):
     """What the cached training loop reads: labels [N], a view count, and batches by (images, views)."""
 
-    labels: torch.Tensor
+    @property
+    def labels(self) -> torch.Tensor: ...
 
     @property
     def views(self) -> int: ...

@@ -41,7 +41,7 @@ def config_options(config: type, owner: str = "") -> dict[str, OptionSpec]:
         if not f.metadata.get("cli", True):
             continue
         hint = hints[f.name]
-        if dataclasses.is_dataclass(hint):
+        if isinstance(hint, type) and dataclasses.is_dataclass(hint):  # a dataclass type, not an instance
             nested = config_options(hint, owner)
             default = _default(f)
             specs |= {k: dataclasses.replace(s, defaults={owner: getattr(default, k)}) for k, s in nested.items()}

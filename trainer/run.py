@@ -10,6 +10,7 @@ import dataclasses
 import json
 import logging
 import time
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
@@ -176,12 +177,12 @@ def _method_options(args: argparse.Namespace) -> dict[str, Any]:
     return options
 
 
-def _train_config(args: argparse.Namespace, defaults: dict[str, Any]) -> Any:
+def _train_config(args: argparse.Namespace, defaults: Mapping[str, Any]) -> Any:
     """TrainConfig from the method's defaults under the given flags; warm-up defaults to at most epochs − 1."""
     from trainer.configs import TrainConfig
 
     names = {f.name for f in dataclasses.fields(TrainConfig)}
-    values = defaults | {k: v for k, v in vars(args).items() if k in names and v is not None}
+    values = dict(defaults) | {k: v for k, v in vars(args).items() if k in names and v is not None}
     epochs = values.get("epochs", TrainConfig.epochs)
     if "warmup_epochs" not in values and TrainConfig.warmup_epochs >= epochs:
         values["warmup_epochs"] = epochs - 1  # so --epochs 1 trains: the warm-up must leave an epoch of schedule

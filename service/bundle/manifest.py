@@ -14,7 +14,7 @@ import json
 import math
 from collections.abc import Iterable, Mapping
 from datetime import datetime, timezone
-from typing import TYPE_CHECKING, Annotated, Any, Literal
+from typing import TYPE_CHECKING, Annotated, Any, Final, Literal
 
 from pydantic import AfterValidator, Field, JsonValue, StringConstraints
 from pydantic.dataclasses import dataclass
@@ -25,7 +25,7 @@ from service.methods import method
 if TYPE_CHECKING:
     from service.core.backbone import Backbone
 
-FORMAT_NAME = "promptserve.bundle"
+FORMAT_NAME: Final = "promptserve.bundle"
 FORMAT_VERSION = 1
 
 MAX_CLASSES = 100_000  # format-wide; a service refuses more than its own PROMPTSERVE_MAX_CLASSES

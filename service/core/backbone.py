@@ -23,6 +23,7 @@ import torch.nn.functional as F
 
 from service.core.image_encoders import IMAGE_BACKENDS, ImageEncoder, OnnxImageEncoder, TorchImageEncoder
 from service.core.open_clip_compat import (
+    ClipModel,
     deep_prompt_depth_limit,
     image_tower_width,
     prompt_capable_vit,
@@ -39,7 +40,9 @@ ASSETS = Path(__file__).parents[1] / "assets"
 open_clip.add_model_config(ASSETS / "tiny_clip" / "promptserve-tiny.json")
 
 # Weights shipped inside the package, by (model, tag): a bundle records the tag, never a local path.
-EMBEDDED_WEIGHTS = {("promptserve-tiny", "world-v1"): ASSETS / "tiny_clip" / "weights.safetensors"}
+EMBEDDED_WEIGHTS: dict[tuple[str, str | None], Path] = {
+    ("promptserve-tiny", "world-v1"): ASSETS / "tiny_clip" / "weights.safetensors",
+}
 
 
 @dataclass(frozen=True)
@@ -100,7 +103,7 @@ class ImageTokens:
 class Backbone:
     """A frozen open_clip model with its tokenizer, image transform and prompt-aware text encoder."""
 
-    def __init__(self, spec: BackboneSpec, model: torch.nn.Module, preprocess: Any, tokenizer: Any):
+    def __init__(self, spec: BackboneSpec, model: ClipModel, preprocess: Any, tokenizer: Any):
         self.spec = spec
         self.fingerprint = text_tower_fingerprint(model)
         self.device = resolve_device(spec.device)

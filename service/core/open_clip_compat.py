@@ -10,13 +10,21 @@ for, and `prefix_reuse_blocker` names why the text fast path cannot run instead 
 
 from __future__ import annotations
 
+from typing import TypeAlias
+
 import open_clip
 import torch
 import torch.nn.functional as F
-from open_clip.transformer import VisionTransformer
+from open_clip.model import CLIP, CustomTextCLIP
+from open_clip.transformer import ResidualAttentionBlock, TextTransformer, VisionTransformer
 from torch import nn
 
 SUPPORTED_MAJOR = 3
+
+# open_clip ships no type information, so mypy sees its classes as Any: the annotations below name what each
+# function takes, and the open_clip attributes it reaches (`transformer`, `attn_mask`, ...) go unchecked.
+ClipModel: TypeAlias = CLIP | CustomTextCLIP
+TextTower: TypeAlias = CLIP | TextTransformer  # a CLIP is its own text tower; a CustomTextCLIP keeps it in `.text`
 
 
 def open_clip_major(version: str = open_clip.__version__) -> int:
@@ -73,7 +81,7 @@ def vit_pooled_and_tokens(visual: VisionTransformer, pixels: torch.Tensor) -> tu
 # --- the text tower -----------------------------------------------------------------------------------
 
 
-def prompt_capable_text_tower(model: nn.Module) -> nn.Module:
+def prompt_capable_text_tower(model: ClipModel) -> TextTower:
     """The causal, end-of-text-pooled text tower of a CLIP (CustomTextCLIP keeps it under `.text`)."""
     check_open_clip_version()
     tower = getattr(model, "text", model)
@@ -86,26 +94,26 @@ def prompt_capable_text_tower(model: nn.Module) -> nn.Module:
     return tower
 
 
-def text_blocks(tower: nn.Module) -> nn.ModuleList:
+def text_blocks(tower: TextTower) -> nn.ModuleList:
     return tower.transformer.resblocks
 
 
-def text_cast_dtype(tower: nn.Module) -> torch.dtype:
+def text_cast_dtype(tower: TextTower) -> torch.dtype:
     return tower.transformer.get_cast_dtype()
 
 
-def causal_mask(tower: nn.Module, length: int) -> torch.Tensor:
+def causal_mask(tower: TextTower, length: int) -> torch.Tensor:
     return tower.attn_mask[:length, :length]
 
 
-def text_projection(tower: nn.Module, pooled: torch.Tensor) -> torch.Tensor:
+def text_projection(tower: TextTower, pooled: torch.Tensor) -> torch.Tensor:
     projection = tower.text_projection
     if projection is None:
         return pooled
     return projection(pooled) if isinstance(projection, nn.Linear) else pooled @ projection
 
 
-def prefix_reuse_blocker(tower: nn.Module) -> str | None:
+def prefix_reuse_blocker(tower: TextTower) -> str | None:
     """Why a shared prefix's keys and values cannot be reused block by block on this tower; None if they can.
 
     The fast path calls each block's sub-layers and its attention's packed in-projection itself, so it needs
@@ -123,7 +131,7 @@ def prefix_reuse_blocker(tower: nn.Module) -> str | None:
     return None
 
 
-def block_suffix_after_prefix(block: nn.Module, shared: torch.Tensor, suffix: torch.Tensor,
+def block_suffix_after_prefix(block: ResidualAttentionBlock, shared: torch.Tensor, suffix: torch.Tensor,
                               mask: torch.Tensor) -> torch.Tensor:
     """One residual block over the suffix rows [B, S, d], attending to the shared prefix rows [1, P, d] (whose
     keys and values are the same for every sequence under the causal mask) and to their own; `mask` [S, P+S]."""
@@ -153,7 +161,7 @@ def image_tower_width(visual: nn.Module) -> tuple[int | None, str | None]:
         return None, str(exc)
 
 
-def text_embed_dim(tower: nn.Module) -> int:
+def text_embed_dim(tower: TextTower) -> int:
     """The width of the text tower's output: the joint embedding width."""
     projection = tower.text_projection
     if projection is None:
@@ -161,6 +169,6 @@ def text_embed_dim(tower: nn.Module) -> int:
     return int(projection.out_features if isinstance(projection, nn.Linear) else projection.shape[1])
 
 
-def deep_prompt_depth_limit(model: nn.Module) -> int:
+def deep_prompt_depth_limit(model: ClipModel) -> int:
     """How many layers deep (MaPLe) prompts can reach: the shallower of the two towers."""
     return min(len(vit_blocks(model.visual)), len(text_blocks(prompt_capable_text_tower(model))))

@@ -5,12 +5,13 @@ bundle format puts on them. Torch-free, so the trainer's `--help` and `inspect` 
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Annotated, Literal
+from typing import Annotated, Literal, get_args
 
 from pydantic import Field, StringConstraints
 from pydantic.dataclasses import dataclass as pydantic_dataclass
 
-CLASS_TOKEN_POSITIONS = ("end", "middle", "front")
+ClassTokenPosition = Literal["end", "middle", "front"]
+CLASS_TOKEN_POSITIONS: tuple[ClassTokenPosition, ...] = get_args(ClassTokenPosition)
 MAX_N_CTX = 512
 MAX_CTX_DIM = 8192
 MAX_CLASSNAME_CHARS = 200
@@ -47,7 +48,7 @@ class PromptLayout:
 
     n_ctx: Annotated[int, Field(ge=0, le=MAX_N_CTX)] = 0
     ctx_dim: Annotated[int, Field(ge=0, le=MAX_CTX_DIM)] = 0
-    class_token_position: Literal["end", "middle", "front"] = "end"
+    class_token_position: ClassTokenPosition = "end"
     class_specific: bool = False
 
 

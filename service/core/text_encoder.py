@@ -22,6 +22,7 @@ import torch
 import torch.nn.functional as F
 
 from service.core.open_clip_compat import (
+    ClipModel,
     block_suffix_after_prefix,
     causal_mask,
     prefix_reuse_blocker,
@@ -47,20 +48,20 @@ class PromptTokens:
 
 
 class PromptTextEncoder:
-    def __init__(self, model: torch.nn.Module, tokenizer: Any):
+    def __init__(self, model: ClipModel, tokenizer: Any):
         tower = prompt_capable_text_tower(model)
         self.tower = tower
         self.tokenizer = tokenizer
         self.sot, self.eot = tokenizer.sot_token_id, tokenizer.eot_token_id
         (self.placeholder,) = tokenizer.encode(PLACEHOLDER_TEXT)
-        self.context_length = tower.positional_embedding.shape[0]
+        self.context_length: int = tower.positional_embedding.shape[0]
         # Why the shared-prefix fast path cannot run on this tower (None: it can); tests assert it is None.
         self.prefix_reuse_blocker = prefix_reuse_blocker(tower)
         self.can_reuse_prefix = self.prefix_reuse_blocker is None
         if not self.can_reuse_prefix:
             log.warning("shared-prefix text encoding is off (%s): activation runs every prompt in full",
                         self.prefix_reuse_blocker)
-        self.width = tower.token_embedding.weight.shape[1]
+        self.width: int = tower.token_embedding.weight.shape[1]
 
     @property
     def device(self) -> torch.device:

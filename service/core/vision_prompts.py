@@ -33,22 +33,22 @@ def prompted_image_features(visual: nn.Module, pixels: torch.Tensor, prompts: to
 
     `prompts=None` is the plain forward (equal to `visual(pixels)`). Differentiable in `prompts`.
     """
-    visual = prompt_capable_vit(visual)
-    x = vit_embed(visual, pixels)
-    blocks = vit_blocks(visual)
+    vit = prompt_capable_vit(visual)
+    x = vit_embed(vit, pixels)
+    blocks = vit_blocks(vit)
     if prompts is None:
         for block in blocks:
             x = block(x)
-        return vit_pool(visual, x)
-    check_prompts(prompts, x.shape[0], visual.transformer.width, len(blocks))
+        return vit_pool(vit, x)
+    check_prompts(prompts, x.shape[0], vit.transformer.width, len(blocks))
     tokens = x.shape[1]
     prompts = prompts.to(x.device, x.dtype)
-    x = torch.cat([x, visual.ln_pre(prompts[:, 0])], dim=1)
+    x = torch.cat([x, vit.ln_pre(prompts[:, 0])], dim=1)
     for i, block in enumerate(blocks):
         if 0 < i < prompts.shape[1]:
             x = torch.cat([x[:, :tokens], prompts[:, i]], dim=1)
         x = block(x)
-    return vit_pool(visual, x[:, :tokens])
+    return vit_pool(vit, x[:, :tokens])
 
 
 def check_prompts(prompts: torch.Tensor, batch: int, width: int, layers: int) -> None:

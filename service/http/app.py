@@ -87,15 +87,14 @@ def create_app(settings: Settings | None = None, backbone: Backbone | None = Non
             batch_worker.cancel()
             await anyio.to_thread.run_sync(state.propagation.stop)
 
-    app = FastAPI(title="promptserve", version=__version__, lifespan=lifespan, docs_url=None, redoc_url=None,
-                  description="Many few-shot prompt classifiers on one frozen open_clip backbone.",
-                  generate_unique_id_function=lambda route: route.name)
+    app = _App(settings, title="promptserve", version=__version__, lifespan=lifespan, docs_url=None, redoc_url=None,
+               description="Many few-shot prompt classifiers on one frozen open_clip backbone.",
+               generate_unique_id_function=lambda route: route.name)
     app.include_router(v1.router)
     app.include_router(versions.router)
     app.include_router(kserve_v2.router)
     web.add_web_page(app)
     docs.add_docs_pages(app)
-    app.openapi = lambda: app.openapi_schema or _openapi(app, settings)
 
     @app.get("/metrics", tags=["health"], summary="Prometheus metrics", response_class=PlainTextResponse,
              responses=error_responses())
@@ -108,6 +107,17 @@ def create_app(settings: Settings | None = None, backbone: Backbone | None = Non
                        max_inflight=settings.max_inflight_requests)
     app.add_middleware(MetricsMiddleware, metrics=metrics)
     return app
+
+
+class _App(FastAPI):
+    """FastAPI whose OpenAPI document is `_openapi`'s (overriding the method, not assigning to it, keeps it typed)."""
+
+    def __init__(self, settings: Settings, **kwargs: Any) -> None:
+        super().__init__(**kwargs)
+        self.promptserve_settings = settings
+
+    def openapi(self) -> dict[str, Any]:
+        return self.openapi_schema or _openapi(self, self.promptserve_settings)
 
 
 def _openapi(app: FastAPI, settings: Settings) -> dict[str, Any]:

@@ -9,6 +9,7 @@ from __future__ import annotations
 import errno
 import json
 import logging
+from collections.abc import Mapping
 from typing import Any
 
 from fastapi import FastAPI, Request
@@ -142,6 +143,6 @@ def add_error_handlers(app: FastAPI) -> None:
 
 
 def _error(request: Request, status: int, detail: str, code: str, field: str | None = None,
-           headers: dict[str, str] | None = None) -> JSONResponse:
+           headers: Mapping[str, str] | None = None) -> JSONResponse:
     body = error_body(detail, code, field, v2=is_v2_path(request.url.path))
     return JSONResponse(body, status_code=status, headers=headers)

@@ -7,7 +7,7 @@ from typing import Annotated
 
 from pydantic import BaseModel, ConfigDict, Field, StringConstraints
 
-from service.core.records import CLASS_TOKEN_POSITIONS, MAX_TEMPLATE_CHARS
+from service.core.records import CLASS_TOKEN_POSITIONS, MAX_TEMPLATE_CHARS, ClassTokenPosition
 
 EXPORT_DTYPE_NAMES = ("float16", "float32")  # torch dtypes of these names: trainer.methods.base.EXPORT_DTYPES
 
@@ -34,7 +34,7 @@ class PromptConfig:
     ctx_init: str | None = field(
         default="a photo of a", metadata={"help": "text whose token embeddings start the context; '' = N(0, init_std)"}
     )
-    class_token_position: str = field(
+    class_token_position: ClassTokenPosition = field(
         default="end", metadata={"help": "where the class name goes", "choices": CLASS_TOKEN_POSITIONS}
     )
     init_std: float = field(default=0.02, metadata={"help": "std of the random init when ctx_init is None"})

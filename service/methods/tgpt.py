@@ -9,7 +9,7 @@ torch loads here only when a bundle's tensors are checked or decoded (the spec i
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Annotated, Any
+from typing import TYPE_CHECKING, Annotated
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationInfo, field_validator
 
@@ -92,7 +92,7 @@ class TGPTSpec(MethodSpec[TGPTOptions]):
     uses_context = False
     config = TGPTConfig
     learner = "trainer.methods.tgpt:TGPT"
-    train_defaults: dict[str, Any] = TRAIN_DEFAULTS
+    train_defaults = TRAIN_DEFAULTS
     trains_on_descriptions = True
 
     def tensor_rules(self, b: Described[TGPTOptions]) -> dict[str, TensorRule]:

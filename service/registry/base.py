@@ -11,7 +11,7 @@ import abc
 import hashlib
 import re
 import time
-from collections.abc import Iterable, Iterator
+from collections.abc import Generator, Iterable
 from dataclasses import dataclass, field
 
 TASK_NAME_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$"
@@ -147,7 +147,7 @@ class Registry(abc.ABC):
     def snapshot(self) -> dict[str, TaskState]:
         return {task: TaskState(active, self.aliases(task)) for task, active in self.active_versions().items()}
 
-    def changes(self, poll_s: float) -> Iterator[str | None]:
+    def changes(self, poll_s: float) -> Generator[str | None, None, None]:
         """Names of tasks that other writers change, as they commit, and None at least every `poll_s`.
 
         A plain directory cannot tell: it only ticks, so readers rely on periodic resync."""

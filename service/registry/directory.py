@@ -198,7 +198,10 @@ class DirectoryRegistry(Registry):
 
     def prune(self, task: str, keep: int) -> list[int]:
         with self._locked():
-            protected = set(self.aliases(task).values()) | {self.active_versions().get(task)}
+            protected = set(self.aliases(task).values())
+            active = self.active_versions().get(task)
+            if active is not None:
+                protected.add(active)
             doomed = prunable(self._versions(task), keep, protected)
             for version in doomed:
                 self._info_path(task, version).unlink(missing_ok=True)

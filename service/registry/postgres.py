@@ -13,8 +13,9 @@ made while it is down fails fast with RegistryUnavailable.
 from __future__ import annotations
 
 import logging
-from collections.abc import Iterator
+from collections.abc import Generator, Iterator
 from contextlib import contextmanager
+from typing import Any
 
 import psycopg
 
@@ -97,7 +98,7 @@ class PostgresRegistry(Registry):
             cur.execute("SELECT pg_advisory_xact_lock(%s)", (MIGRATION_LOCK,))
             cur.execute("CREATE TABLE IF NOT EXISTS schema_version (version integer NOT NULL)")
             cur.execute("SELECT max(version) FROM schema_version")
-            current = cur.fetchone()[0] or 0
+            current = _single_value(cur) or 0
             for number, sql in enumerate(MIGRATIONS[current:], start=current + 1):
                 cur.execute(sql)
                 cur.execute("INSERT INTO schema_version (version) VALUES (%s)", (number,))
@@ -114,7 +115,7 @@ class PostgresRegistry(Registry):
         """Create the task row if new and lock it, so writers of one task go one at a time; its next version."""
         cur.execute("INSERT INTO tasks (name) VALUES (%s) ON CONFLICT (name) DO NOTHING", (check_task_name(task),))
         cur.execute("SELECT next_version FROM tasks WHERE name = %s FOR UPDATE", (task,))
-        return cur.fetchone()[0]
+        return _single_value(cur)
 
     def _store(self, cur: psycopg.Cursor, task: str, data: bytes, method: str) -> int:
         next_version = self._lock_task(cur, task)
@@ -235,7 +236,7 @@ class PostgresRegistry(Registry):
                         "GROUP BY a.task, a.version", (task, task))
             return {name: TaskState(version, dict(aliases)) for name, version, aliases in cur.fetchall()}
 
-    def changes(self, poll_s: float) -> Iterator[str | None]:
+    def changes(self, poll_s: float) -> Generator[str | None, None, None]:
         """LISTEN on its own connection: yields None once listening (then every `poll_s`), task names as
         changes commit; raises RegistryUnavailable when the connection is lost."""
         try:
@@ -249,3 +250,11 @@ class PostgresRegistry(Registry):
                     conn.execute("SELECT 1")  # a dead server is noticed within one poll, not at the next NOTIFY
         except psycopg.OperationalError as exc:
             raise RegistryUnavailable(f"PostgreSQL registry unreachable: {exc}".strip()) from exc
+
+
+def _single_value(cur: psycopg.Cursor) -> Any:
+    """The one value of a query that always returns a row (an aggregate, or the row just upserted)."""
+    row = cur.fetchone()
+    if row is None:
+        raise RuntimeError("the query returned no row")
+    return row[0]

@@ -142,7 +142,8 @@ class MicroBatcher(Generic[Job, Result]):
                 return
 
     def _take_batch(self) -> list[_Pending[Job]]:
-        batch, rows = [], 0
+        batch: list[_Pending[Job]] = []
+        rows = 0
         while self._queue and (not batch or rows + self._queue[0].rows <= self.max_rows):
             pending = self._queue.popleft()
             batch.append(pending)

@@ -114,7 +114,7 @@ class ClassifyRuntime:
         for j, job in enumerate(jobs):
             for t, task in enumerate(job.tasks):
                 by_kind[type(task.head)].append((j, t))
-        logits = {}
+        logits: dict[Key, torch.Tensor] = {}
         for kind, keys in by_kind.items():
             scored = kind.score([(jobs[j].tasks[t].head, rows[j, t]) for j, t in keys], self.backbone)
             logits.update(zip(keys, scored, strict=True))

@@ -12,6 +12,7 @@ from trainer.methods.base import EXPORT_DTYPES, PromptLearner, initial_context
 
 class CoOp(PromptLearner):
     method = "coop"
+    config: CoOpConfig
 
     def __init__(self, config: CoOpConfig, backbone: Backbone, classnames: tuple[str, ...]):
         super().__init__(config, backbone, classnames)

@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import copy
 import logging
-from typing import Any
+from typing import Any, cast
 
 import torch
 import torch.nn.functional as F
@@ -47,6 +47,7 @@ def split_init(config: MaPLeConfig) -> tuple[str | None, str]:
 class MaPLe(PromptLearner):
     method = "maple"
     needs_image_tower = True
+    config: MaPLeConfig
 
     def __init__(self, config: MaPLeConfig, backbone: Backbone, classnames: tuple[str, ...]):
         super().__init__(config, backbone, classnames)
@@ -63,12 +64,17 @@ class MaPLe(PromptLearner):
         deep_coupling = nn.Linear(d_t, d_v)
         self.couplings = nn.ModuleList([nn.Linear(d_t, d_v)] + [copy.deepcopy(deep_coupling) for _ in deep])
 
+    @property
+    def coupling_layers(self) -> list[nn.Linear]:
+        """`couplings` typed as what they hold (an nn.ModuleList types its items as plain modules)."""
+        return [cast(nn.Linear, c) for c in self.couplings]
+
     # Quantized variants override these two: what each forward uses in place of the float weights.
     def text_prompt(self, i: int) -> torch.Tensor:
         return self.text_params[i]
 
     def coupling_weight(self, i: int) -> torch.Tensor:
-        return self.couplings[i].weight
+        return self.coupling_layers[i].weight
 
     def text_prompts(self) -> torch.Tensor:
         """[J, n, d_t]: row 0 the context, rows 1.. the deep text prompts."""
@@ -76,7 +82,7 @@ class MaPLe(PromptLearner):
 
     def vision_prompts(self) -> torch.Tensor:
         """[J, n, d_v]: each text prompt through its coupling."""
-        return torch.stack([F.linear(self.text_prompt(i), self.coupling_weight(i), self.couplings[i].bias)
+        return torch.stack([F.linear(self.text_prompt(i), self.coupling_weight(i), self.coupling_layers[i].bias)
                             for i in range(self.depth)])
 
     def context(self) -> torch.Tensor:
@@ -104,5 +110,5 @@ class MaPLe(PromptLearner):
     def full_form_values(self) -> dict[str, int]:
         """Values of the unmerged model: prompts, coupling weight matrices, coupling biases."""
         return {"prompts": sum(p.numel() for p in self.text_params),
-                "coupling_weights": sum(c.weight.numel() for c in self.couplings),
-                "coupling_biases": sum(c.bias.numel() for c in self.couplings)}
+                "coupling_weights": sum(c.weight.numel() for c in self.coupling_layers),
+                "coupling_biases": sum(c.bias.numel() for c in self.coupling_layers)}

@@ -9,7 +9,7 @@ exactly what training computed.
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, cast
 
 import torch
 from torch import nn
@@ -24,29 +24,33 @@ from trainer.methods.quantizer import KMeansQuantizer
 
 class QMaPLe(MaPLe):
     method = "qmaple"
+    config: QMaPLeConfig
 
     def __init__(self, config: QMaPLeConfig, backbone: Backbone, classnames: tuple[str, ...]):
         super().__init__(config, backbone, classnames)
         self.text_quantizers = nn.ModuleList([KMeansQuantizer(config.quantizer, p) for p in self.text_params])
         self.coupling_quantizers = nn.ModuleList(
-            [KMeansQuantizer(config.quantizer, c.weight) for c in self.couplings])
+            [KMeansQuantizer(config.quantizer, c.weight) for c in self.coupling_layers])
 
     def text_prompt(self, i: int) -> torch.Tensor:
         return self.text_quantizers[i](self.text_params[i])
 
     def coupling_weight(self, i: int) -> torch.Tensor:
-        return self.coupling_quantizers[i](self.couplings[i].weight)
+        return self.coupling_quantizers[i](self.coupling_layers[i].weight)
 
     def quantized_pairs(self) -> list[tuple[KMeansQuantizer, torch.Tensor]]:
-        weights = [*self.text_params, *(c.weight for c in self.couplings)]
-        return list(zip([*self.text_quantizers, *self.coupling_quantizers], weights, strict=True))
+        """(quantizer, float weight) of every quantized tensor: the text prompts first, then the couplings."""
+        # the nn.ModuleLists hold KMeansQuantizers but type their items as plain modules
+        quantizers = [cast(KMeansQuantizer, q) for q in [*self.text_quantizers, *self.coupling_quantizers]]
+        weights = [*self.text_params, *(c.weight for c in self.coupling_layers)]
+        return list(zip(quantizers, weights, strict=True))
 
     def after_step(self) -> None:
         for quantizer, weight in self.quantized_pairs():
             quantizer.step(weight)
 
     def export_tensors(self) -> dict[str, torch.Tensor]:
-        pairs = list(zip(self.text_quantizers, self.text_params, strict=True))
+        pairs = self.quantized_pairs()[: len(self.text_params)]  # the text prompts' pairs
         parts = [q.export(p) for q, p in pairs]
         indices = torch.cat([q.indices(p).reshape(-1) for q, p in pairs])
         with torch.no_grad():

@@ -15,6 +15,7 @@ from trainer.methods.quantizer import KMeansQuantizer
 
 class QPrompt(PromptLearner):
     method = "qprompt"
+    config: QPromptConfig
 
     def __init__(self, config: QPromptConfig, backbone: Backbone, classnames: tuple[str, ...]):
         super().__init__(config, backbone, classnames)

@@ -68,6 +68,10 @@ def kl_divergence(p: torch.Tensor, q: torch.Tensor) -> float:
 class KMeansQuantizer(nn.Module):
     """Quantizes a tensor to 2^b levels with a straight-through gradient; holds the codebook state."""
 
+    # registered buffers: declared so they type as tensors, not as nn.Module.__getattr__'s `Tensor | Module`
+    codebook: torch.Tensor
+    last_histogram: torch.Tensor
+
     def __init__(self, config: QuantizerConfig, weight: torch.Tensor):
         super().__init__()
         self.config = config

@@ -42,9 +42,12 @@ class LowRankDelta(nn.Module):
 
 class RLP(PromptLearner):
     method = "rlp"
+    config: RLPConfig
+    base: torch.Tensor  # a registered buffer, declared so it types as a tensor, not as `Tensor | Module`
 
     def __init__(self, config: RLPConfig, backbone: Backbone, classnames: tuple[str, ...]):
         super().__init__(config, backbone, classnames)
+        assert config.ctx_init, "RLPConfig refuses an empty ctx_init"
         # the service rebuilds P₀ with this same function from its backbone (factorized form: service.methods.rlp)
         self.register_buffer("base", backbone.text.phrase_embeddings(config.ctx_init, config.n_ctx))
         self.delta = LowRankDelta(config.n_ctx, backbone.text.width, config.rank, config.dropout, config.factor_std,

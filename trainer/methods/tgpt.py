@@ -94,6 +94,7 @@ def vocab_loss(rows: torch.Tensor, targets: torch.Tensor, vocab: torch.Tensor, s
 class TGPT(nn.Module):
     method: ClassVar[str] = "tgpt"
     needs_image_tower: ClassVar[bool] = False
+    category_targets: torch.Tensor  # a registered buffer, declared so it types as a tensor, not `Tensor | Module`
 
     def __init__(self, config: TGPTConfig, backbone: Backbone, classnames: tuple[str, ...]):
         super().__init__()

@@ -22,7 +22,9 @@ import logging
 import math
 import os
 import time
+from collections.abc import Sequence
 from pathlib import Path
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import torch
@@ -42,7 +44,10 @@ from .families import (
     STYLES,
     TEXTURES,
 )
-from .render import sample_specs
+from .render import SampleSpec, sample_specs
+
+if TYPE_CHECKING:
+    from open_clip import CLIP  # imported where it runs only after argument parsing (a heavy import)
 
 log = logging.getLogger("trainer.world.pretrain")
 
@@ -51,6 +56,9 @@ OPENAI_MEAN = (0.48145466, 0.4578275, 0.40821073)
 OPENAI_STD = (0.26862954, 0.26130258, 0.27577711)
 ZS_TEMPLATE = "a photo of a {}."
 ZS_ENSEMBLE = ("a photo of a {}.", "a picture of a {}.", "an image of a {}.")
+
+# (family, style) → (uint8 images [N, H, W, 3], labels [N])
+EvalSets = dict[tuple[str, str], tuple[torch.Tensor, torch.Tensor]]
 
 _VALUES = {
     "shape": list(SHAPES),
@@ -63,7 +71,7 @@ _VALUES = {
 }
 
 
-def model_config(args) -> dict:
+def model_config(args: argparse.Namespace) -> dict[str, Any]:
     return {
         "embed_dim": args.embed_dim,
         "vision_cfg": {
@@ -86,7 +94,7 @@ def model_config(args) -> dict:
     }
 
 
-def attribute_codes(specs, styles) -> np.ndarray:
+def attribute_codes(specs: list[SampleSpec], styles: list[str]) -> np.ndarray:
     codes = np.empty((len(specs), len(ATTRIBUTES)), dtype=np.int64)
     for i, (spec, style) in enumerate(zip(specs, styles, strict=True)):
         d = spec.to_dict()
@@ -95,7 +103,8 @@ def attribute_codes(specs, styles) -> np.ndarray:
     return codes
 
 
-def multi_positive_clip_loss(img, txt, logit_scale, codes, mentions):
+def multi_positive_clip_loss(img: torch.Tensor, txt: torch.Tensor, logit_scale: torch.Tensor, codes: torch.Tensor,
+                             mentions: torch.Tensor) -> torch.Tensor:
     """Symmetric contrastive loss; ``compat[i, j]``: caption j is true of image i."""
     logits = logit_scale * img @ txt.T
     same = codes[:, None, :] == codes[None, :, :]  # [i, j, attr]
@@ -112,7 +121,7 @@ def to_input(batch_u8: torch.Tensor, mean: torch.Tensor, std: torch.Tensor) -> t
     return (x - mean) / std
 
 
-def build_pool(args) -> tuple[np.ndarray, list, list]:
+def build_pool(args: argparse.Namespace) -> tuple[np.ndarray, list[SampleSpec], list[str]]:
     specs = sample_specs(args.pool, seed=args.seed)
     rng = np.random.default_rng([args.seed, 0x57A1])
     styles = []
@@ -135,7 +144,8 @@ def build_pool(args) -> tuple[np.ndarray, list, list]:
 
 
 @torch.no_grad()
-def zero_shot(model, tokenizer, mean, std, eval_sets, templates=(ZS_TEMPLATE,)) -> dict:
+def zero_shot(model: CLIP, tokenizer: Any, mean: torch.Tensor, std: torch.Tensor, eval_sets: EvalSets,
+              templates: Sequence[str] = (ZS_TEMPLATE,)) -> dict[str, float]:
     """Accuracy per (family, style) with ``templates`` (mean of normalized text features)."""
     model.eval()
     out = {}
@@ -155,7 +165,7 @@ def zero_shot(model, tokenizer, mean, std, eval_sets, templates=(ZS_TEMPLATE,)) 
     return out
 
 
-def build_eval_sets(n_per_class: int, seed: int, size: int, styles) -> dict:
+def build_eval_sets(n_per_class: int, seed: int, size: int, styles: Sequence[str]) -> EvalSets:
     sets = {}
     for family in FAMILIES:
         pairs = family_specs(family, n_per_class, seed=seed)
@@ -170,7 +180,8 @@ def attr_col(name: str) -> int:
     return ATTRIBUTES.index(name)
 
 
-def sample_batch(args, gen: torch.Generator, n: int, colour_groups) -> torch.Tensor:
+def sample_batch(args: argparse.Namespace, gen: torch.Generator, n: int,
+                 colour_groups: list[torch.Tensor] | None) -> torch.Tensor:
     """Uniform batch, or (``--colours-per-batch k``) a batch drawn from only k colours.
 
     Few colours per batch make colour useless for telling most pairs apart, so the contrastive loss
@@ -195,7 +206,7 @@ def lr_at(step: int, total: int, warmup: int, base: float) -> float:
     return base * 0.5 * (1.0 + math.cos(math.pi * progress))
 
 
-def param_groups(model, wd: float):
+def param_groups(model: torch.nn.Module, wd: float) -> list[dict[str, Any]]:
     decay, no_decay = [], []
     for name, p in model.named_parameters():
         if p.ndim < 2 or "ln" in name or "bias" in name or "logit_scale" in name or "embedding" in name:
@@ -205,7 +216,7 @@ def param_groups(model, wd: float):
     return [{"params": no_decay, "weight_decay": 0.0}, {"params": decay, "weight_decay": wd}]
 
 
-def parse_args(argv=None):
+def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--out", default="service/assets/tiny_clip")
     p.add_argument("--seed", type=int, default=0)
@@ -239,7 +250,7 @@ def parse_args(argv=None):
     return p.parse_args(argv)
 
 
-def main(argv=None) -> dict:
+def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     args = parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
     torch.set_num_threads(args.threads)
@@ -344,7 +355,8 @@ def main(argv=None) -> dict:
     return metrics
 
 
-def write_model_card(out: Path, cfg: dict, metrics: dict, argv=None) -> None:
+def write_model_card(out: Path, cfg: dict[str, Any], metrics: dict[str, Any],
+                     argv: Sequence[str] | None = None) -> None:
     import sys
 
     args = metrics["args"]
@@ -440,7 +452,7 @@ step instead of 0.6-1.3 s, so more steps fit) and simply more steps: shape accur
     (out / "MODEL_CARD.md").write_text(text)
 
 
-def save(model, cfg: dict, metrics: dict, out: Path) -> None:
+def save(model: torch.nn.Module, cfg: dict[str, Any], metrics: dict[str, Any], out: Path) -> None:
     from safetensors.torch import save_file
 
     out.mkdir(parents=True, exist_ok=True)

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import asdict, dataclass
+from typing import Any, Literal
 
 import numpy as np
 from PIL import Image, ImageDraw, ImageFilter
@@ -42,11 +43,11 @@ class SampleSpec:
             if value not in allowed:
                 raise ValueError(f"unknown {name} {value!r}; expected one of {list(allowed)}")
 
-    def to_dict(self) -> dict:
+    def to_dict(self) -> dict[str, Any]:
         return asdict(self)
 
 
-def luminance(rgb) -> float:
+def luminance(rgb: tuple[float, float, float]) -> float:
     r, g, b = rgb
     return 0.299 * r + 0.587 * g + 0.114 * b
 
@@ -62,7 +63,7 @@ def contrasting_background(colour: str, preferred: str) -> str:
     return preferred
 
 
-def sample_specs(n: int, seed: int, **fixed) -> list[SampleSpec]:
+def sample_specs(n: int, seed: int, **fixed: str) -> list[SampleSpec]:
     """Draw ``n`` specs uniformly over the attributes, deterministically from ``seed``.
 
     Keyword arguments fix attributes (e.g. ``shape="star"``). The background tone is flipped when
@@ -124,9 +125,16 @@ def _heart() -> list[tuple[float, float]]:
     return pts
 
 
-# Each entry: list of (op, kind, params). op "+" draws, "-" erases.
+# Each entry: (op, kind, params). op "+" draws, "-" erases.
 # kinds: "poly" (points), "ellipse" (cx, cy, rx, ry), "pie" (cx, cy, r, start, end)
-def _shape_ops(shape: str) -> list[tuple[str, str, object]]:
+ShapeOp = (
+    tuple[str, Literal["poly"], list[tuple[float, float]]]
+    | tuple[str, Literal["ellipse"], tuple[float, float, float, float]]
+    | tuple[str, Literal["pie"], tuple[float, float, float, float, float]]
+)
+
+
+def _shape_ops(shape: str) -> list[ShapeOp]:
     if shape == "circle":
         return [("+", "ellipse", (0.0, 0.0, 1.0, 1.0))]
     if shape == "ellipse":
@@ -186,32 +194,32 @@ def shape_mask(
     def tx(x: float, y: float) -> tuple[float, float]:
         return (cx + half * (x * cr - y * sr), cy + half * (x * sr + y * cr))
 
-    for op, kind, params in _shape_ops(shape):
-        fill = 255 if op == "+" else 0
-        if kind == "poly":
-            draw.polygon([tx(x, y) for x, y in params], fill=fill)
-        elif kind == "ellipse":
-            ex, ey, rx, ry = params
-            if abs(rx - ry) < 1e-9:  # circles are rotation invariant; draw exactly
-                x0, y0 = tx(ex, ey)
-                r = rx * half
-                draw.ellipse([x0 - r, y0 - r, x0 + r, y0 + r], fill=fill)
-            else:
-                n = 96
-                angles = [2 * math.pi * k / n for k in range(n)]
-                pts = [(ex + rx * math.cos(a), ey + ry * math.sin(a)) for a in angles]
+    for op in _shape_ops(shape):
+        fill = 255 if op[0] == "+" else 0
+        match op:  # by kind, which also tells the type checker the params' shape
+            case (_, "poly", points):
+                draw.polygon([tx(x, y) for x, y in points], fill=fill)
+            case (_, "ellipse", (ex, ey, rx, ry)):
+                if abs(rx - ry) < 1e-9:  # circles are rotation invariant; draw exactly
+                    x0, y0 = tx(ex, ey)
+                    r = rx * half
+                    draw.ellipse([x0 - r, y0 - r, x0 + r, y0 + r], fill=fill)
+                else:
+                    n = 96
+                    angles = [2 * math.pi * k / n for k in range(n)]
+                    pts = [(ex + rx * math.cos(a), ey + ry * math.sin(a)) for a in angles]
+                    draw.polygon([tx(x, y) for x, y in pts], fill=fill)
+            case (_, "pie", (ex, ey, r, a0, a1)):
+                n = 64
+                angles = [math.radians(a0 + (a1 - a0) * k / n) for k in range(n + 1)]
+                pts = [(ex, ey)] + [(ex + r * math.cos(a), ey + r * math.sin(a)) for a in angles]
                 draw.polygon([tx(x, y) for x, y in pts], fill=fill)
-        elif kind == "pie":
-            ex, ey, r, a0, a1 = params
-            n = 64
-            angles = [math.radians(a0 + (a1 - a0) * k / n) for k in range(n + 1)]
-            pts = [(ex, ey)] + [(ex + r * math.cos(a), ey + r * math.sin(a)) for a in angles]
-            draw.polygon([tx(x, y) for x, y in pts], fill=fill)
     small = canvas.resize((size, size), Image.Resampling.BOX)
     return np.asarray(small, dtype=np.float32) / 255.0
 
 
-def _outline_coverage(shape: str, size: int, box: float, centre, rotation: float, stroke_px: float) -> np.ndarray:
+def _outline_coverage(shape: str, size: int, box: float, centre: tuple[float, float], rotation: float,
+                      stroke_px: float) -> np.ndarray:
     """Coverage of a stroke of ``stroke_px`` pixels along the inside of the silhouette.
 
     Computed at the supersampled resolution as (shape minus its erosion), then box-filtered down.

@@ -15,17 +15,20 @@ ASSET_DIR = files("fastapi_offline") / "static"
 
 
 def add_docs_pages(app: FastAPI) -> None:
-    """For an app made with docs_url=None and redoc_url=None."""
+    """For an app made with docs_url=None and redoc_url=None (and an OpenAPI document, which the pages show)."""
+    openapi_url = app.openapi_url
+    if openapi_url is None:
+        raise ValueError("the docs pages show the OpenAPI document: make the app with an openapi_url")
     app.mount(ASSETS, StaticFiles(directory=str(ASSET_DIR)), name="docs-assets")
     title, favicon = f"{app.title} API", f"{ASSETS}/favicon.png"
 
     @app.get("/docs", include_in_schema=False)
     async def swagger_ui() -> HTMLResponse:
-        return get_swagger_ui_html(openapi_url=app.openapi_url, title=title, swagger_favicon_url=favicon,
+        return get_swagger_ui_html(openapi_url=openapi_url, title=title, swagger_favicon_url=favicon,
                                    swagger_js_url=f"{ASSETS}/swagger-ui-bundle.js",
                                    swagger_css_url=f"{ASSETS}/swagger-ui.css")
 
     @app.get("/redoc", include_in_schema=False)
     async def redoc() -> HTMLResponse:
-        return get_redoc_html(openapi_url=app.openapi_url, title=title, redoc_favicon_url=favicon,
+        return get_redoc_html(openapi_url=openapi_url, title=title, redoc_favicon_url=favicon,
                               redoc_js_url=f"{ASSETS}/redoc.standalone.js", with_google_fonts=False)

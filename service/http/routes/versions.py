@@ -6,7 +6,8 @@ announced to the other replicas by the registry itself.
 
 from __future__ import annotations
 
-from typing import Annotated
+from collections.abc import Callable
+from typing import Annotated, Any, TypeVar
 
 import anyio
 from fastapi import APIRouter, Path
@@ -22,6 +23,7 @@ from service.serving.errors import ServiceError
 router = APIRouter(tags=["versions"])
 VersionRef = Annotated[str, Path(pattern=VERSION_REF_PATTERN, description="a version number or an alias")]
 AliasName = Annotated[str, Path(pattern=ALIAS_PATTERN, description="alias name, e.g. prod or canary")]
+T = TypeVar("T")
 
 
 @router.get("/v1/tasks/{task}/versions", summary="List a task's stored versions, its active one and aliases",
@@ -71,7 +73,7 @@ async def delete_alias(task: TaskName, alias: AliasName, state: State) -> AliasL
     return AliasList(task=task, aliases=aliases)
 
 
-async def _in_activation_worker(state: AppState, func, *args):
+async def _in_activation_worker(state: AppState, func: Callable[..., T], *args: Any) -> T:
     try:
         return await anyio.to_thread.run_sync(func, *args, limiter=state.activation_limiter)
     except BundleError as exc:
