@@ -9,7 +9,8 @@ serve: $(VENV)/.installed
 	$(PY) -m service
 
 test: $(VENV)/.installed
-	$(PY) -m ruff check service trainer tests
+	$(PY) -m ruff check service trainer tests bench
+	$(PY) -m mypy
 	$(PY) -m pytest
 
 $(VENV)/.installed: pyproject.toml
