@@ -52,9 +52,10 @@ class AppState:
         reason = health.problem()
         if reason and not require_registry and health.restored:
             reason = None
-        failed = self.tasks.restore_failures
+        failed = self.tasks.failed_tasks()
         if reason is None and require_tasks and failed:
-            reason = f"{len(failed)} task(s) failed to restore: {', '.join(sorted(failed))}"
+            reason = (f"{len(failed)} task(s) failed to restore or have damaged registry entries: "
+                      f"{', '.join(sorted(failed)[:10])}")
         return reason
 
 

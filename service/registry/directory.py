@@ -7,12 +7,18 @@ flock on `<root>/.lock`.
 Layout: <root>/<task>/<version:08d>.bundle and <root>/<task>/ACTIVE (the active version number);
 <version:08d>.json beside each bundle holds its sha256, size, created time and method, and <task>/ALIASES
 maps alias names to versions (JSON).
+
+Every side file is read through a typed model with a size bound, so whatever a disk or an operator left there
+is either the record the registry wrote or `RegistryDamage` naming the file: a damaged ACTIVE keeps that task
+out of `active_versions`, damaged ALIASES or version metadata leave the task serving, and each is reported by
+`damaged_tasks`. A writer that meets a damaged file sets it aside (`.damaged-*`) and writes a good one.
 """
 
 from __future__ import annotations
 
 import fcntl
 import json
+import logging
 import os
 import re
 import shutil
@@ -22,12 +28,17 @@ import uuid
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
+from typing import Annotated, TypeVar
+
+from pydantic import BaseModel, ConfigDict, Field, StringConstraints, TypeAdapter, ValidationError
 
 from service.core.fsio import atomic_write, make_dirs
 from service.registry.base import (
+    ALIAS_PATTERN,
     TASK_NAME,
     Registry,
     RegistryDamage,
+    TaskState,
     UnknownTask,
     VersionInfo,
     bundle_sha256,
@@ -36,8 +47,31 @@ from service.registry.base import (
     prunable,
 )
 
+log = logging.getLogger(__name__)
 _VERSION_FILE = re.compile(r"^(\d{8})\.bundle$")
+T = TypeVar("T")
+
+# The side files as the registry writes them; anything else is damage. Sizes bound what a read may cost.
 MAX_ACTIVE_BYTES = 32
+MAX_ALIASES_BYTES = 1024 * 1024
+MAX_INFO_BYTES = 4096
+ActiveRecord = TypeAdapter(Annotated[int, Field(strict=True, ge=1, le=99_999_999)])  # "7\n" is JSON too
+AliasesRecord = TypeAdapter(dict[Annotated[str, StringConstraints(pattern=ALIAS_PATTERN)],
+                                 Annotated[int, Field(strict=True, ge=1)]])
+
+
+class VersionRecord(BaseModel):
+    """<version:08d>.json: what `store` writes beside each bundle."""
+
+    model_config = ConfigDict(strict=True)
+    version: int = Field(ge=1)
+    sha256: str = Field(pattern=r"^[0-9a-f]{64}$")
+    size: int = Field(ge=0)
+    created: float = Field(allow_inf_nan=False)
+    method: str = Field(max_length=64)
+
+
+InfoRecord = TypeAdapter(VersionRecord)
 
 
 class DirectoryRegistry(Registry):
@@ -45,6 +79,7 @@ class DirectoryRegistry(Registry):
         self.root = Path(root)
         make_dirs(self.root)
         self._thread_lock = threading.Lock()
+        self._remove_stale_temp_files()
 
     @contextmanager
     def _locked(self) -> Iterator[None]:
@@ -55,6 +90,15 @@ class DirectoryRegistry(Registry):
                 yield
             finally:
                 fcntl.flock(lock_file, fcntl.LOCK_UN)
+
+    def _remove_stale_temp_files(self) -> None:
+        """Temp files a crashed writer left (`atomic_write`'s `.<name>.*.tmp`); writers hold the lock while theirs
+        exist, so under the lock every one found is stale."""
+        with self._locked():
+            for path in [*self.root.glob(".*.tmp"), *self.root.glob("*/.*.tmp")]:
+                if path.is_file() and not path.is_symlink():
+                    path.unlink(missing_ok=True)
+                    log.warning("removed %s, left by an interrupted write", path.relative_to(self.root))
 
     def _task_dir(self, task: str) -> Path:
         return self.root / check_task_name(task)
@@ -73,8 +117,10 @@ class DirectoryRegistry(Registry):
         sha256 = bundle_sha256(data)
         with self._locked():
             self._set_aside_if_damaged(self._task_dir(task), expect_dir=True)
+            self._set_aside_damaged_bundles(task)
             known = self.find_version(task, sha256)
             if known is not None:
+                self._repair_info(task, known, data, method)
                 return known
             version = max(self._versions(task), default=0) + 1
             atomic_write(self._bundle_path(task, version), data)
@@ -91,8 +137,22 @@ class DirectoryRegistry(Registry):
             atomic_write(marker, f"{version}\n".encode())
 
     def _set_aside_if_damaged(self, path: Path, *, expect_dir: bool) -> None:
-        """Move a wrong kind of file out of the way (kept, dot-named, ignored), so a new write can succeed."""
+        """Move a wrong kind of file out of the way, so a new write can succeed."""
         if path.is_symlink() or (path.exists() and path.is_dir() != expect_dir):
+            self._set_aside(path)
+
+    def _set_aside_damaged_bundles(self, task: str) -> None:
+        """Bundle "files" that are not regular files can never be served: out of the way, with their metadata."""
+        for version in self._versions(task):
+            bundle = self._bundle_path(task, version)
+            if bundle.is_symlink() or not bundle.is_file():
+                self._set_aside(bundle)
+                self._set_aside(self._info_path(task, version))
+
+    @staticmethod
+    def _set_aside(path: Path) -> None:
+        """Keep a damaged file for a person to look at (dot-named, so the registry ignores it)."""
+        if os.path.lexists(path):
             path.rename(path.parent / f".damaged-{path.name}-{uuid.uuid4().hex}")
 
     def load(self, task: str, version: int) -> bytes:
@@ -104,38 +164,58 @@ class DirectoryRegistry(Registry):
         return path.read_bytes()
 
     def active_versions(self) -> dict[str, int]:
-        return self._scan()[0]
+        return self._scan(side_files=False)[0]
 
     def damaged_tasks(self) -> dict[str, str]:
-        return self._scan()[1]
+        return self._scan(side_files=True)[1]
 
-    def _scan(self) -> tuple[dict[str, int], dict[str, str]]:
-        """Every task directory's ACTIVE record; anything else in the root (dot-files, stray names) is ignored."""
+    def snapshot(self) -> dict[str, TaskState]:
+        """Each task's state; aliases that cannot be read count as none (`damaged_tasks` says why)."""
+        return {task: TaskState(active, self.aliases(task)) for task, active in self.active_versions().items()}
+
+    def _scan(self, *, side_files: bool) -> tuple[dict[str, int], dict[str, str]]:
+        """Every task directory's ACTIVE record, and what is damaged in each task (ACTIVE; with `side_files` also
+        ALIASES and each version's metadata); anything else in the root (dot-files, stray names) is ignored."""
         active, damaged = {}, {}
         for entry in sorted(self.root.iterdir()):
             if not TASK_NAME.match(entry.name) or not entry.is_dir():
                 continue  # a stray file, even one named like a task, holds no task (a new upload sets it aside)
+            problems = self._problems(entry.name) if side_files else []
             try:
                 version = self._read_active(entry)
-            except (RegistryDamage, OSError) as exc:
-                damaged[entry.name] = f"registry entry is damaged: {exc}"
-                continue
+            except RegistryDamage as exc:
+                problems.insert(0, str(exc))
+                version = None
             if version is not None:
                 active[entry.name] = version
+            if problems:
+                shown = "; ".join(problems[:3]) + (f"; and {len(problems) - 3} more" if len(problems) > 3 else "")
+                damaged[entry.name] = f"registry entry is damaged: {shown}"
         return active, damaged
+
+    def _problems(self, task: str) -> list[str]:
+        """What is damaged among a task's aliases and version metadata (each still readable around the damage)."""
+        problems = []
+        try:
+            self._read_aliases(task)
+        except RegistryDamage as exc:
+            problems.append(str(exc))
+        for version in self._versions(task):
+            bundle = self._bundle_path(task, version)
+            if bundle.is_symlink() or not bundle.is_file():
+                problems.append(f"{bundle.name} is not a regular file")
+            try:
+                self._read_info(task, version)
+            except RegistryDamage as exc:
+                problems.append(str(exc))
+        return problems
 
     def _read_active(self, task_dir: Path) -> int | None:
         """The active version recorded in `task_dir`, None when it has none yet (stored, never activated)."""
         marker = task_dir / "ACTIVE"
-        if not marker.exists():
+        if not os.path.lexists(marker):
             return None
-        if not marker.is_file():
-            raise RegistryDamage("ACTIVE is not a regular file")
-        with open(marker, "rb") as f:
-            text = f.read(MAX_ACTIVE_BYTES + 1)
-        if len(text) > MAX_ACTIVE_BYTES or not re.fullmatch(rb"[0-9]{1,8}\n?", text):
-            raise RegistryDamage(f"ACTIVE should hold a version number, holds {text[:MAX_ACTIVE_BYTES]!r}")
-        version = int(text)
+        version = _read_record(marker, ActiveRecord, MAX_ACTIVE_BYTES)
         if not (task_dir / f"{version:08d}.bundle").is_file():
             raise RegistryDamage(f"ACTIVE names version {version}, which has no bundle file")
         return version
@@ -153,31 +233,60 @@ class DirectoryRegistry(Registry):
     def _info_path(self, task: str, version: int) -> Path:
         return self._task_dir(task) / f"{version:08d}.json"
 
+    def _read_info(self, task: str, version: int) -> VersionInfo | None:
+        """The version's metadata, None if it has none (stored before versions carried it); damage raises."""
+        path = self._info_path(task, version)
+        if not os.path.lexists(path):
+            return None
+        record = _read_record(path, InfoRecord, MAX_INFO_BYTES)
+        if record.version != version:
+            raise RegistryDamage(f"{path.name} describes version {record.version}")
+        return VersionInfo(**record.model_dump())
+
     def _version_info(self, task: str, version: int) -> VersionInfo:
-        info_path = self._info_path(task, version)
-        if info_path.is_file():
-            try:
-                return VersionInfo(**json.loads(info_path.read_text()))
-            except (ValueError, TypeError):
-                pass  # damaged metadata: the bundle file itself still tells everything but the method
-        # A version stored before versions carried metadata: derive what the file itself tells.
+        try:
+            info = self._read_info(task, version)
+        except RegistryDamage:
+            info = None  # reported by damaged_tasks; the bundle file itself tells everything but the method
+        return info or self._derived_info(task, version)
+
+    def _derived_info(self, task: str, version: int) -> VersionInfo:
+        """What the bundle file itself tells (a damaged one: what little is known)."""
         path = self._bundle_path(task, version)
-        return VersionInfo(version, bundle_sha256(path.read_bytes()), path.stat().st_size, path.stat().st_mtime, "")
+        try:
+            data, stat = path.read_bytes(), path.stat()
+        except OSError:
+            return VersionInfo(version, "", 0, 0.0, "")
+        return VersionInfo(version, bundle_sha256(data), stat.st_size, stat.st_mtime, "")
+
+    def _repair_info(self, task: str, version: int, data: bytes, method: str) -> None:
+        """Rewrite a stored version's damaged metadata from the same bytes uploaded again."""
+        try:
+            self._read_info(task, version)
+            return
+        except RegistryDamage as exc:
+            log.warning("task %s: rewriting the metadata of version %d (%s)", task, version, exc)
+        path = self._info_path(task, version)
+        self._set_aside(path)
+        created = self._derived_info(task, version).created or time.time()
+        info = VersionInfo(version, bundle_sha256(data), len(data), created, method)
+        atomic_write(path, json.dumps(vars(info)).encode())
 
     def versions(self, task: str) -> list[VersionInfo]:
         return [self._version_info(task, v) for v in self._versions(task)]
 
     def aliases(self, task: str) -> dict[str, int]:
-        path = self._task_dir(task) / "ALIASES"
-        if not path.exists():
-            return {}
+        """The task's aliases; none when the file is damaged (`damaged_tasks` says why)."""
         try:
-            aliases = json.loads(path.read_bytes()) if path.is_file() else None
-        except (ValueError, OSError) as exc:
-            raise RegistryDamage(f"ALIASES of task {task!r} cannot be read ({exc})") from exc
-        if not isinstance(aliases, dict) or not all(isinstance(v, int) for v in aliases.values()):
-            raise RegistryDamage(f"ALIASES of task {task!r} is not a JSON object of version numbers")
-        return aliases
+            return self._read_aliases(task)
+        except RegistryDamage:
+            return {}
+
+    def _read_aliases(self, task: str) -> dict[str, int]:
+        path = self._task_dir(task) / "ALIASES"
+        if not os.path.lexists(path):
+            return {}
+        return _read_record(path, AliasesRecord, MAX_ALIASES_BYTES)
 
     def _write_aliases(self, task: str, aliases: dict[str, int]) -> None:
         atomic_write(self._task_dir(task) / "ALIASES", json.dumps(aliases, sort_keys=True).encode())
@@ -187,7 +296,13 @@ class DirectoryRegistry(Registry):
         with self._locked():
             if not self._bundle_path(task, version).is_file():
                 raise UnknownTask(f"task {task!r} has no version {version}")
-            self._write_aliases(task, self.aliases(task) | {alias: version})
+            try:
+                aliases = self._read_aliases(task)
+            except RegistryDamage as exc:  # unreadable aliases are lost already: start a good file
+                log.warning("task %s: setting aside damaged aliases (%s)", task, exc)
+                self._set_aside(self._task_dir(task) / "ALIASES")
+                aliases = {}
+            self._write_aliases(task, aliases | {alias: version})
 
     def delete_alias(self, task: str, alias: str) -> None:
         with self._locked():
@@ -198,12 +313,38 @@ class DirectoryRegistry(Registry):
 
     def prune(self, task: str, keep: int) -> list[int]:
         with self._locked():
-            protected = set(self.aliases(task).values())
+            try:
+                protected = set(self._read_aliases(task).values())
+            except RegistryDamage as exc:  # which versions the aliases hold is unknown: keep them all
+                log.warning("task %s: not pruning, %s", task, exc)
+                return []
             active = self.active_versions().get(task)
             if active is not None:
                 protected.add(active)
             doomed = prunable(self._versions(task), keep, protected)
             for version in doomed:
-                self._info_path(task, version).unlink(missing_ok=True)
-                self._bundle_path(task, version).unlink()
+                for path in (self._info_path(task, version), self._bundle_path(task, version)):
+                    if path.is_dir() and not path.is_symlink():
+                        self._set_aside(path)  # damage in the way: kept, never deleted blindly
+                    path.unlink(missing_ok=True)
             return doomed
+
+
+def _read_record(path: Path, record: TypeAdapter[T], max_bytes: int) -> T:
+    """A side file read through its typed model: a regular file of at most `max_bytes` holding what the registry
+    writes, else RegistryDamage naming the file and the first fault."""
+    if path.is_symlink() or not path.is_file():
+        raise RegistryDamage(f"{path.name} is not a regular file")
+    try:
+        with open(path, "rb") as f:
+            data = f.read(max_bytes + 1)
+    except OSError as exc:
+        raise RegistryDamage(f"{path.name} cannot be read ({exc.strerror})") from exc
+    if len(data) > max_bytes:
+        raise RegistryDamage(f"{path.name} holds more than the {max_bytes} bytes the registry writes")
+    try:
+        return record.validate_json(data)
+    except ValidationError as exc:
+        first = exc.errors(include_url=False, include_input=False)[0]
+        where = ".".join(str(p) for p in first["loc"]) or "the file"
+        raise RegistryDamage(f"{path.name} is damaged ({where}: {first['msg']})") from None

@@ -14,7 +14,16 @@ import time
 from collections import OrderedDict, defaultdict
 
 from service.core.backbone import Backbone
-from service.registry.base import Registry, TaskState, UnknownTask, VersionInfo, bundle_sha256, check_task_name
+from service.methods import BundleError
+from service.registry.base import (
+    Registry,
+    RegistryDamage,
+    TaskState,
+    UnknownTask,
+    VersionInfo,
+    bundle_sha256,
+    check_task_name,
+)
 from service.serving.activation import ActiveTask, BundleLimits, prepare
 
 log = logging.getLogger(__name__)
@@ -29,7 +38,8 @@ class TaskManager:
         self.limits = limits
         self._active: dict[str, ActiveTask] = {}
         self._task_locks: defaultdict[str, threading.Lock] = defaultdict(threading.Lock)
-        self.restore_failures: dict[str, str] = {}
+        self.restore_failures: dict[str, str] = {}  # tasks whose active version cannot be served, and why
+        self.registry_damage: dict[str, str] = {}  # serving tasks with a damaged side file (aliases, metadata)
         # Versions, aliases and remote changes: this replica's view of the aliases, the last version it could
         # not prepare per task (not retried until the registry moves on), and an LRU of prepared versions
         # (pinned requests, and the versions most recently swapped out, so a rollback is instant).
@@ -48,6 +58,14 @@ class TaskManager:
 
     def all(self) -> list[ActiveTask]:
         return sorted(self._active.values(), key=lambda t: t.name)
+
+    def failed_tasks(self) -> dict[str, str]:
+        """Every task something is wrong with, and what: not restored, or a damaged registry entry."""
+        return {**self.registry_damage, **self.restore_failures}
+
+    def forget_failure(self, name: str) -> None:
+        self.restore_failures.pop(name, None)
+        self.registry_damage.pop(name, None)
 
     def prepare(self, name: str, version: int, data: bytes) -> ActiveTask:
         """Decode, check and build the head; touches no shared state."""
@@ -81,7 +99,11 @@ class TaskManager:
         With `retain`, versions beyond the newest `retain` are pruned (never the active one or an alias target)."""
         check_task_name(name)
         known = self.registry.find_version(name, bundle_sha256(data))
-        task = self.publish(name, data) if known is None else self.activate(name, known)
+        if known is None:
+            task = self.publish(name, data)
+        else:
+            task = self.activate(name, known)
+            self.registry.store(name, data, task.manifest.method)  # the stored version again: repairs its record
         if retain:
             self.prune(name, retain)
         return task, known is None
@@ -152,10 +174,16 @@ class TaskManager:
         """Match the registry: every task's active version and aliases, deleted tasks dropped. Also the
         restore after a start, since it starts from nothing."""
         snapshot = self.registry.snapshot()
-        for name, reason in self.registry.damaged_tasks().items():
-            if name not in snapshot:
+        damage = self.registry.damaged_tasks()
+        for name, reason in damage.items():
+            if name not in snapshot and self.restore_failures.get(name) != reason:
                 self.restore_failures[name] = reason
                 log.error("task %s could not be restored: %s", name, reason)
+            elif name in snapshot and self.registry_damage.get(name) != reason:
+                log.error("task %s keeps serving, but %s", name, reason)
+        self.registry_damage = {name: reason for name, reason in damage.items() if name in snapshot}
+        for name in [n for n in self.restore_failures if n not in damage and n not in snapshot]:
+            del self.restore_failures[name]  # the registry no longer holds it (removed by hand)
         for name in sorted(set(snapshot) | set(self._active)):
             if not self._matches(name, snapshot.get(name)):
                 self.sync(name)
@@ -218,9 +246,15 @@ class TaskManager:
         if task is not None:
             return task
         with self._prepare_lock:  # one on-demand preparation at a time: concurrent pins of one version share it
-            task = self._cached(name, version) or self.prepare(name, version, self.registry.load(name, version))
+            task = self._cached(name, version) or self.prepare(name, version, self._load(name, version))
             self._remember(task)
             return task
+
+    def _load(self, name: str, version: int) -> bytes:
+        try:
+            return self.registry.load(name, version)
+        except RegistryDamage as exc:  # what is on disk cannot be served: the same answer as a bad bundle
+            raise BundleError("file", str(exc)) from exc
 
     def _cached(self, name: str, version: int) -> ActiveTask | None:
         with self._prepared_lock:

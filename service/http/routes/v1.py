@@ -61,7 +61,7 @@ async def readyz(state: State, response: Response, require_registry: RequireRegi
     reason = state.not_ready_reason(require_registry=require_registry, require_tasks=require_tasks)
     response.status_code = 200 if reason is None else 503
     return Readiness(ready=reason is None, reason=reason, registry=vars(health), tasks=len(state.tasks.all()),
-                     failed_tasks=state.tasks.restore_failures, backbone=state.backbone.describe())
+                     failed_tasks=state.tasks.failed_tasks(), backbone=state.backbone.describe())
 
 
 @router.get("/v1/tasks", tags=["tasks"], summary="List active tasks", responses=error_responses())
@@ -113,7 +113,7 @@ async def delete_task(task: TaskName, state: State) -> Response:
         await anyio.to_thread.run_sync(state.tasks.delete, task)
     except OSError as exc:
         raise storage_error(exc) from exc
-    state.tasks.restore_failures.pop(task, None)
+    state.tasks.forget_failure(task)
     state.metrics.forget_task(task)
     state.refresh_task_gauges()
     return Response(status_code=204)
