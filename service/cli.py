@@ -45,11 +45,19 @@ def main(argv: list[str] | None = None) -> int:
 
 def serve(argv: list[str]) -> int:
     """Serve the configured backbone and registry with uvicorn (torch and the app load only here)."""
+    from pydantic import ValidationError
+
     from service.config import Settings
     from service.http.app import create_app
     from service.http.server import serve as run_server
 
-    settings = Settings()
+    try:
+        settings = Settings()
+    except ValidationError as exc:  # refuse to start, saying which PROMPTSERVE_* setting is wrong
+        problems = "; ".join(f"{'PROMPTSERVE_' + str(e['loc'][0]).upper() if e['loc'] else 'settings'}: {e['msg']}"
+                             for e in exc.errors(include_url=False, include_input=False))
+        print(f"error: {problems}", file=sys.stderr)
+        return 2
     parser = argparse.ArgumentParser(prog="promptserve serve", description="serve the promptserve API")
     parser.add_argument("--host", default=settings.host)
     parser.add_argument("--port", type=int, default=settings.port)

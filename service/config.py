@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import Literal
 
-from pydantic import Field, SecretStr
+from pydantic import Field, SecretStr, field_validator, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from service.core.backbone import BackboneSpec
@@ -50,8 +50,12 @@ class Settings(BaseSettings):
     max_templates: int = Field(64, gt=0, description="most zero-shot templates per bundle (format max 64)")
     max_text_prompts: int = Field(20_000, gt=0, description="classes × templates a bundle may ask to encode")
     max_answer_predictions: int = Field(100_000, gt=0, description="tasks × images × top_k in one answer")
-    max_inflight_requests: int = Field(64, gt=0, description="classify/upload requests in progress at once; "
-                                       "beyond this, answer 503 before reading the body")
+    max_inflight_requests: int = Field(64, gt=0, description="classify/upload requests (and any request with a "
+                                       "body) in progress at once; beyond this, answer 503 before reading the body")
+    max_inflight_body_bytes: int = Field(576 * MiB, gt=0, description="body bytes those requests may declare "
+                                         "together (their Content-Length, or the route's limit without one); "
+                                         "beyond, 503 before reading the body. Bounds request memory "
+                                         "(docs/serving.md, Memory)")
     body_timeout_s: float = Field(30.0, gt=0, description="a request body must arrive within this time (else 408)")
     header_timeout_s: float = Field(10.0, gt=0, description="request headers must arrive within this time")
     keep_alive_timeout_s: float = Field(5.0, gt=0, description="idle keep-alive connections close after this")
@@ -65,6 +69,22 @@ class Settings(BaseSettings):
 
     host: str = "127.0.0.1"
     port: int = 8000
+
+    @field_validator("admin_token", "classify_token")
+    @classmethod
+    def _not_empty(cls, token: SecretStr | None) -> SecretStr | None:
+        # An empty token would lock every client out (no bearer header can carry it): refuse to start instead.
+        if token is not None and not token.get_secret_value().strip():
+            raise ValueError("is set but empty: unset it, or set a long random token")
+        return token
+
+    @model_validator(mode="after")
+    def _one_request_fits_the_body_budget(self) -> Settings:
+        largest = max(self.max_classify_body_bytes, self.max_bundle_bytes)
+        if self.max_inflight_body_bytes < largest:
+            raise ValueError(f"max_inflight_body_bytes ({self.max_inflight_body_bytes}) must hold the largest request "
+                             f"body ({largest} bytes), or such a request is never admitted")
+        return self
 
     def backbone_spec(self) -> BackboneSpec:
         return BackboneSpec(model=self.model, pretrained=self.pretrained or None, device=self.device, seed=self.seed,

@@ -17,7 +17,7 @@ from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from starlette.types import Scope
 
 from service import __version__
-from service.config import MiB, Settings
+from service.config import Settings
 from service.core.backbone import Backbone, load_backbone
 from service.http.deps import AppState
 from service.http.errors import add_error_handlers, error_responses, error_schemas
@@ -104,7 +104,8 @@ def create_app(settings: Settings | None = None, backbone: Backbone | None = Non
     add_error_handlers(app)
     app.add_middleware(RequestLimits, limits_for=lambda scope: route_limits(scope, settings),
                        max_header_bytes=settings.max_header_bytes, body_timeout_s=settings.body_timeout_s,
-                       max_inflight=settings.max_inflight_requests)
+                       max_inflight=settings.max_inflight_requests,
+                       max_inflight_body_bytes=settings.max_inflight_body_bytes)
     app.add_middleware(MetricsMiddleware, metrics=metrics)
     return app
 
@@ -136,10 +137,13 @@ def _openapi(app: FastAPI, settings: Settings) -> dict[str, Any]:
     return schema
 
 
+SMALL_BODY_BYTES = 64 * 1024  # every other body is a small JSON document (an alias target)
+
+
 def route_limits(scope: Scope, settings: Settings) -> RouteLimits:
     path, post = scope["path"], scope["method"] == "POST"
     if path.endswith("/versions"):
         return RouteLimits(settings.max_bundle_bytes, expensive=post)
     if path.endswith(("classify", "/infer")):
         return RouteLimits(settings.max_classify_body_bytes, expensive=post)
-    return RouteLimits(MiB, expensive=False)
+    return RouteLimits(SMALL_BODY_BYTES, expensive=False)

@@ -1,7 +1,8 @@
 """What every route depends on: the app's state, auth, and the path parameters shared across route families.
 
 Routes take these as FastAPI dependencies (`State`, `AdminOnly`, `ClassifyAccess`, `TaskName`), so auth and
-lookups live here once.
+lookups live here once. With `PROMPTSERVE_CLASSIFY_TOKEN` set, `ClassifyAccess` guards classify and every read
+route (tasks, versions, aliases, V2 model metadata and repository index); health routes stay open.
 """
 
 from __future__ import annotations
@@ -96,6 +97,8 @@ def require_classify(state: State, credentials: Credentials) -> None:
 
 
 AdminOnly = [Depends(require_admin)]
+# Classify and every read route except health: with a classify token set, task names and contents are not public.
 ClassifyAccess = [Depends(require_classify)]
 ADMIN_ERRORS = (401, 403)
-CLASSIFY_ERRORS = (401, 403, 404, *WITH_BODY, 415, 422, 503)  # 401/403 only when a classify token is set
+READ_ERRORS = (401, 403)  # only when a classify token is set
+CLASSIFY_ERRORS = (*READ_ERRORS, 404, *WITH_BODY, 415, 422, 503)

@@ -9,7 +9,7 @@ from __future__ import annotations
 import errno
 import json
 import logging
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 from fastapi import FastAPI, Request
@@ -17,6 +17,7 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from pydantic import BaseModel, Field
 from starlette.exceptions import HTTPException
+from starlette.requests import ClientDisconnect
 
 from service.registry.base import RegistryUnavailable, UnknownTask
 from service.serving.errors import ServiceError
@@ -40,9 +41,26 @@ class V2ErrorBody(BaseModel):
     detail: str
 
 
+MAX_DETAIL_CHARS = 1000  # an error names the problem; it never echoes a body back
+
+
 def error_body(detail: str, code: str, field: str | None = None, *, v2: bool = False) -> dict[str, Any]:
-    body = {"detail": detail, "code": code} | ({"field": field} if field is not None else {})
+    detail = _bounded(detail, MAX_DETAIL_CHARS)
+    body = {"detail": detail, "code": code} | ({"field": _bounded(field, 200)} if field is not None else {})
     return {"error": detail} | body if v2 else body
+
+
+def _bounded(text: str, limit: int) -> str:
+    """At most `limit` characters, and encodable (a lone surrogate a client sent becomes '?')."""
+    text = text if len(text) <= limit else f"{text[:limit]}… ({len(text) - limit} more characters)"
+    return text.encode("utf-8", "replace").decode("utf-8")
+
+
+def summarize_errors(errors: Sequence[Mapping[str, Any]], shown: int = 3) -> str:
+    """Validation errors as one short line: the first few, by location, and how many more there were."""
+    parts = [f"{'.'.join(str(p) for p in e.get('loc', ()))}: {e.get('msg', 'invalid')}" for e in errors[:shown]]
+    more = f" (and {len(errors) - shown} more)" if len(errors) > shown else ""
+    return "; ".join(parts) + more
 
 
 def error_bytes(detail: str, code: str, *, v2: bool = False) -> bytes:
@@ -135,6 +153,13 @@ def add_error_handlers(app: FastAPI) -> None:
             return _error(request, 422, f"the request body could not be parsed: {exc.detail}", "bad_json", "body")
         return _error(request, exc.status_code, str(exc.detail), HTTP_CODES.get(exc.status_code, "http_error"),
                       headers=exc.headers)
+
+    @app.exception_handler(ClientDisconnect)
+    async def client_gone(request: Request, exc: ClientDisconnect) -> JSONResponse:
+        # Not a fault of the service: nobody reads this answer, the metrics count it as 499 (as nginx does).
+        log.info("client closed the connection during %s %s", request.method, request.url.path)
+        return _error(request, 499, "the client closed the connection before its request was read",
+                      "client_closed")
 
     @app.exception_handler(Exception)
     async def internal_error(request: Request, exc: Exception) -> JSONResponse:

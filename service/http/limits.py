@@ -1,8 +1,11 @@
 """Request limits enforced at the ASGI level, before anything is parsed or buffered.
 
 Per request: header size (431), declared or streamed body size (413), the time the body may take to arrive
-(408: a client trickling its body cannot hold a worker), and for the expensive routes a cap on requests in
-progress, answered 503 before a byte of the body is read.
+(408: a client trickling its body cannot hold a worker). Every request that carries a body, and every request
+to an expensive route, counts against two caps answered 503 before a byte of the body is read: requests in
+progress, and body bytes in progress (each request reserves its declared Content-Length, or its route's limit
+when it declares none). Parsing costs a small constant times the body (docs/serving.md, "Memory"), so the
+second cap bounds the memory that requests in progress can take.
 """
 
 from __future__ import annotations
@@ -24,10 +27,11 @@ class RouteLimits:
 
 class RequestLimits:
     def __init__(self, app: ASGIApp, limits_for: Callable[[Scope], RouteLimits], *, max_header_bytes: int,
-                 body_timeout_s: float, max_inflight: int):
+                 body_timeout_s: float, max_inflight: int, max_inflight_body_bytes: int):
         self.app, self.limits_for = app, limits_for
         self.max_header_bytes, self.body_timeout_s, self.max_inflight = max_header_bytes, body_timeout_s, max_inflight
-        self.inflight = 0  # the event loop is single-threaded: a plain counter is exact
+        self.max_inflight_body_bytes = max_inflight_body_bytes
+        self.inflight = self.inflight_body_bytes = 0  # the event loop is single-threaded: plain counters are exact
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
@@ -40,22 +44,27 @@ class RequestLimits:
                          f"{self.max_header_bytes} allowed", v2=v2)
             return
         limits = self.limits_for(scope)
-        declared = dict(scope["headers"]).get(b"content-length")
-        if declared is not None and declared.isdigit() and int(declared) > limits.max_body_bytes:
+        headers = dict(scope["headers"])
+        declared = _length(headers.get(b"content-length"))
+        if declared is not None and declared > limits.max_body_bytes:
             await _reject_size(send, limits.max_body_bytes, v2)
             return
-        if not limits.expensive:
+        carries_body = bool(declared) or b"transfer-encoding" in headers
+        if not (limits.expensive or carries_body):
             await self._guarded(scope, receive, send, limits, v2)
             return
-        if self.inflight >= self.max_inflight:
-            await reject(send, 503, "overloaded", f"{self.inflight} requests in progress; retry shortly",
-                         [(b"retry-after", b"1")], v2=v2)
+        reserved = declared if declared is not None else limits.max_body_bytes
+        if self.inflight >= self.max_inflight or self.inflight_body_bytes + reserved > self.max_inflight_body_bytes:
+            await reject(send, 503, "overloaded", f"{self.inflight} requests ({self.inflight_body_bytes} body bytes) "
+                         "in progress; retry shortly", [(b"retry-after", b"1")], v2=v2)
             return
         self.inflight += 1
+        self.inflight_body_bytes += reserved
         try:
             await self._guarded(scope, receive, send, limits, v2)
         finally:
             self.inflight -= 1
+            self.inflight_body_bytes -= reserved
 
     async def _guarded(self, scope: Scope, receive: Receive, send: Send, limits: RouteLimits, v2: bool) -> None:
         deadline = anyio.current_time() + self.body_timeout_s
@@ -92,6 +101,11 @@ class RequestLimits:
         except Exception:
             if not rejected:  # after a rejection the app only fails on the disconnect we fed it
                 raise
+
+
+def _length(value: bytes | None) -> int | None:
+    """A Content-Length as the server passed it (h11 has refused malformed ones); None when absent."""
+    return int(value) if value is not None and value.isdigit() and len(value) <= 18 else None
 
 
 CLOSE = [(b"connection", b"close")]  # the rest of the body is never read, so the connection cannot be reused

@@ -98,7 +98,8 @@ class Readiness(BaseModel):
     registry: dict[str, Any] = Field(default_factory=dict, description="reachable, restored, error, down_since, "
                                      "last_sync")
     tasks: int
-    failed_tasks: dict[str, str] = Field(description="tasks whose active version could not be restored, and why")
+    failed_tasks: dict[str, str] = Field(description="tasks whose active version could not be restored, or whose "
+                                         "registry entry is damaged (aliases, version metadata), and why")
     backbone: dict[str, Any]
 
 
@@ -120,7 +121,8 @@ class VersionList(BaseModel):
 
 
 class AliasTarget(BaseModel):
-    version: Annotated[int, Field(ge=1)] | Annotated[str, Field(pattern=VERSION_REF_PATTERN)] = Field(
+    # strict: JSON true is not version 1
+    version: Annotated[int, Field(ge=1, strict=True)] | Annotated[str, Field(pattern=VERSION_REF_PATTERN)] = Field(
         description="a version number or another alias", examples=[3, "canary"])
 
 

@@ -1,23 +1,27 @@
 """Request bodies that carry images: multipart files or JSON with base64 (or data-URI) strings.
 
 Both become `[(filename, bytes)]` under the same limits (image count, bytes per image) and the same error
-codes, so the routes after them never see which form a client used.
+codes, so the routes after them never see which form a client used. Counts are checked while parsing
+(`service.http.jsonbody`, Starlette's multipart limits) and each base64 string is dropped once decoded, so a
+body costs a small constant times its size whatever its shape (docs/serving.md, "Memory").
 """
 
 from __future__ import annotations
 
 import base64
 import binascii
-import json
 from typing import Any
 
 from fastapi import Request
-from starlette.datastructures import UploadFile
+from starlette.datastructures import Headers, UploadFile
 from starlette.exceptions import HTTPException
 
 from service.config import Settings
+from service.http.jsonbody import parse_json, read_body
 from service.serving.errors import ServiceError
 from service.serving.pipeline import Uploads
+
+MAX_NAME_CHARS = 1024
 
 JSON_IMAGES_SCHEMA: dict[str, Any] = {
     "type": "object", "required": ["images"], "additionalProperties": False,
@@ -29,13 +33,18 @@ JSON_IMAGES_SCHEMA: dict[str, Any] = {
 }
 
 
+def media_type(headers: Headers, default: str = "") -> str:
+    """The Content-Type's media type, lower-cased: media types are case-insensitive (RFC 9110)."""
+    return headers.get("content-type", default).split(";")[0].strip().lower()
+
+
 async def read_image_uploads(request: Request, settings: Settings) -> Uploads:
     """The images of a classify request, sent as multipart/form-data (field 'images') or application/json."""
-    content_type = request.headers.get("content-type", "").split(";")[0].strip().lower()
+    content_type = media_type(request.headers)
     if content_type == "multipart/form-data":
         return await _read_multipart(request, settings)
     if content_type == "application/json":
-        return _read_json(await request.body(), settings)
+        return _read_json(await read_body(request), settings)
     raise ServiceError(415, "bad_content_type", "send images as multipart/form-data in the field 'images', or as "
                        'application/json {"images": [{"name": ..., "data": <base64>}]}')
 
@@ -52,32 +61,50 @@ async def _read_multipart(request: Request, settings: Settings) -> Uploads:
         files = [v for _, v in form.multi_items() if isinstance(v, UploadFile)]
         if not files:
             raise ServiceError(422, "no_images", "no image files in the request: use the multipart field 'images'")
-        return [(f.filename or f"image{i}", await f.read()) for i, f in enumerate(files)]
+        return [(checked_name(f.filename or f"image{i}", f"images[{i}]"), await f.read()) for i, f in enumerate(files)]
     finally:
         await form.close()
 
 
-def _read_json(body: bytes, settings: Settings) -> Uploads:
-    try:
-        document = json.loads(body)
-    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
-        raise ServiceError(422, "bad_json", f"the body is not valid JSON: {exc}") from exc
+def json_values_for(images: int) -> int:
+    """Values a JSON body with `images` entries may hold: each entry's object, name and data, room for a few
+    more fields, and the envelope."""
+    return 16 + 8 * images
+
+
+def _read_json(body: bytearray, settings: Settings) -> Uploads:
+    document = parse_json(body, max_values=json_values_for(settings.max_images_per_request))
+    del body[:]  # parsed: the strings hold the images now, and are dropped one by one below
     images = document.get("images") if isinstance(document, dict) else None
     if not isinstance(images, list) or not images:
         raise ServiceError(422, "no_images", 'the JSON body needs "images": a non-empty list of '
                            '{"name": ..., "data": <base64>}')
     check_image_count(len(images), settings)
-    return [_json_image(i, item, settings.max_image_bytes) for i, item in enumerate(images)]
+    uploads = []
+    for i in range(len(images)):
+        item, images[i] = images[i], None
+        uploads.append(_json_image(i, item, settings.max_image_bytes))
+    return uploads
 
 
 def _json_image(index: int, item: Any, max_bytes: int) -> tuple[str, bytes]:
     field = f"images[{index}]"
     if not isinstance(item, dict) or not isinstance(item.get("data"), str):
         raise ServiceError(422, "bad_image_field", f'{field} must be an object with a string "data"')
-    name = item.get("name", f"image{index}")
-    if not isinstance(name, str):
-        raise ServiceError(422, "bad_image_field", f"{field}.name must be a string")
-    return name, decode_base64_image(item["data"], max_bytes=max_bytes, filename=name)
+    name = checked_name(item.get("name", f"image{index}"), field)
+    return name, decode_base64_image(item.pop("data"), max_bytes=max_bytes, filename=name)
+
+
+def checked_name(name: Any, field: str) -> str:
+    """An image's name as the answer will echo it: a string of bounded length that UTF-8 can encode."""
+    if isinstance(name, str) and len(name) <= MAX_NAME_CHARS:
+        try:
+            name.encode("utf-8")
+            return name
+        except UnicodeEncodeError:
+            pass
+    raise ServiceError(422, "bad_image_field", f"{field}.name must be a string of at most {MAX_NAME_CHARS} "
+                       "characters, without lone surrogates")
 
 
 def decode_base64_image(text: str, *, max_bytes: int, filename: str) -> bytes:

@@ -29,8 +29,14 @@ async function errorMessage(response) {
   }
 }
 
+function authHeaders() {
+  const token = $("#token").value.trim();
+  return token ? { Authorization: `Bearer ${token}` } : {};
+}
+
 async function loadTasks() {
-  const [ready, listing] = await Promise.all([fetch("/readyz"), fetch("/v1/tasks")]);
+  // with a classify token set, the task list needs it too
+  const [ready, listing] = await Promise.all([fetch("/readyz"), fetch("/v1/tasks", { headers: authHeaders() })]);
   if (ready.ok) {
     const backbone = (await ready.json()).backbone || {};
     $("#server").textContent = `ready · ${backbone.model || ""} ${backbone.pretrained || ""}`;
@@ -58,9 +64,7 @@ async function classify(files) {
   query.set("top_k", $("#top-k").value || "3");
   const form = new FormData();
   for (const file of files) form.append("images", file, file.name);
-  const token = $("#token").value.trim();
-  const headers = token ? { Authorization: `Bearer ${token}` } : {};
-  const response = await fetch(`/v1/classify?${query}`, { method: "POST", body: form, headers });
+  const response = await fetch(`/v1/classify?${query}`, { method: "POST", body: form, headers: authHeaders() });
   if (!response.ok) return showError(await errorMessage(response));
   const { results } = await response.json();
   $("#results").replaceChildren(...results.map((result, i) => imageCard(files[i], result)));
@@ -102,3 +106,4 @@ function setUpDrop() {
 
 setUpDrop();
 loadTasks().catch((error) => showError(String(error)));
+$("#token").addEventListener("change", () => { showError(""); loadTasks().catch((error) => showError(String(error))); });

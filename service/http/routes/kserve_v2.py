@@ -14,8 +14,9 @@ from __future__ import annotations
 
 import json
 import math
+import re
 import struct
-from collections.abc import Callable, Coroutine, Iterator
+from collections.abc import Callable, Coroutine
 from typing import Annotated, Any
 
 import numpy as np
@@ -26,8 +27,9 @@ from fastapi.routing import APIRoute
 from pydantic import BaseModel, Field, ValidationError
 
 from service import __version__
-from service.http.deps import CLASSIFY_ERRORS, AppState, ClassifyAccess, State, TaskName
-from service.http.errors import WITH_BODY, error_body, error_responses
+from service.http.deps import CLASSIFY_ERRORS, READ_ERRORS, AppState, ClassifyAccess, State, TaskName
+from service.http.errors import WITH_BODY, error_body, error_responses, summarize_errors
+from service.http.jsonbody import parse_json, read_body
 from service.http.schemas import Prediction, top_predictions
 from service.http.uploads import check_image_count, decode_base64_image
 from service.registry.base import UnknownTask
@@ -39,6 +41,7 @@ INPUT = "images"
 OUTPUTS = ("labels", "probabilities")
 HEADER_LENGTH = "Inference-Header-Content-Length"
 LENGTH_PREFIX = struct.Struct("<I")  # a BYTES element in binary form: its length, then its bytes
+_LENGTH = re.compile(r"[0-9]{1,12}")  # ASCII digits only: str.isdigit would take '²' and '١'
 
 
 class V2Route(APIRoute):
@@ -55,7 +58,7 @@ class V2Route(APIRoute):
             except UnknownTask as exc:
                 return _error(404, "unknown_task", exc.args[0])
             except RequestValidationError as exc:
-                return _error(422, "bad_request", "; ".join(_describe(e) for e in exc.errors()))
+                return _error(422, "bad_request", summarize_errors(exc.errors()))
 
         return handle
 
@@ -64,13 +67,10 @@ def _error(status: int, code: str, message: str, headers: dict[str, str] | None 
     return JSONResponse(error_body(message, code, v2=True), status_code=status, headers=headers)
 
 
-def _describe(error: dict[str, Any]) -> str:
-    return f"{'.'.join(str(p) for p in error.get('loc', ()))}: {error.get('msg', 'invalid')}"
-
-
 router = APIRouter(prefix="/v2", tags=["kserve-v2"], route_class=V2Route,
                    generate_unique_id_function=lambda route: f"v2_{route.name}")
 MODEL_ERRORS = error_responses(404, 422, v2=True)
+GUARDED_MODEL_ERRORS = error_responses(*READ_ERRORS, 404, 422, v2=True)
 
 
 class V2Readiness(BaseModel):
@@ -130,9 +130,10 @@ VERSION_PARAMETER = {"parameters": [{"name": "version", "in": "path", "required"
                                      "description": "the task's active version"}]}
 
 
-@router.get("/models/{task}", summary="Model metadata: a task's input and outputs", responses=MODEL_ERRORS)
+@router.get("/models/{task}", summary="Model metadata: a task's input and outputs", dependencies=ClassifyAccess,
+            responses=GUARDED_MODEL_ERRORS)
 @router.get(VERSION, summary="Model metadata of the active version", openapi_extra=VERSION_PARAMETER,
-            name="version_metadata", responses=MODEL_ERRORS)
+            name="version_metadata", dependencies=ClassifyAccess, responses=GUARDED_MODEL_ERRORS)
 async def model_metadata(active: Model) -> dict[str, Any]:
     return {
         "name": active.name, "versions": [str(active.version)], "platform": f"promptserve_{active.manifest.method}",
@@ -150,8 +151,8 @@ async def model_ready(active: Model) -> dict[str, Any]:
     return {"name": active.name, "ready": True, "version": str(active.version)}
 
 
-@router.post("/repository/index", summary="The models (tasks) this server holds",
-             responses=error_responses(*WITH_BODY, v2=True))
+@router.post("/repository/index", summary="The models (tasks) this server holds", dependencies=ClassifyAccess,
+             responses=error_responses(*READ_ERRORS, *WITH_BODY, v2=True))
 async def repository_index(state: State) -> list[dict[str, str]]:
     return [{"name": t.name, "version": str(t.version), "state": "READY"} for t in state.tasks.all()]
 
@@ -178,10 +179,9 @@ INFER_BODY = {"requestBody": {"required": True, "content": {"application/json": 
              summary="Classify a BYTES tensor of images with the active version", name="version_infer",
              responses=INFER_ERRORS)
 async def infer(active: Model, request: Request, state: State) -> Response:
-    if request.headers.get("content-encoding", "identity") != "identity":
+    if request.headers.get("content-encoding", "identity").strip().lower() != "identity":
         raise ServiceError(415, "unsupported_encoding", "send the request body uncompressed")
-    infer_request, binary = _parse(await request.body(), request.headers.get(HEADER_LENGTH))
-    uploads = _images(infer_request, binary, state)
+    infer_request, uploads = _read_infer(await read_body(request), request.headers.get(HEADER_LENGTH), state)
     top_k = _top_k(infer_request.parameters, len(active.manifest.classnames))
     requested = _requested(infer_request)
     (probabilities,) = await state.pipeline.classify(uploads, (active,), top_k)
@@ -196,22 +196,36 @@ async def infer(active: Model, request: Request, state: State) -> Response:
                     headers={HEADER_LENGTH: str(len(encoded))})
 
 
-def _parse(body: bytes, header_length: str | None) -> tuple[InferRequest, bytes]:
-    """The JSON header and the binary tensor data after it."""
-    split = len(body)
+def _read_infer(body: bytearray, header_length: str | None, state: AppState) -> tuple[InferRequest, Uploads]:
+    """The request and its images; nothing but the images outlives this call (the body is the caller's
+    temporary, the views into it end here)."""
+    view = memoryview(body)
+    split = len(view)
     if header_length is not None:
-        if not header_length.isdigit() or int(header_length) > len(body):
+        if not _LENGTH.fullmatch(header_length) or int(header_length) > len(view):
             raise ServiceError(422, "bad_header_length",
-                               f"{HEADER_LENGTH} must be the JSON header's length in bytes, at most {len(body)}")
+                               f"{HEADER_LENGTH} must be the JSON header's length in bytes, at most {len(view)}")
         split = int(header_length)
+    infer_request = _parse(view[:split], state.settings.max_images_per_request)
+    return infer_request, _images(infer_request, view[split:], state)
+
+
+def v2_json_values(images: int) -> int:
+    """Values a V2 JSON header may hold: the envelope, parameters and outputs a client like tritonclient sends,
+    and one string per image when the tensor travels as JSON."""
+    return 256 + 2 * images
+
+
+def _parse(header: memoryview, max_images: int) -> InferRequest:
+    document = parse_json(header, max_values=v2_json_values(max_images))
     try:
-        return InferRequest.model_validate_json(body[:split]), body[split:]
+        return InferRequest.model_validate(document)
     except ValidationError as exc:
-        detail = "; ".join(_describe(dict(e)) for e in exc.errors(include_url=False, include_input=False))
+        detail = summarize_errors(exc.errors(include_url=False, include_input=False))
         raise ServiceError(422, "bad_infer_request", f"not a V2 inference request: {detail}") from exc
 
 
-def _images(infer_request: InferRequest, binary: bytes, state: AppState) -> Uploads:
+def _images(infer_request: InferRequest, binary: memoryview, state: AppState) -> Uploads:
     tensor = _the_input(infer_request.inputs)
     count = math.prod(tensor.shape)
     if count < 1 or min(tensor.shape, default=1) < 0:
@@ -219,15 +233,15 @@ def _images(infer_request: InferRequest, binary: bytes, state: AppState) -> Uplo
     check_image_count(count, state.settings)
     size = tensor.parameters.get("binary_data_size")
     if size is not None:
-        if not isinstance(size, int) or size != len(binary):
-            raise ServiceError(422, "bad_binary_data", f"binary_data_size is {size} but {len(binary)} bytes follow "
-                               "the JSON header")
-        elements = list(_unpack_bytes(binary, state.settings.max_image_bytes))
+        if isinstance(size, bool) or not isinstance(size, int) or size != len(binary):
+            raise ServiceError(422, "bad_binary_data", f"binary_data_size is {size!r} but {len(binary)} bytes "
+                               "follow the JSON header")
+        elements = _unpack_bytes(binary, state.settings.max_image_bytes, count)
     elif binary:
         raise ServiceError(422, "bad_binary_data", f"{len(binary)} bytes follow the JSON header but no input "
                            "declares binary_data_size")
     else:
-        elements = _json_elements(tensor, state.settings.max_image_bytes)
+        elements = _json_elements(tensor, count, state.settings.max_image_bytes)
     if len(elements) != count:
         raise ServiceError(422, "bad_shape", f"input '{INPUT}' has shape {tensor.shape} but {len(elements)} elements")
     return [(f"image{i}", data) for i, data in enumerate(elements)]
@@ -235,15 +249,21 @@ def _images(infer_request: InferRequest, binary: bytes, state: AppState) -> Uplo
 
 def _the_input(inputs: list[InputTensor]) -> InputTensor:
     if len(inputs) != 1 or inputs[0].name != INPUT or inputs[0].datatype != "BYTES":
-        given = ", ".join(f"{t.name} ({t.datatype})" for t in inputs) or "none"
-        raise ServiceError(422, "bad_input", f"send exactly one input, '{INPUT}' of datatype BYTES (got {given})")
+        given = ", ".join(f"{t.name} ({t.datatype})" for t in inputs[:4]) or "none"
+        raise ServiceError(422, "bad_input", f"send exactly one input, '{INPUT}' of datatype BYTES (got {given}"
+                           f"{' and more' if len(inputs) > 4 else ''})")
     return inputs[0]
 
 
-def _unpack_bytes(binary: bytes, max_bytes: int) -> Iterator[bytes]:
-    """Elements of a BYTES tensor in binary form, each bounded before it is sliced."""
+def _unpack_bytes(binary: memoryview, max_bytes: int, count: int) -> list[bytes]:
+    """The elements of a BYTES tensor in binary form: each bounded before it is copied, and no more than the
+    shape's `count` of them (a million empty elements stop at count + 1)."""
+    elements: list[bytes] = []
     offset = 0
     while offset < len(binary):
+        if len(elements) == count:
+            raise ServiceError(422, "bad_shape", f"input '{INPUT}' holds more than the {count} elements its shape "
+                               "declares")
         if offset + LENGTH_PREFIX.size > len(binary):
             raise ServiceError(422, "bad_binary_data", "BYTES data ends inside an element's 4-byte length")
         (length,) = LENGTH_PREFIX.unpack_from(binary, offset)
@@ -252,17 +272,24 @@ def _unpack_bytes(binary: bytes, max_bytes: int) -> Iterator[bytes]:
             raise ServiceError(413, "image_too_large", f"an image of {length} bytes exceeds the {max_bytes}-byte limit")
         if offset + length > len(binary):
             raise ServiceError(422, "bad_binary_data", "BYTES data ends inside an element")
-        yield binary[offset : offset + length]
+        elements.append(bytes(binary[offset : offset + length]))
         offset += length
+    return elements
 
 
-def _json_elements(tensor: InputTensor, max_bytes: int) -> list[bytes]:
-    if tensor.data is None:
+def _json_elements(tensor: InputTensor, count: int, max_bytes: int) -> list[bytes]:
+    data = tensor.data
+    if data is None:
         raise ServiceError(422, "no_images", f"input '{INPUT}' has neither 'data' nor binary_data_size")
-    if not all(isinstance(item, str) for item in tensor.data):
+    if len(data) != count:
+        raise ServiceError(422, "bad_shape", f"input '{INPUT}' has shape {tensor.shape} but {len(data)} elements")
+    if not all(isinstance(item, str) for item in data):
         raise ServiceError(422, "bad_input", f"input '{INPUT}' data must be a flat list of base64 strings")
-    return [decode_base64_image(item, max_bytes=max_bytes, filename=f"{INPUT}[{i}]")
-            for i, item in enumerate(tensor.data)]
+    elements = []
+    for i in range(len(data)):  # each string dropped once decoded
+        item, data[i] = data[i], None
+        elements.append(decode_base64_image(item, max_bytes=max_bytes, filename=f"{INPUT}[{i}]"))
+    return elements
 
 
 def _top_k(parameters: dict[str, Any], classes: int) -> int:

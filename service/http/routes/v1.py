@@ -12,8 +12,18 @@ import torch
 from fastapi import APIRouter, Query, Request, Response
 from pydantic import StringConstraints
 
-from service.http.deps import ADMIN_ERRORS, CLASSIFY_ERRORS, AdminOnly, AppState, ClassifyAccess, State, TaskName
+from service.http.deps import (
+    ADMIN_ERRORS,
+    CLASSIFY_ERRORS,
+    READ_ERRORS,
+    AdminOnly,
+    AppState,
+    ClassifyAccess,
+    State,
+    TaskName,
+)
 from service.http.errors import WITH_BODY, error_responses, storage_error
+from service.http.jsonbody import read_body
 from service.http.schemas import (
     ClassifyResponse,
     ImageResult,
@@ -26,7 +36,7 @@ from service.http.schemas import (
     TaskSummary,
     top_predictions,
 )
-from service.http.uploads import JSON_IMAGES_SCHEMA, read_image_uploads
+from service.http.uploads import JSON_IMAGES_SCHEMA, media_type, read_image_uploads
 from service.methods import BundleError
 from service.registry.base import TASK_NAME_PATTERN, VERSION_REF_PATTERN
 from service.serving.activation import ActiveTask
@@ -64,14 +74,15 @@ async def readyz(state: State, response: Response, require_registry: RequireRegi
                      failed_tasks=state.tasks.failed_tasks(), backbone=state.backbone.describe())
 
 
-@router.get("/v1/tasks", tags=["tasks"], summary="List active tasks", responses=error_responses())
+@router.get("/v1/tasks", tags=["tasks"], summary="List active tasks", dependencies=ClassifyAccess,
+            responses=error_responses(*READ_ERRORS))
 async def list_tasks(state: State) -> TaskList:
     return TaskList(tasks=[TaskSummary(name=t.name, method=t.manifest.method, version=t.version,
                                        num_classes=len(t.manifest.classnames)) for t in state.tasks.all()])
 
 
 @router.get("/v1/tasks/{task}", tags=["tasks"], summary="Describe a task's active version",
-            responses=error_responses(404, 422))
+            dependencies=ClassifyAccess, responses=error_responses(*READ_ERRORS, 404, 422))
 async def get_task(task: TaskName, state: State) -> TaskDetail:
     return TaskDetail.of(state.tasks.get(task))
 
@@ -84,12 +95,12 @@ async def upload_bundle(task: TaskName, request: Request, response: Response, st
     """The raw bundle file is the body. It becomes active only after its text features are cached; on
     any error the previous version keeps serving. A bundle identical (sha256) to a stored version
     activates that version (200) instead of storing a copy."""
-    content_type = request.headers.get("content-type", "application/octet-stream").split(";")[0].strip()
+    content_type = media_type(request.headers, "application/octet-stream")
     if content_type != "application/octet-stream":
         raise ServiceError(415, "bad_content_type",
                            f"send the bundle file as the raw body with Content-Type application/octet-stream, "
                            f"not {content_type}")
-    data = await request.body()
+    data = bytes(await read_body(request))
     if not data:
         raise ServiceError(422, "empty_bundle", "the request body is empty: send the bundle file")
     try:

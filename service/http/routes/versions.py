@@ -12,7 +12,7 @@ from typing import Annotated, Any, TypeVar
 import anyio
 from fastapi import APIRouter, Path
 
-from service.http.deps import ADMIN_ERRORS, AdminOnly, AppState, State, TaskName
+from service.http.deps import ADMIN_ERRORS, READ_ERRORS, AdminOnly, AppState, ClassifyAccess, State, TaskName
 from service.http.errors import WITH_BODY, error_responses
 from service.http.schemas import AliasList, AliasTarget, TaskDetail, VersionEntry, VersionList
 from service.methods import BundleError
@@ -27,7 +27,7 @@ T = TypeVar("T")
 
 
 @router.get("/v1/tasks/{task}/versions", summary="List a task's stored versions, its active one and aliases",
-            responses=error_responses(404, 422, 503))
+            dependencies=ClassifyAccess, responses=error_responses(*READ_ERRORS, 404, 422, 503))
 async def list_versions(task: TaskName, state: State) -> VersionList:
     versions = await anyio.to_thread.run_sync(state.tasks.versions, task)
     aliases = state.tasks.aliases(task)
@@ -52,7 +52,8 @@ def _activate(state: AppState, task: str, ref: str) -> ActiveTask:
     return state.tasks.activate(task, state.tasks.registry.resolve(task, ref))
 
 
-@router.get("/v1/tasks/{task}/aliases", summary="A task's aliases", responses=error_responses(404, 422))
+@router.get("/v1/tasks/{task}/aliases", summary="A task's aliases", dependencies=ClassifyAccess,
+            responses=error_responses(*READ_ERRORS, 404, 422))
 async def list_aliases(task: TaskName, state: State) -> AliasList:
     state.tasks.get(task)  # 404 for an unknown task
     return AliasList(task=task, aliases=state.tasks.aliases(task))
