@@ -12,6 +12,7 @@ from __future__ import annotations
 import json
 import json.decoder
 import json.scanner
+import re
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from typing import Any
@@ -23,6 +24,12 @@ from service.serving.errors import ServiceError
 MAX_DEPTH = 32
 MAX_INT_DIGITS = 32
 _Scan = Callable[[str, int], tuple[Any, int]]
+# The json package's reference parsers (public in its modules since Python 2.6; typeshed leaves them out).
+_JSON_OBJECT: Callable[..., tuple[Any, int]] = vars(json.decoder)["JSONObject"]
+_JSON_ARRAY: Callable[..., tuple[Any, int]] = vars(json.decoder)["JSONArray"]
+_SCANSTRING: Callable[..., tuple[str, int]] = vars(json.decoder)["scanstring"]  # the C implementation
+_MAKE_SCANNER: Callable[[Any], _Scan] = vars(json.scanner)["py_make_scanner"]
+_WHITESPACE = re.compile(r"[ \t\n\r]*")
 
 
 async def read_body(request: Request) -> bytearray:
@@ -64,31 +71,31 @@ class _Scanner:
     object_hook = None
     object_pairs_hook = None
     parse_float = float
-    parse_string = staticmethod(json.decoder.scanstring)
+    parse_string = staticmethod(_SCANSTRING)
 
     def __init__(self, max_values: int):
         self.max_values, self.values, self.depth = max_values, 0, 0
         self.memo: dict[str, str] = {}
-        self.scan_once: _Scan = json.scanner.py_make_scanner(self)
+        self.scan_once = _MAKE_SCANNER(self)
 
     def parse(self, text: str) -> Any:
-        start = json.decoder.WHITESPACE.match(text, 0).end()  # type: ignore[union-attr]  # always matches
+        start = _end_of_whitespace(text, 0)
         try:
             value, end = self._counted(self.scan_once)(text, start)
         except StopIteration as stop:
             raise json.JSONDecodeError("Expecting value", text, stop.value) from None
-        end = json.decoder.WHITESPACE.match(text, end).end()  # type: ignore[union-attr]
+        end = _end_of_whitespace(text, end)
         if end != len(text):
             raise json.JSONDecodeError("Extra data", text, end)
         return value
 
     def parse_object(self, s_and_end: tuple[str, int], strict: bool, scan_once: _Scan, *hooks: Any) -> Any:
         with self._nested():
-            return json.decoder.JSONObject(s_and_end, strict, self._counted(scan_once), *hooks)
+            return _JSON_OBJECT(s_and_end, strict, self._counted(scan_once), *hooks)
 
     def parse_array(self, s_and_end: tuple[str, int], scan_once: _Scan) -> Any:
         with self._nested():
-            return json.decoder.JSONArray(s_and_end, self._counted(scan_once))
+            return _JSON_ARRAY(s_and_end, self._counted(scan_once))
 
     def parse_int(self, digits: str) -> int:
         if len(digits.lstrip("-")) > MAX_INT_DIGITS:
@@ -118,3 +125,8 @@ class _Scanner:
             yield
         finally:
             self.depth -= 1
+
+
+def _end_of_whitespace(text: str, index: int) -> int:
+    match = _WHITESPACE.match(text, index)
+    return match.end() if match else index
