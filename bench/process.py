@@ -4,6 +4,7 @@ wait until it is ready, read its memory from /proc, stop it."""
 from __future__ import annotations
 
 import os
+import resource
 import socket
 import subprocess
 import sys
@@ -23,15 +24,19 @@ def free_port() -> int:
 class ServiceProcess:
     """The service on 127.0.0.1 with a registry directory and PROMPTSERVE_* settings given as keywords."""
 
-    def __init__(self, registry: str | os.PathLike, env: dict[str, str] | None = None, **settings: str):
+    def __init__(self, registry: str | os.PathLike, env: dict[str, str] | None = None, open_files: int | None = None,
+                 **settings: str):
+        """`open_files` sets the process's open-files limit (soft and hard), as a container runtime would."""
         self.registry = Path(registry)
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
         variables = os.environ | (env or {}) | {"PROMPTSERVE_REGISTRY": str(registry)}
         variables |= {f"PROMPTSERVE_{k.upper()}": v for k, v in settings.items()}
         self.log = tempfile.TemporaryFile()  # a file, not a pipe: a chatty server never blocks on a full pipe
+        limit = None if open_files is None else lambda: resource.setrlimit(resource.RLIMIT_NOFILE,
+                                                                             (open_files, open_files))
         self.process = subprocess.Popen([sys.executable, "-m", "service", "--port", str(self.port)], env=variables,
-                                        stdout=self.log, stderr=subprocess.STDOUT)
+                                        stdout=self.log, stderr=subprocess.STDOUT, preexec_fn=limit)
 
     def wait_ready(self, timeout: float = 180) -> dict:
         """The /readyz answer once the service gives one; raises with the service's output if it exits."""
@@ -68,6 +73,9 @@ class ServiceProcess:
             if line.startswith(key + ":"):
                 return int(line.split()[1])
         raise KeyError(key)
+
+    def open_descriptors(self) -> int:
+        return len(os.listdir(f"/proc/{self.process.pid}/fd"))
 
     def rss(self) -> int:
         return self._status_kib("VmRSS") * 1024
