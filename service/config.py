@@ -11,6 +11,9 @@ from service.core.backbone import BackboneSpec
 from service.serving.activation import BundleLimits
 
 MiB = 1024 * 1024
+# Peak memory of a request while its body is read and parsed, as a multiple of the body's size, whatever its
+# format and shape (measured per format: tests/service/http/test_hostile.py; docs/serving.md "Memory").
+PARSE_FACTOR = 2.5
 
 
 class Settings(BaseSettings):
@@ -32,6 +35,9 @@ class Settings(BaseSettings):
                                  "always the active one and alias targets); 0 keeps every version")
     prepared_versions: int = Field(4, ge=0, description="prepared inactive versions kept for pinned requests and "
                                    "instant rollback")
+    pin_preparations_per_minute: int = Field(6, ge=0, description="versions that `?version=` pins may have "
+                                             "prepared on demand a minute, per client and per task (prepared "
+                                             "ones are free); beyond, 429. 0: only prepared versions can be pinned")
     demo: bool = Field(True, description="seed zero-shot demo tasks (shapes, colours) into an empty registry")
 
     admin_token: SecretStr | None = Field(None, description="bearer token for uploads and deletes")

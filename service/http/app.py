@@ -29,11 +29,13 @@ from service.serving.batcher import MicroBatcher
 from service.serving.demo import seed_demo_tasks
 from service.serving.images import DecodeLimits, ImagePreprocessor
 from service.serving.pipeline import AnswerLimits, ClassifyPipeline
+from service.serving.preparation import ActivationWorker, PinBudget
 from service.serving.propagation import Propagator
 from service.serving.runtime import ClassifyRuntime
 from service.serving.tasks import TaskManager
 
 log = logging.getLogger(__name__)
+MAX_QUEUED_PINS = 16  # pinned versions waiting for the activation worker; beyond, 429 (docs/registry.md)
 
 
 def build_state(settings: Settings, metrics: Metrics, backbone: Backbone | None = None) -> AppState:
@@ -52,7 +54,8 @@ def build_state(settings: Settings, metrics: Metrics, backbone: Backbone | None 
     pipeline = ClassifyPipeline(batcher, ImagePreprocessor(backbone.preprocess), limits, s.decode_concurrency,
                                 on_classified=lambda task, images: metrics.images.labels(task).inc(images))
     propagation = Propagator(tasks, settings.resync_interval_s)
-    state = AppState(settings, backbone, tasks, metrics, runtime, pipeline, anyio.CapacityLimiter(1), propagation)
+    pins = PinBudget(s.pin_preparations_per_minute, max_queued=MAX_QUEUED_PINS)
+    state = AppState(settings, backbone, tasks, metrics, runtime, pipeline, ActivationWorker(), pins, propagation)
     propagation.after_sync = _after_sync(state)
     propagation.resync()
     return state

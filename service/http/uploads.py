@@ -74,14 +74,13 @@ def json_values_for(images: int) -> int:
 
 def _read_json(body: bytearray, settings: Settings) -> Uploads:
     document = parse_json(body, max_values=json_values_for(settings.max_images_per_request))
-    del body[:]  # parsed: the strings hold the images now, and are dropped one by one below
     images = document.get("images") if isinstance(document, dict) else None
     if not isinstance(images, list) or not images:
         raise ServiceError(422, "no_images", 'the JSON body needs "images": a non-empty list of '
                            '{"name": ..., "data": <base64>}')
     check_image_count(len(images), settings)
     uploads = []
-    for i in range(len(images)):
+    for i in range(len(images)):  # each base64 string dropped once decoded
         item, images[i] = images[i], None
         uploads.append(_json_image(i, item, settings.max_image_bytes))
     return uploads

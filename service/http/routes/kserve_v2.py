@@ -199,15 +199,16 @@ async def infer(active: Model, request: Request, state: State) -> Response:
 def _read_infer(body: bytearray, header_length: str | None, state: AppState) -> tuple[InferRequest, Uploads]:
     """The request and its images; nothing but the images outlives this call (the body is the caller's
     temporary, the views into it end here)."""
+    max_images = state.settings.max_images_per_request
+    if header_length is None:  # all JSON: the parser takes (and empties) the whole body
+        infer_request = _parse(body, max_images)
+        return infer_request, _images(infer_request, memoryview(b""), state)
+    if not _LENGTH.fullmatch(header_length) or int(header_length) > len(body):
+        raise ServiceError(422, "bad_header_length",
+                           f"{HEADER_LENGTH} must be the JSON header's length in bytes, at most {len(body)}")
     view = memoryview(body)
-    split = len(view)
-    if header_length is not None:
-        if not _LENGTH.fullmatch(header_length) or int(header_length) > len(view):
-            raise ServiceError(422, "bad_header_length",
-                               f"{HEADER_LENGTH} must be the JSON header's length in bytes, at most {len(view)}")
-        split = int(header_length)
-    infer_request = _parse(view[:split], state.settings.max_images_per_request)
-    return infer_request, _images(infer_request, view[split:], state)
+    infer_request = _parse(bytearray(view[: int(header_length)]), max_images)
+    return infer_request, _images(infer_request, view[int(header_length) :], state)
 
 
 def v2_json_values(images: int) -> int:
@@ -216,7 +217,7 @@ def v2_json_values(images: int) -> int:
     return 256 + 2 * images
 
 
-def _parse(header: memoryview, max_images: int) -> InferRequest:
+def _parse(header: bytearray, max_images: int) -> InferRequest:
     document = parse_json(header, max_values=v2_json_values(max_images))
     try:
         return InferRequest.model_validate(document)

@@ -5,6 +5,7 @@ Thin: they check input, call the task manager or the classify pipeline, and shap
 
 from __future__ import annotations
 
+import math
 from typing import Annotated
 
 import anyio
@@ -41,6 +42,7 @@ from service.methods import BundleError
 from service.registry.base import TASK_NAME_PATTERN, VERSION_REF_PATTERN
 from service.serving.activation import ActiveTask
 from service.serving.errors import ServiceError
+from service.serving.preparation import PinRefused, Priority
 
 router = APIRouter()
 BUNDLE_BODY = {"requestBody": {"required": True, "content": {"application/octet-stream": {
@@ -104,9 +106,8 @@ async def upload_bundle(task: TaskName, request: Request, response: Response, st
     if not data:
         raise ServiceError(422, "empty_bundle", "the request body is empty: send the bundle file")
     try:
-        active, created = await anyio.to_thread.run_sync(state.tasks.upload, task, data,
-                                                         state.settings.retain_versions,
-                                                         limiter=state.activation_limiter)
+        active, created = await state.activations.run(state.tasks.upload, task, data, state.settings.retain_versions,
+                                                      priority=Priority.ADMIN)
     except BundleError as exc:
         raise ServiceError(422, "invalid_bundle", str(exc), field=exc.field) from exc
     except OSError as exc:  # storing failed: nothing was activated
@@ -143,7 +144,7 @@ TaskNames = Annotated[list[Annotated[str, StringConstraints(pattern=TASK_NAME_PA
 async def classify(task: TaskName, request: Request, state: State, top_k: TopK = 5,
                    version: PinnedVersion = None) -> Response:
     # this one version answers every image of the request
-    active = state.tasks.get(task) if version is None else await _pinned(state, task, version)
+    active = state.tasks.get(task) if version is None else await _pinned(request, state, task, version)
     filenames, (probabilities,) = await _classify(request, state, (active,), top_k)
 
     def answer() -> Response:
@@ -173,12 +174,27 @@ async def classify_many(request: Request, state: State, tasks: TaskNames, top_k:
     return await anyio.to_thread.run_sync(answer)
 
 
-async def _pinned(state: AppState, task: str, ref: str) -> ActiveTask:
-    """A pinned version, prepared on demand in the activation worker (and cached) if it is not at hand."""
+async def _pinned(request: Request, state: AppState, task: str, ref: str) -> ActiveTask:
+    """A pinned version: answered at once if it is active or prepared; else prepared in the activation worker,
+    behind any admin work, within the client's and the task's budget (service/serving/preparation.py)."""
+    state.tasks.get(task)  # 404 for a task this replica does not serve
+    version = state.tasks.resolve(task, ref)
+    ready = state.tasks.ready(task, version)
+    if ready is not None:
+        return ready
+    client = request.client.host if request.client else "unknown"
     try:
-        return await anyio.to_thread.run_sync(state.tasks.pinned, task, ref, limiter=state.activation_limiter)
+        state.pins.take(client, task, state.activations.queued_pins)
+    except PinRefused as exc:
+        retry = max(1, math.ceil(exc.retry_after_s))
+        raise ServiceError(429, "too_many_pins", f"version {version} of {task!r} is not prepared and {exc}; retry in "
+                           f"{retry} s, or pin a prepared version", headers={"Retry-After": str(retry)}) from exc
+    try:
+        return await state.activations.run(state.tasks.pinned, task, version, priority=Priority.PIN)
     except BundleError as exc:
         raise ServiceError(422, "invalid_bundle", f"version {ref} of {task!r} cannot be served: {exc}") from exc
+    finally:
+        state.pins.done(client)
 
 
 def _json(model: ClassifyResponse | MultiClassifyResponse) -> Response:

@@ -7,6 +7,7 @@ task's previous version still serving.
 
 from __future__ import annotations
 
+import base64
 import io
 import json
 import pickle
@@ -28,6 +29,7 @@ from PIL import Image
 from bench.process import ServiceProcess
 from service.bundle.codec import MANIFEST_KEY, encode_bundle
 from service.bundle.manifest import Manifest
+from service.config import PARSE_FACTOR
 from service.core.records import BackboneRef, PromptLayout
 from tests.helpers import ADMIN, hostile_server, registry_snapshot
 
@@ -364,3 +366,78 @@ def test_metric_labels_never_carry_raw_request_data(ctx):
     metrics = httpx.get(f"{ctx.server.url}/metrics", timeout=10).text
     assert "zz-unique-path-1234" not in metrics and "BREW" not in metrics
     assert 'method="other",route="unmatched"' in metrics
+
+
+# --- memory per request against the body size, for each body format ----------------------------------------
+
+BODY_LIMIT = 8 * 2 * 1024 * 1024 + 1024 * 1024  # the classify body limit of LIMITS above
+V2 = {"Content-Type": "application/octet-stream"}
+
+
+def _multipart(parts: list[tuple[str, bytes]], boundary: bytes = b"pSboundary") -> tuple[bytes, dict]:
+    body = b"".join(b"--%s\r\nContent-Disposition: form-data; name=\"images\"; filename=\"%s\"\r\n"
+                    b"Content-Type: application/octet-stream\r\n\r\n%s\r\n" % (boundary, name.encode(), data)
+                    for name, data in parts) + b"--%s--\r\n" % boundary
+    return body, {"Content-Type": f"multipart/form-data; boundary={boundary.decode()}"}
+
+
+def _v2(header: dict, binary: bytes = b"") -> tuple[bytes, dict]:
+    text = json.dumps(header).encode()
+    return text + binary, ({"Inference-Header-Content-Length": str(len(text))} | V2) if binary else V2
+
+
+def _fill(unit: bytes, budget: int) -> int:
+    return (budget - 200) // len(unit)
+
+
+def _json_images(items: list[dict]) -> tuple[bytes, dict]:
+    return json.dumps({"images": items}).encode(), {"Content-Type": "application/json"}
+
+
+NOT_AN_IMAGE = np.random.default_rng(2).bytes(2 * 1024 * 1024 - 64)
+B64 = base64.b64encode(NOT_AN_IMAGE[: 1_500_000]).decode()
+V2_INPUT = {"name": "images", "datatype": "BYTES"}
+BODIES: dict[str, tuple[str, Callable[[], tuple[bytes, dict]], int, str]] = {
+    # name: (route, body builder, expected status, code)
+    "multipart, 8 files at the size limit": ("classify", lambda: _multipart([("f", NOT_AN_IMAGE)] * 8), 415,
+                                             "not_an_image"),
+    "multipart, 200k empty files": ("classify", lambda: _multipart([("f", b"")] * _fill(b"x" * 140, BODY_LIMIT)),
+                                    413, "too_many_images"),
+    "JSON, 8 images at the size limit": ("classify", lambda: _json_images([{"name": "a", "data": B64}] * 8),
+                                         415, "not_an_image"),
+    "JSON, a million empty image objects": ("classify", lambda: _json_images(
+        [{"data": ""}] * _fill(b'{"data": ""}, ', BODY_LIMIT)), 413, "too_many_values"),
+    "V2 JSON, 8 images at the size limit": ("infer", lambda: _v2({"inputs": [V2_INPUT | {"shape": [8],
+                                                                                        "data": [B64] * 8}]}),
+                                            415, "not_an_image"),
+    "V2 JSON, millions of empty elements": ("infer", lambda: _v2({"inputs": [V2_INPUT | {
+        "shape": [8], "data": [""] * _fill(b'"", ', BODY_LIMIT)}]}), 413, "too_many_values"),
+    "V2 JSON, 100k empty inputs": ("infer", lambda: _v2({"inputs": [{}] * _fill(b"{}, ", BODY_LIMIT)}), 413,
+                                   "too_many_values"),
+    "V2 binary, 8 images at the size limit": ("infer", lambda: _v2(
+        {"inputs": [V2_INPUT | {"shape": [8], "parameters": {"binary_data_size": 8 * (4 + len(NOT_AN_IMAGE))}}]},
+        b"".join(struct.pack("<I", len(NOT_AN_IMAGE)) + NOT_AN_IMAGE for _ in range(8))), 415, "not_an_image"),
+    "V2 binary, millions of empty elements": ("infer", lambda: _v2(
+        {"inputs": [V2_INPUT | {"shape": [8], "parameters": {"binary_data_size": 4 * _fill(b"1234", BODY_LIMIT)}}]},
+        b"\0\0\0\0" * _fill(b"1234", BODY_LIMIT)), 422, "bad_shape"),
+}
+FIXED_BYTES = 4 * 1024 * 1024  # what any request costs beside its body (answer, exceptions, allocator pages)
+
+
+@pytest.mark.parametrize("name", list(BODIES))
+def test_peak_memory_per_request_is_a_small_multiple_of_its_body(ctx, name):
+    """Counted before materialised: whatever the shape of a body, its request costs at most PARSE_FACTOR times its
+    size (a million tiny JSON objects cost ~28× with json.loads)."""
+    route, build, status, code = BODIES[name]
+    body, headers = build()
+    assert len(body) <= BODY_LIMIT
+    url = ctx.server.url + ("/v1/tasks/pets/classify" if route == "classify" else "/v2/models/pets/infer")
+    baseline = ctx.server.reset_peak_rss()
+    response = httpx.post(url, content=body, headers=headers, timeout=60)
+    growth = ctx.server.peak_rss() - baseline
+    assert (response.status_code, response.json()["code"]) == (status, code), response.text[:300]
+    assert len(response.content) < 2000  # a bounded detail, never an echo of the body
+    print(f"{name}: body {len(body) / 2**20:.1f} MiB, peak RSS +{growth / 2**20:.1f} MiB "
+          f"({growth / len(body):.2f}x)")
+    assert growth <= PARSE_FACTOR * len(body) + FIXED_BYTES, f"{growth / len(body):.1f}x the body"
+

@@ -125,3 +125,27 @@ async def test_upload_body_must_be_a_bundle(client):
     answer = await client.post("/v1/tasks/t/versions", content=b"not a bundle", headers={**ADMIN, **OCTET})
     assert answer.status_code == 422
     assert (await client.get("/v1/tasks/t/versions")).status_code == 404
+
+
+async def test_pins_of_unprepared_versions_are_budgeted_per_client_and_per_task(backbone, tmp_path, make_coop_bundle):
+    settings = settings_for(tmp_path, prepared_versions=1, pin_preparations_per_minute=2)
+    async with running(backbone, settings) as client:
+        for v in (1, 2, 3, 4):
+            assert (await upload(client, "t", make_coop_bundle(backbone, [f"v{v} a", f"v{v} b"], seed=v))).is_success
+
+        async def pin(version, http=client):
+            return await http.post(f"/v1/tasks/t/classify?version={version}", files=[("images", ("a.png", png()))])
+
+        assert labels(await pin(1)) == {"v1 a", "v1 b"}  # prepared on demand: one of this client's two a minute
+        assert labels(await pin(2)) == {"v2 a", "v2 b"}
+        refused = await pin(3)
+        assert refused.status_code == 429 and refused.json()["code"] == "too_many_pins", refused.text
+        assert 1 <= int(refused.headers["retry-after"]) <= 30 and "a minute" in refused.json()["detail"]
+        assert labels(await pin(2)) == {"v2 a", "v2 b"}  # prepared versions and the active one cost nothing
+        assert labels(await pin(4)) == {"v4 a", "v4 b"}
+
+        other = httpx.ASGITransport(app=client._transport.app, client=("10.0.0.2", 4321))
+        async with httpx.AsyncClient(transport=other, base_url="http://test") as elsewhere:
+            refused = await pin(1, elsewhere)  # a fresh client, but the task's own budget is spent
+            assert refused.status_code == 429 and "task t" in refused.json()["detail"], refused.text
+        assert (await upload(client, "t", make_coop_bundle(backbone, ["v5 a", "v5 b"], seed=5))).is_success

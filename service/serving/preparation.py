@@ -1,0 +1,141 @@
+"""Who may make the service prepare a version, and in what order.
+
+Preparing a version (decoding it, computing its class text features) costs up to seconds of CPU, in one
+worker. Uploads and admin changes are the reason that worker exists; a `?version=` pin of a version that is
+neither active nor among the prepared ones (`PROMPTSERVE_PREPARED_VERSIONS`) also needs it, and any client
+may ask for one. So:
+
+- `ActivationWorker` runs one preparation at a time and serves waiting admin work before waiting pins: an
+  upload waits at most for the one pin already running, never behind a queue of them;
+- `PinBudget` bounds the pins that need preparing, per client and per task: each may have at most
+  `per_minute` prepared a minute (token buckets, refilled continuously), a client one at a time, and at most
+  `max_queued` wait at once. Pins of prepared versions cost nothing and are not counted.
+"""
+
+from __future__ import annotations
+
+import heapq
+import itertools
+import time
+from collections import OrderedDict
+from collections.abc import Callable
+from dataclasses import dataclass
+from enum import IntEnum
+from typing import Any, TypeVar
+
+import anyio
+
+T = TypeVar("T")
+
+
+class Priority(IntEnum):
+    ADMIN = 0  # uploads, activations, alias changes
+    PIN = 1  # preparing a version for a pinned classify request
+
+
+class ActivationWorker:
+    """One preparation at a time, in a worker thread; waiting admin work goes before waiting pins."""
+
+    def __init__(self) -> None:
+        self._busy = False
+        self._waiting: list[tuple[int, int, anyio.Event]] = []
+        self._order = itertools.count()
+
+    @property
+    def queued_pins(self) -> int:
+        return sum(1 for priority, _, _ in self._waiting if priority == Priority.PIN)
+
+    async def run(self, func: Callable[..., T], *args: Any, priority: Priority) -> T:
+        await self._acquire(priority)
+        try:
+            return await anyio.to_thread.run_sync(func, *args)
+        finally:
+            self._release()
+
+    async def _acquire(self, priority: Priority) -> None:
+        if not self._busy and not self._waiting:
+            self._busy = True
+            return
+        entry = (int(priority), next(self._order), anyio.Event())
+        heapq.heappush(self._waiting, entry)
+        try:
+            await entry[2].wait()
+        except BaseException:
+            if entry[2].is_set():  # handed the worker, then cancelled: hand it on
+                self._release()
+            else:
+                self._waiting.remove(entry)
+                heapq.heapify(self._waiting)
+            raise
+
+    def _release(self) -> None:
+        if self._waiting:
+            heapq.heappop(self._waiting)[2].set()  # the worker passes straight to the next; it stays busy
+        else:
+            self._busy = False
+
+
+class PinRefused(Exception):
+    def __init__(self, reason: str, retry_after_s: float):
+        super().__init__(reason)
+        self.retry_after_s = retry_after_s
+
+
+@dataclass
+class _Bucket:
+    tokens: float
+    at: float
+
+
+class PinBudget:
+    """Token buckets per client and per task for pins that need a preparation, and one at a time per client."""
+
+    MAX_KEYS = 4096  # buckets kept; full ones carry no state and are dropped first
+
+    def __init__(self, per_minute: int, max_queued: int, clock: Callable[[], float] = time.monotonic):
+        self.per_minute, self.max_queued, self.clock = per_minute, max_queued, clock
+        self._buckets: OrderedDict[str, _Bucket] = OrderedDict()
+        self._running: set[str] = set()
+
+    def take(self, client: str, task: str, queued: int) -> None:
+        """Grant one preparation, to be followed by `done(client)`, or raise PinRefused saying why."""
+        if self.per_minute == 0:
+            raise PinRefused("pinned versions are not prepared on demand here "
+                             "(PROMPTSERVE_PIN_PREPARATIONS_PER_MINUTE=0)", 60)
+        if client in self._running:
+            raise PinRefused("this client already has a pinned version being prepared", 1)
+        if queued >= self.max_queued:
+            raise PinRefused(f"{queued} pinned versions are waiting to be prepared", 1)
+        self._forget_some()
+        keys = (f"client {client}", f"task {task}")
+        buckets = [self._bucket(key) for key in keys]
+        waits = [0.0 if b.tokens >= 1 else (1 - b.tokens) * 60 / self.per_minute for b in buckets]
+        if max(waits) > 0:
+            who = keys[0] if waits[0] >= waits[1] else keys[1]
+            raise PinRefused(f"{who} may have {self.per_minute} versions prepared for pins a minute", max(waits))
+        for bucket in buckets:
+            bucket.tokens -= 1
+        self._running.add(client)
+
+    def done(self, client: str) -> None:
+        self._running.discard(client)
+
+    def _bucket(self, key: str) -> _Bucket:
+        """`key`'s bucket, refilled for the time since it was last used."""
+        now = self.clock()
+        bucket = self._buckets.pop(key, None) or _Bucket(float(self.per_minute), now)
+        bucket.tokens = min(self.per_minute, bucket.tokens + (now - bucket.at) * self.per_minute / 60)
+        bucket.at = now
+        self._buckets[key] = bucket  # most recently used last
+        return bucket
+
+    def _forget_some(self) -> None:
+        """Keep at most MAX_KEYS buckets: full ones first (a new bucket starts full), then the least recent."""
+        if len(self._buckets) <= self.MAX_KEYS:
+            return
+        now, rate = self.clock(), self.per_minute / 60
+        full = [key for key, b in self._buckets.items() if b.tokens + (now - b.at) * rate >= self.per_minute]
+        for key in full:
+            del self._buckets[key]
+        while len(self._buckets) > self.MAX_KEYS:
+            self._buckets.popitem(last=False)
