@@ -10,6 +10,7 @@ import io
 import json
 import os
 import random
+import re
 import subprocess
 import time
 from collections.abc import AsyncIterator
@@ -215,6 +216,13 @@ PROBE_ENV = {"PROMPTSERVE_ADMIN_TOKEN": TOKEN, "OMP_NUM_THREADS": "1", "MALLOC_M
 def hostile_server(registry: Path, **settings: str) -> ServiceProcess:
     """The service process the hostile-input suite attacks."""
     return ServiceProcess(registry, env=PROBE_ENV, **settings)
+
+
+def documented_errors() -> set[tuple[int, str]]:
+    """The (status, code) pairs docs/errors.md lists in its table."""
+    text = (ROOT / "docs" / "errors.md").read_text()
+    rows = re.findall(r"^\| (\d{3}) \| (.+?) \|", text, re.MULTILINE)
+    return {(int(status), code) for status, codes in rows for code in re.findall(r"`([a-z0-9_]+)`", codes)}
 
 
 def registry_snapshot(root: Path) -> dict[str, str]:

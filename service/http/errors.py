@@ -95,6 +95,9 @@ STATUS_DOCS: dict[int, tuple[str, str, str]] = {
           "send images as multipart/form-data in the field 'images', or as application/json"),
     422: ("invalid parameter, body, image or bundle (`field` names what, where known)", "invalid_request",
           "query.top_k: Input should be less than or equal to 1000"),
+    429: ("a pinned version that is not prepared, beyond this client's or this task's budget; retry after "
+          "`Retry-After`", "too_many_pins", "version 3 of 't' is not prepared and client 10.0.0.2 may have 6 versions "
+          "prepared for pins a minute; retry in 10 s, or pin a prepared version"),
     431: ("request headers too large", "headers_too_large",
           "request headers hold 20000 bytes, more than the 16384 allowed"),
     503: ("overloaded, registry unreachable or not writable; retry after `Retry-After`", "overloaded",

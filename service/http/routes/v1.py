@@ -140,7 +140,7 @@ TaskNames = Annotated[list[Annotated[str, StringConstraints(pattern=TASK_NAME_PA
 
 @router.post("/v1/tasks/{task}/classify", tags=["classify"], dependencies=ClassifyAccess, openapi_extra=IMAGES_BODY,
              response_model=ClassifyResponse, summary="Classify one or more images (multipart field 'images')",
-             responses=error_responses(*CLASSIFY_ERRORS))
+             responses=error_responses(*CLASSIFY_ERRORS, 429))
 async def classify(task: TaskName, request: Request, state: State, top_k: TopK = 5,
                    version: PinnedVersion = None) -> Response:
     # this one version answers every image of the request

@@ -133,6 +133,18 @@ def test_the_connection_cap_fits_the_open_files_limit(server):
     assert "Traceback" not in server.output()
 
 
+def test_a_client_aborting_mid_body_is_counted_as_499_not_logged_as_a_500(server):
+    for route in ("/v1/tasks/shapes/classify", "/v2/models/shapes/infer", "/v1/tasks/x/versions"):
+        with _connect(server) as sock:
+            sock.sendall(f"POST {route} HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+                         "Authorization: Bearer test-admin-token\r\nContent-Length: 100000\r\n\r\n{".encode())
+            time.sleep(0.3)
+    time.sleep(0.5)
+    metrics = httpx.get(f"{server.url}/metrics", timeout=10).text
+    assert 'status="499"' in metrics and 'status="500"' not in metrics
+    assert "unhandled error" not in server.output() and "Traceback" not in server.output()
+
+
 ACCEPTING_SERVER = textwrap.dedent("""
     import asyncio, logging, os, resource, sys
     from service.http.server import AcceptFailures
