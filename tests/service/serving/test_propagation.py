@@ -56,7 +56,7 @@ def test_a_deleted_task_disappears_from_the_other_replica(replica_pair, make_coo
 
 
 def test_an_unreachable_registry_is_reported_and_nothing_is_restored(backbone):
-    propagator = Propagator(TaskManager(backbone, PostgresRegistry(UNREACHABLE, connect_timeout_s=1), 100), 10)
+    propagator = Propagator(TaskManager(backbone, PostgresRegistry(UNREACHABLE, timeout_s=1), 100), 10)
     assert propagator.resync() is False
     assert not propagator.health.restored and "registry unreachable" in propagator.health.problem()
 
