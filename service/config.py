@@ -29,8 +29,8 @@ class Settings(BaseSettings):
     resync_interval_s: float = Field(10.0, gt=0, description="full resync with the registry this often, beside the "
                                      "changes it announces (heals a missed notification)")
     registry_timeout_s: float = Field(5.0, gt=0, description="PostgreSQL registry: bound on connecting, waiting for a "
-                                      "pooled connection, each statement and each lock wait (a whole transaction: "
-                                      "twice this plus 1 s); past it the registry counts as unavailable (503)")
+                                      "pooled connection and each lock wait (a statement: twice this; a whole "
+                                      "transaction: twice plus 1 s); past it the registry is unavailable (503)")
     registry_pool_size: int = Field(8, gt=0, description="PostgreSQL registry: most pooled connections per replica")
     propagation_workers: int = Field(4, gt=0, description="tasks this replica prepares at once when following "
                                      "the registry (one task's large version never delays another's change)")

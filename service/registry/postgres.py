@@ -152,8 +152,8 @@ _WATCHDOG = Watchdog()
 
 class PostgresRegistry(Registry):
     def __init__(self, url: str, timeout_s: float = 5.0, pool_size: int = 4, application_name: str = "promptserve"):
-        """`timeout_s` bounds connecting, waiting for a pooled connection, each statement and each lock wait;
-        a whole transaction gets twice that plus a second before its socket is shut down."""
+        """`timeout_s` bounds connecting, waiting for a pooled connection and each lock wait; a statement gets
+        twice that, and a whole transaction twice that plus a second before its socket is shut down."""
         self.url = url
         self.timeout_s = timeout_s
         self._connect_kwargs = _connect_kwargs(url, timeout_s, application_name)
@@ -372,8 +372,8 @@ def _connect_kwargs(url: str, timeout_s: float, application_name: str) -> dict[s
     """The URL's parameters plus the timeouts, keepalives and application name (the URL's own win, except that
     its `options` are kept and ours appended)."""
     params: dict[str, Any] = conninfo_to_dict(url)
-    ms = max(1, round(timeout_s * 1000))
-    ours = f"-c statement_timeout={ms} -c lock_timeout={ms} -c idle_in_transaction_session_timeout={4 * ms}"
+    ms = max(1, round(timeout_s * 1000))  # a lock wait fails first, and says so, before the statement would
+    ours = f"-c lock_timeout={ms} -c statement_timeout={2 * ms} -c idle_in_transaction_session_timeout={4 * ms}"
     params["options"] = f"{params['options']} {ours}" if params.get("options") else ours
     defaults = {"connect_timeout": max(1, math.ceil(timeout_s)), "application_name": application_name,
                 "keepalives": 1, "keepalives_idle": 10, "keepalives_interval": 5, "keepalives_count": 3}
@@ -389,7 +389,7 @@ def _unavailable(exc: Exception, timeout_s: float, deadline_passed: bool) -> Reg
     elif isinstance(exc, psycopg.errors.LockNotAvailable):
         why = f"a lock held by another client for over {timeout_s:g} s"
     elif isinstance(exc, psycopg.errors.QueryCanceled):
-        why = f"a statement ran over {timeout_s:g} s"
+        why = f"a statement ran over {2 * timeout_s:g} s"
     else:
         why = "connection failed or lost"
     return RegistryUnavailable(f"PostgreSQL registry unreachable: {why}", f"{why}: {exc}".strip())

@@ -184,7 +184,8 @@ class Propagator:
 
     def stop(self, timeout: float = 5.0) -> None:
         self._stop.set()
-        self._thread.join(timeout)
+        if self._thread.is_alive():
+            self._thread.join(timeout)
         self.syncer.stop()
 
     def _run(self) -> None:

@@ -227,7 +227,10 @@ class TaskManager:
             return False
         self._aliases[name] = dict(state.aliases)
         # Whatever was pruned, deleted or replaced (same number, other bytes) is no longer answerable here.
-        self._forget_prepared(name, lambda version, sha: state.stored.get(version) != sha)
+        def stale(version: int, sha256: str) -> bool:
+            return state.stored.get(version) != sha256
+
+        self._forget_prepared(name, stale)
         sha256 = state.stored.get(state.active, "")
         if self._serves(name, state.active, sha256):  # e.g. the registry moved back to the version kept here
             self._clear_failure(name)
@@ -250,6 +253,7 @@ class TaskManager:
             return False
         recovered = name in self.waiting
         self._swap(task)
+        self._forget_prepared(name, stale)  # the version swapped out may be gone from the registry too
         log.info("task %s: version %d applied from the registry%s", name, state.active,
                  " (recovered)" if recovered else "")
         return True

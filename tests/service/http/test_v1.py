@@ -243,13 +243,15 @@ async def test_a_broken_stored_bundle_is_reported_and_others_still_restore(backb
         assert (await classify(client, "good", [png()])).status_code == 200
 
 
-async def test_demo_tasks_are_seeded_only_into_an_empty_registry(backbone, tmp_path):
+async def test_demo_tasks_are_seeded_only_into_a_registry_that_never_held_a_task(backbone, tmp_path):
     settings = settings_for(tmp_path, demo=True)
     async with running(backbone, settings) as client:
         for name in ("shapes", "colours"):
             demo = (await client.get(f"/v1/tasks/{name}")).json()
             assert demo["method"] == "zeroshot" and demo["num_classes"] == 16
             assert (await client.delete(f"/v1/tasks/{name}", headers=ADMIN)).status_code == 204
+    async with running(backbone, settings) as client:  # every task deleted: still not a fresh registry
+        assert (await client.get("/v1/tasks")).json()["tasks"] == []
         await upload(client, "mine", coop_for(backbone))
     async with running(backbone, settings) as client:
         assert [t["name"] for t in (await client.get("/v1/tasks")).json()["tasks"]] == ["mine"]
