@@ -213,6 +213,7 @@ async def test_readiness_says_unreachable_within_the_timeout_when_the_server_han
             while (ready := await client.get("/readyz")).status_code == 200:
                 assert time.monotonic() - start < 5, "readiness still says the hung registry is reachable"
                 await anyio.sleep(0.05)
+            print(f"readiness 503 {time.monotonic() - start:.2f} s after the server was paused")
             assert "registry unreachable" in ready.json()["reason"]
             assert str(throwaway_cluster.port) not in ready.text and "127.0.0.1" not in ready.text
             upload = await client.post("/v1/tasks/t/versions", content=make_coop_bundle(backbone, ["c", "d"]),
@@ -227,6 +228,7 @@ async def test_readiness_says_unreachable_within_the_timeout_when_the_server_han
         while (await client.get("/readyz")).status_code != 200:
             assert time.monotonic() - start < 10
             await anyio.sleep(0.05)
+        print(f"readiness 200 {time.monotonic() - start:.2f} s after it resumed")
 
 
 @pytest.mark.anyio
@@ -244,8 +246,10 @@ async def test_a_row_lock_held_elsewhere_fails_that_tasks_upload_fast_and_others
                                        headers={**ADMIN, **OCTET})
             assert locked.status_code == 503 and "lock" in locked.json()["detail"]
             assert time.monotonic() - start < 3
+            print(f"upload of the locked task: 503 in {time.monotonic() - start:.2f} s")
             start = time.monotonic()
             other_task = await client.post("/v1/tasks/u/versions", content=make_coop_bundle(backbone, ["c", "d"]),
                                            headers={**ADMIN, **OCTET})
             assert other_task.status_code == 201 and time.monotonic() - start < 3
+            print(f"upload of another task meanwhile: 201 in {time.monotonic() - start:.2f} s")
             assert (await client.get("/readyz")).status_code == 200
