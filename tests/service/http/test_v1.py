@@ -241,6 +241,11 @@ async def test_a_broken_stored_bundle_is_reported_and_others_still_restore(backb
         ready = (await client.get("/readyz")).json()
         assert ready["tasks"] == 1 and "bad" in ready["failed_tasks"]
         assert (await classify(client, "good", [png()])).status_code == 200
+        metrics = (await client.get("/metrics")).text
+        assert 'promptserve_failed_tasks{reason="bundle"} 1.0' in metrics
+        assert 'promptserve_failed_tasks{reason="waiting"} 0.0' in metrics
+        assert "promptserve_registry_reachable 1.0" in metrics
+        assert "promptserve_registry_last_sync_timestamp_seconds 1." in metrics  # a unix time, 1.7e9
 
 
 async def test_demo_tasks_are_seeded_only_into_a_registry_that_never_held_a_task(backbone, tmp_path):

@@ -57,6 +57,20 @@ def test_a_replica_that_cannot_prepare_a_version_keeps_the_old_one_and_says_why(
     assert reader.get("t").version == 1
 
 
+def test_the_lag_from_commit_to_serving_is_observed_for_changes_from_elsewhere(backbone, postgres_url,
+                                                                              make_coop_bundle):
+    writer = TaskManager(backbone, PostgresRegistry(postgres_url), BundleLimits())
+    reader = TaskManager(backbone, PostgresRegistry(postgres_url), BundleLimits())
+    lags: list[float] = []
+    follower = Propagator(reader, resync_interval_s=30, poll_s=0.05, observe_lag=lags.append)
+    follower.start()
+    wait_for(lambda: follower.health.restored)
+    writer.publish("t", make_coop_bundle(backbone, ["a", "b"]))
+    wait_for(lambda: serves(reader, "t", 1))
+    follower.stop()
+    assert len(lags) == 1 and 0 <= lags[0] < 5
+
+
 def test_a_deleted_task_disappears_from_the_other_replica(replica_pair, make_coop_bundle, backbone):
     writer, reader, _ = replica_pair
     writer.publish("t", make_coop_bundle(backbone, ["a", "b"]))
@@ -201,7 +215,7 @@ def test_seeding_happens_once_however_many_replicas_race_and_never_after_every_t
 
 @pytest.mark.anyio
 async def test_readiness_says_unreachable_within_the_timeout_when_the_server_hangs_and_writes_answer_503(
-        backbone, throwaway_cluster, throwaway_url, make_coop_bundle):
+        backbone, throwaway_cluster, throwaway_url, make_coop_bundle, caplog):
     settings = settings_for(Path(), registry=throwaway_url, registry_timeout_s=0.5)
     async with running(backbone, settings) as client:
         assert (await client.post("/v1/tasks/t/versions", content=make_coop_bundle(backbone, ["a", "b"]),
@@ -229,6 +243,10 @@ async def test_readiness_says_unreachable_within_the_timeout_when_the_server_han
             assert time.monotonic() - start < 10
             await anyio.sleep(0.05)
         print(f"readiness 200 {time.monotonic() - start:.2f} s after it resumed")
+        assert "promptserve_registry_reachable 1.0" in (await client.get("/metrics")).text
+    logged = [r.getMessage() for r in caplog.records if r.name == "service.serving.propagation"]
+    assert any(m.startswith("registry unreachable:") for m in logged)  # once, when it was lost
+    assert any(m.startswith("registry reachable again after") for m in logged)
 
 
 @pytest.mark.anyio
