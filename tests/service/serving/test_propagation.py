@@ -89,7 +89,7 @@ def test_an_unreachable_registry_is_reported_and_nothing_is_restored(backbone):
 @pytest.mark.parametrize("anyio_backend", ["asyncio"])
 async def test_readiness_is_503_and_writes_refused_while_the_registry_is_unreachable(backbone, tmp_path,
                                                                                        make_coop_bundle):
-    async with running(backbone, settings_for(tmp_path, registry=UNREACHABLE)) as client:
+    async with running(backbone, settings_for(tmp_path, registry=UNREACHABLE, registry_timeout_s=0.5)) as client:
         ready = await client.get("/readyz")
         assert ready.status_code == 503 and "registry unreachable" in ready.json()["reason"]
         assert ready.json()["registry"]["restored"] is False
