@@ -2,7 +2,10 @@
 
 Versions are prepared (`service.serving.activation.prepare`) *before* anything is stored or swapped, so a bundle
 that fails anywhere leaves the previous version serving. Besides the active versions it keeps this replica's
-view of each task's aliases and an LRU of prepared inactive versions (pinned requests, instant rollback).
+view of each task's aliases and an LRU of prepared inactive versions (pinned requests, instant rollback),
+both matched to the registry by content (sha256), so nothing pruned, deleted or replaced keeps answering. A
+version the registry could not deliver is retried by the caller (`service.serving.propagation`), never
+recorded as damage; only one that cannot be served is.
 """
 
 from __future__ import annotations
