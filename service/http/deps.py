@@ -54,10 +54,12 @@ class AppState:
         reason = health.problem()
         if reason and not require_registry and health.restored:
             reason = None
-        failed = self.tasks.failed_tasks()
+        failed, waiting = self.tasks.failed_tasks(), self.tasks.waiting
         if reason is None and require_tasks and failed:
             reason = (f"{len(failed)} task(s) failed to restore or have damaged registry entries: "
                       f"{', '.join(sorted(failed)[:10])}")
+        if reason is None and require_tasks and waiting:
+            reason = f"{len(waiting)} task(s) waiting for the registry: {', '.join(sorted(waiting)[:10])}"
         return reason
 
 

@@ -19,7 +19,7 @@ from pydantic import BaseModel, Field
 from starlette.exceptions import HTTPException
 from starlette.requests import ClientDisconnect
 
-from service.registry.base import RegistryUnavailable, UnknownTask
+from service.registry.base import RegistryDamage, RegistryUnavailable, UnknownTask
 from service.serving.errors import ServiceError
 
 log = logging.getLogger(__name__)
@@ -144,6 +144,11 @@ def add_error_handlers(app: FastAPI) -> None:
         first = exc.errors()[0]
         where = ".".join(str(part) for part in first.get("loc", ()))
         return _error(request, 422, f"{where}: {first.get('msg', 'invalid')}", "invalid_request", where)
+
+    @app.exception_handler(RegistryDamage)
+    async def registry_damage(request: Request, exc: RegistryDamage) -> JSONResponse:
+        # a stored version whose file on disk cannot be served, met while activating or pinning it
+        return _error(request, 422, f"that version cannot be served: {exc}", "invalid_bundle")
 
     @app.exception_handler(RegistryUnavailable)
     async def registry_unavailable(request: Request, exc: RegistryUnavailable) -> JSONResponse:

@@ -100,6 +100,8 @@ class Readiness(BaseModel):
     tasks: int
     failed_tasks: dict[str, str] = Field(description="tasks whose active version could not be restored, or whose "
                                          "registry entry is damaged (aliases, version metadata), and why")
+    waiting_tasks: dict[str, str] = Field(default_factory=dict, description="tasks whose active version the "
+                                          "registry could not deliver yet (retried with backoff), and why")
     backbone: dict[str, Any]
 
 

@@ -22,11 +22,16 @@ DEMO_TASKS = {
 DEMO_TEMPLATES = ["a photo of a {}."]
 
 
-def seed_demo_tasks(tasks: TaskManager) -> None:
-    """Publish zero-shot demo tasks when the registry holds no task at all."""
-    if tasks.registry.active_versions():
-        return
+def seed_demo_tasks(tasks: TaskManager) -> bool:
+    """Store and serve zero-shot demo tasks if the registry never held a task; the registry decides in one
+    step, so of several replicas starting together on an empty registry exactly one seeds. True if seeded."""
+    bundles = {}
     for name, classnames in DEMO_TASKS.items():
         manifest = build_manifest("zeroshot", tasks.backbone, classnames, options={"templates": DEMO_TEMPLATES})
-        tasks.publish(name, encode_bundle(manifest, {}))
-    log.info("seeded demo tasks %s", ", ".join(DEMO_TASKS))
+        bundles[name] = (encode_bundle(manifest, {}), manifest.method)
+    if not tasks.registry.seed(bundles):
+        return False
+    for name in bundles:
+        tasks.sync(name)
+    log.info("seeded demo tasks %s", ", ".join(bundles))
+    return True
