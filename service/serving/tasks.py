@@ -150,8 +150,10 @@ class TaskManager:
         """The task at `version` if it costs nothing to answer with (active or prepared), else None."""
         return self._active[name] if self._serves(name, version) else self._cached(name, version)
 
-    def pinned(self, name: str, version: int) -> ActiveTask:
-        """The task at `version`, prepared on demand (and kept prepared), without touching the active one."""
+    def pinned(self, name: str, ref: str) -> ActiveTask:
+        """The task at a given version or alias, prepared on demand (and kept prepared), without touching the
+        active one."""
+        version = self.resolve(name, ref)
         return self.ready(name, version) or self._prepared_version(name, version)
 
     def aliases(self, name: str) -> dict[str, int]:

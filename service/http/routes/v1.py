@@ -191,7 +191,7 @@ async def _pinned(request: Request, state: AppState, task: str, ref: str) -> Act
         raise ServiceError(429, "too_many_pins", f"version {version} of {task!r} is not prepared and {exc}; retry in "
                            f"{retry} s, or pin a prepared version", headers={"Retry-After": str(retry)}) from exc
     try:
-        return await state.activations.run(state.tasks.pinned, task, version, priority=Priority.PIN)
+        return await state.activations.run(state.tasks.pinned, task, str(version), priority=Priority.PIN)
     except BundleError as exc:
         raise ServiceError(422, "invalid_bundle", f"version {ref} of {task!r} cannot be served: {exc}") from exc
     finally:

@@ -77,7 +77,7 @@ v2_documents = st.one_of(json_values, st.fixed_dictionaries({"inputs": st.lists(
                                               optional={"parameters": json_values}), max_size=3)}))
 binary_tails = st.lists(st.binary(max_size=40), max_size=5).map(
     lambda parts: b"".join(struct.pack("<I", len(p)) + p for p in parts)) | st.binary(max_size=80)
-names = st.text(st.characters(exclude_characters=["\ud800"]), min_size=1, max_size=40)
+names = st.text(st.characters(exclude_categories=("Cs",)), min_size=1, max_size=40)  # a URL carries no lone surrogate
 
 
 def wire(headers: dict[str, str]) -> dict[str, bytes]:
