@@ -11,9 +11,11 @@ from service.core.backbone import BackboneSpec
 from service.serving.activation import BundleLimits
 
 MiB = 1024 * 1024
-# Peak memory of a request while its body is read and parsed, as a multiple of the body's size, whatever its
-# format and shape (measured per format: tests/service/http/test_hostile.py; docs/serving.md "Memory").
+# What requests in progress may hold (docs/serving.md, "Memory"; measured by tests/service/http/test_hostile.py):
+# a request's peak while its body is read and parsed, as a multiple of the body, whatever its format and shape;
+# and the bytes per decoded pixel while its images are decoded (RGB, plus a decoder's or a conversion's copy).
 PARSE_FACTOR = 2.5
+DECODE_BYTES_PER_PIXEL = 5
 
 
 class Settings(BaseSettings):
@@ -55,7 +57,7 @@ class Settings(BaseSettings):
     max_image_pixels: int = Field(40_000_000, gt=0, description="refuse larger images (decompression bombs)")
     max_images_per_request: int = Field(32, gt=0)
     max_classes: int = Field(2000, gt=0)
-    max_request_pixels: int = Field(64_000_000, gt=0, description="decoded pixels summed over one request's images")
+    max_request_pixels: int = Field(48_000_000, gt=0, description="decoded pixels summed over one request's images")
     max_aspect_ratio: float = Field(20.0, ge=1, description="refuse images longer than this many times their width")
     decode_concurrency: int = Field(4, gt=0, description="requests decoding images at once, per process")
     max_classname_chars: int = Field(200, gt=0, description="longest class name a bundle may use (format max 200)")
@@ -106,6 +108,13 @@ class Settings(BaseSettings):
     def bundle_limits(self) -> BundleLimits:
         return BundleLimits(self.max_classes, self.max_classname_chars, self.max_template_chars, self.max_templates,
                             self.max_text_prompts)
+
+    def request_memory_bound(self) -> int:
+        """The most memory requests in progress can hold at once, beside the process and its model: the bodies
+        admission lets in while they are parsed, and the images `decode_concurrency` requests decode."""
+        largest = max(self.max_classify_body_bytes, self.max_bundle_bytes)
+        bodies = min(self.max_inflight_requests * largest, self.max_inflight_body_bytes)
+        return int(bodies * PARSE_FACTOR) + self.decode_concurrency * self.max_request_pixels * DECODE_BYTES_PER_PIXEL
 
     @property
     def max_classify_body_bytes(self) -> int:

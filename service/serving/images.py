@@ -76,7 +76,7 @@ def load_rgb(image: Image.Image, filename: str) -> Image.Image:
         warnings.simplefilter("ignore", Image.DecompressionBombWarning)
         try:
             image.load()
-            return image.convert("RGB")
+            return image if image.mode == "RGB" else image.convert("RGB")  # no copy of what is RGB already
         except Exception as exc:  # noqa: BLE001  # truncated or malformed data: the decoder's own error types vary
             raise _corrupt(filename, exc) from exc
 

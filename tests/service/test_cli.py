@@ -119,3 +119,10 @@ def test_the_console_script_module_runs_without_loading_the_service(live_service
     done = subprocess.run([sys.executable, "-c", probe], env=env, capture_output=True, text=True, timeout=60)
     assert done.returncode == 0, done.stderr
     assert json.loads(done.stdout)["ready"] is True
+
+
+def test_serve_refuses_to_start_with_an_empty_token(monkeypatch, capsys):
+    """An empty PROMPTSERVE_CLASSIFY_TOKEN would lock every client out: the service says so and does not start."""
+    monkeypatch.setenv("PROMPTSERVE_CLASSIFY_TOKEN", "")
+    assert main(["serve", "--port", "9"]) == 2
+    assert "PROMPTSERVE_CLASSIFY_TOKEN" in capsys.readouterr().err

@@ -29,13 +29,14 @@ from PIL import Image
 from bench.process import ServiceProcess
 from service.bundle.codec import MANIFEST_KEY, encode_bundle
 from service.bundle.manifest import Manifest
-from service.config import PARSE_FACTOR
+from service.config import DECODE_BYTES_PER_PIXEL, PARSE_FACTOR
 from service.core.records import BackboneRef, PromptLayout
 from tests.helpers import ADMIN, hostile_server, registry_snapshot
 
 pytestmark = pytest.mark.slow  # one real server process for the module (~15 s to start on 2 cores)
 RSS_BOUND = 64 * 1024 * 1024  # per case: the cheapest real refusal stays far below, any decode bomb far above
 TIME_BOUND_S = 15.0
+FIXED_BYTES = 4 * 1024 * 1024  # what any request costs beside its body (answer, exceptions, allocator pages)
 OCTET = {"Content-Type": "application/octet-stream"}
 LIMITS = dict(max_image_pixels="1000000", max_request_pixels="1500000", max_aspect_ratio="20",
               max_answer_predictions="200", max_classes="500", body_timeout_s="2", header_timeout_s="2",
@@ -311,11 +312,15 @@ def _still_serving(c: Context) -> None:
     assert answer.status_code == 200 and answer.json()["version"] == c.good["version"]
 
 
-def test_a_real_decode_counts_against_the_rss_bound(ctx):
-    """The memory probe measures: a legitimate 1000x1000 decode shows up in the server's peak RSS."""
+@pytest.mark.parametrize("fmt", ["BMP", "PNG", "JPEG"])
+def test_a_real_decode_counts_against_the_rss_bound_and_stays_within_its_own(ctx, fmt):
+    """The memory probe measures: a legitimate decode shows up in the server's peak RSS, and stays within
+    what docs/serving.md "Memory" grants a decode (DECODE_BYTES_PER_PIXEL)."""
+    data, pixels = encoded(fmt, (800, 800)), 800 * 800  # within the 2 MiB image limit above
     baseline = ctx.server.reset_peak_rss()
-    assert classify(encoded("BMP", (800, 800)))(ctx).status_code == 200
-    assert ctx.server.peak_rss() - baseline > 3 * 800 * 800  # at least the RGB pixels were held
+    assert classify(data)(ctx).status_code == 200
+    growth = ctx.server.peak_rss() - baseline
+    assert 3 * pixels < growth <= PARSE_FACTOR * len(data) + DECODE_BYTES_PER_PIXEL * pixels + FIXED_BYTES, growth
 
 
 def _raw_http(c: Context, head: bytes, body_chunks: list[bytes], pause_s: float) -> tuple[bytes, float]:
@@ -421,7 +426,6 @@ BODIES: dict[str, tuple[str, Callable[[], tuple[bytes, dict]], int, str]] = {
         {"inputs": [V2_INPUT | {"shape": [8], "parameters": {"binary_data_size": 4 * _fill(b"1234", BODY_LIMIT)}}]},
         b"\0\0\0\0" * _fill(b"1234", BODY_LIMIT)), 422, "bad_shape"),
 }
-FIXED_BYTES = 4 * 1024 * 1024  # what any request costs beside its body (answer, exceptions, allocator pages)
 
 
 @pytest.mark.parametrize("name", list(BODIES))

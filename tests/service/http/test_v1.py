@@ -153,6 +153,29 @@ async def test_classify_can_be_token_protected(backbone, tmp_path, make_coop_bun
             assert ok.status_code == 200
 
 
+READ_ROUTES = [("GET", "/v1/tasks"), ("GET", "/v1/tasks/t"), ("GET", "/v1/tasks/t/versions"),
+               ("GET", "/v1/tasks/t/aliases"), ("GET", "/v2/models/t"), ("GET", "/v2/models/t/versions/1"),
+               ("POST", "/v2/repository/index")]
+HEALTH_ROUTES = ["/healthz", "/readyz", "/v2/health/live", "/v2/health/ready", "/v2/models/t/ready"]
+
+
+async def test_with_a_classify_token_every_read_route_needs_it_and_health_routes_do_not(
+        backbone, tmp_path, make_coop_bundle):
+    async with running(backbone, settings_for(tmp_path, classify_token="reader")) as client:
+        await upload(client, "t", make_coop_bundle(backbone, ["a", "b"]))
+        for method, path in READ_ROUTES:
+            assert (await client.request(method, path)).status_code == 401, path
+            wrong = await client.request(method, path, headers={"Authorization": "Bearer nope"})
+            assert wrong.status_code == 403, path
+            for token in ("reader", TOKEN):
+                answer = await client.request(method, path, headers={"Authorization": f"Bearer {token}"})
+                assert answer.status_code == 200, (path, answer.text)
+        for path in ("/v1/tasks/nope", "/v2/models/nope"):  # without the token, whether a task exists is not told
+            assert (await client.get(path)).status_code == 401
+        for path in HEALTH_ROUTES:
+            assert (await client.get(path)).status_code == 200, path
+
+
 def truncated_png() -> bytes:
     return png(size=(64, 64))[:60]
 
