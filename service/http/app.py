@@ -30,13 +30,13 @@ from service.serving.batcher import MicroBatcher
 from service.serving.demo import seed_demo_tasks
 from service.serving.images import DecodeLimits, ImagePreprocessor
 from service.serving.pipeline import AnswerLimits, ClassifyPipeline
-from service.serving.preparation import ActivationWorker, PinBudget
+from service.serving.preparation import PinBudget, PinWorker
 from service.serving.propagation import Propagator
 from service.serving.runtime import ClassifyRuntime
 from service.serving.tasks import TaskManager
 
 log = logging.getLogger(__name__)
-MAX_QUEUED_PINS = 16  # pinned versions waiting for the activation worker; beyond, 429 (docs/registry.md)
+MAX_QUEUED_PINS = 16  # pinned versions waiting to be prepared; beyond, 429 (docs/registry.md)
 
 
 def build_state(settings: Settings, metrics: Metrics, backbone: Backbone | None = None) -> AppState:
@@ -58,7 +58,8 @@ def build_state(settings: Settings, metrics: Metrics, backbone: Backbone | None 
     propagation = Propagator(tasks, settings.resync_interval_s, workers=settings.propagation_workers,
                              observe_lag=metrics.propagation_lag.observe)
     pins = PinBudget(s.pin_preparations_per_minute, max_queued=MAX_QUEUED_PINS)
-    state = AppState(settings, backbone, tasks, metrics, runtime, pipeline, ActivationWorker(), pins, propagation)
+    state = AppState(settings, backbone, tasks, metrics, runtime, pipeline, anyio.CapacityLimiter(1), PinWorker(), pins,
+                     propagation)
     metrics.watch_fleet(propagation.health, tasks.failure_counts)
     propagation.after_sync = _after_sync(state)
     propagation.after_apply = state.refresh_task_gauges
@@ -98,6 +99,7 @@ def create_app(settings: Settings | None = None, backbone: Backbone | None = Non
         finally:
             batch_worker.cancel()
             await anyio.to_thread.run_sync(state.propagation.stop)
+            state.pin_worker.close()
             await anyio.to_thread.run_sync(state.tasks.registry.close)
 
     app = _App(settings, title="promptserve", version=__version__, lifespan=lifespan, docs_url=None, redoc_url=None,

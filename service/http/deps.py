@@ -11,6 +11,7 @@ import secrets
 from dataclasses import dataclass
 from typing import Annotated
 
+import anyio
 from fastapi import Depends, Path, Request
 from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 from pydantic import SecretStr
@@ -22,7 +23,7 @@ from service.http.metrics import Metrics
 from service.registry.base import TASK_NAME_PATTERN
 from service.serving.errors import ServiceError
 from service.serving.pipeline import ClassifyPipeline
-from service.serving.preparation import ActivationWorker, PinBudget
+from service.serving.preparation import PinBudget, PinWorker
 from service.serving.propagation import Propagator
 from service.serving.runtime import ClassifyRuntime
 from service.serving.tasks import TaskManager
@@ -37,8 +38,9 @@ class AppState:
     runtime: ClassifyRuntime
     pipeline: ClassifyPipeline
     # Activations run in a worker thread one at a time, so the event loop stays free and a large task's
-    # activation never runs twice over alongside classification; admin work goes before pins.
-    activations: ActivationWorker
+    # activation never runs twice over alongside classification.
+    activation_limiter: anyio.CapacityLimiter
+    pin_worker: PinWorker  # prepares pinned versions, at the lowest CPU priority, never ahead of an upload
     pins: PinBudget  # which pinned requests may have a version prepared
     propagation: Propagator  # keeps this replica in step with the registry
 

@@ -1,12 +1,12 @@
-"""Who may make the service prepare a version, and in what order.
+"""Who may make the service prepare a version for a `?version=` pin, and where that work runs.
 
-Preparing a version (decoding it, computing its class text features) costs up to seconds of CPU, in one
-worker. Uploads and admin changes are the reason that worker exists; a `?version=` pin of a version that is
-neither active nor among the prepared ones (`PROMPTSERVE_PREPARED_VERSIONS`) also needs it, and any client
-may ask for one. So:
+Preparing a version (decoding it, computing its class text features) costs up to seconds of CPU. Uploads and
+admin changes do it in the activation worker; a pin of a version that is neither active nor among the prepared
+ones (`PROMPTSERVE_PREPARED_VERSIONS`) needs it too, and any client may ask for one. So:
 
-- `ActivationWorker` runs one preparation at a time and serves waiting admin work before waiting pins: an
-  upload waits at most for the one pin already running, never behind a queue of them;
+- `PinWorker` prepares pinned versions in a thread of their own at the lowest CPU priority (nice 19, with the
+  threads its torch calls start): an upload never waits behind a pin, and a pin takes only the CPU that
+  classify requests and uploads leave over;
 - `PinBudget` bounds the pins that need preparing, per client and per task: each may have at most
   `per_minute` prepared a minute (token buckets, refilled continuously), a client one at a time, and at most
   `max_queued` wait at once. Pins of prepared versions cost nothing and are not counted.
@@ -14,65 +14,45 @@ may ask for one. So:
 
 from __future__ import annotations
 
-import heapq
-import itertools
+import asyncio
+import logging
+import os
+import threading
 import time
 from collections import OrderedDict
 from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
-from enum import IntEnum
 from typing import Any, TypeVar
 
-import anyio
-
 T = TypeVar("T")
+log = logging.getLogger(__name__)
 
 
-class Priority(IntEnum):
-    ADMIN = 0  # uploads, activations, alias changes
-    PIN = 1  # preparing a version for a pinned classify request
-
-
-class ActivationWorker:
-    """One preparation at a time, in a worker thread; waiting admin work goes before waiting pins."""
+class PinWorker:
+    """One dedicated thread, at the lowest CPU priority, for preparing pinned versions."""
 
     def __init__(self) -> None:
-        self._busy = False
-        self._waiting: list[tuple[int, int, anyio.Event]] = []
-        self._order = itertools.count()
+        self._executor = ThreadPoolExecutor(1, thread_name_prefix="pin-preparation", initializer=_lowest_priority)
+        self.queued = 0  # waiting or running
 
-    @property
-    def queued_pins(self) -> int:
-        return sum(1 for priority, _, _ in self._waiting if priority == Priority.PIN)
-
-    async def run(self, func: Callable[..., T], *args: Any, priority: Priority) -> T:
-        await self._acquire(priority)
+    async def run(self, func: Callable[..., T], *args: Any) -> T:
+        self.queued += 1
         try:
-            return await anyio.to_thread.run_sync(func, *args)
+            return await asyncio.wrap_future(self._executor.submit(func, *args))
         finally:
-            self._release()
+            self.queued -= 1
 
-    async def _acquire(self, priority: Priority) -> None:
-        if not self._busy and not self._waiting:
-            self._busy = True
-            return
-        entry = (int(priority), next(self._order), anyio.Event())
-        heapq.heappush(self._waiting, entry)
-        try:
-            await entry[2].wait()
-        except BaseException:
-            if entry[2].is_set():  # handed the worker, then cancelled: hand it on
-                self._release()
-            else:
-                self._waiting.remove(entry)
-                heapq.heapify(self._waiting)
-            raise
+    def close(self) -> None:
+        self._executor.shutdown(wait=False, cancel_futures=True)
 
-    def _release(self) -> None:
-        if self._waiting:
-            heapq.heappop(self._waiting)[2].set()  # the worker passes straight to the next; it stays busy
-        else:
-            self._busy = False
+
+def _lowest_priority() -> None:
+    """Nice 19 for this thread (Linux schedules threads by their own nice value; threads it starts inherit it)."""
+    try:
+        os.setpriority(os.PRIO_PROCESS, threading.get_native_id(), 19)
+    except OSError as exc:  # not permitted here: pins still run, at normal priority
+        log.warning("pin preparation runs at normal CPU priority: %s", exc)
 
 
 class PinRefused(Exception):

@@ -42,7 +42,7 @@ from service.methods import BundleError
 from service.registry.base import TASK_NAME_PATTERN, VERSION_REF_PATTERN
 from service.serving.activation import ActiveTask
 from service.serving.errors import ServiceError
-from service.serving.preparation import PinRefused, Priority
+from service.serving.preparation import PinRefused
 
 router = APIRouter()
 BUNDLE_BODY = {"requestBody": {"required": True, "content": {"application/octet-stream": {
@@ -107,8 +107,9 @@ async def upload_bundle(task: TaskName, request: Request, response: Response, st
     if not data:
         raise ServiceError(422, "empty_bundle", "the request body is empty: send the bundle file")
     try:
-        active, created = await state.activations.run(state.tasks.upload, task, data, state.settings.retain_versions,
-                                                      priority=Priority.ADMIN)
+        active, created = await anyio.to_thread.run_sync(state.tasks.upload, task, data,
+                                                         state.settings.retain_versions,
+                                                         limiter=state.activation_limiter)
     except BundleError as exc:
         raise ServiceError(422, "invalid_bundle", str(exc), field=exc.field) from exc
     except OSError as exc:  # storing failed: nothing was activated
@@ -176,8 +177,8 @@ async def classify_many(request: Request, state: State, tasks: TaskNames, top_k:
 
 
 async def _pinned(request: Request, state: AppState, task: str, ref: str) -> ActiveTask:
-    """A pinned version: answered at once if it is active or prepared; else prepared in the activation worker,
-    behind any admin work, within the client's and the task's budget (service/serving/preparation.py)."""
+    """A pinned version: answered at once if it is active or prepared; else prepared by the pin worker (never
+    ahead of an upload), within the client's and the task's budget (service/serving/preparation.py)."""
     state.tasks.get(task)  # 404 for a task this replica does not serve
     version = state.tasks.resolve(task, ref)
     ready = state.tasks.ready(task, version)
@@ -185,13 +186,13 @@ async def _pinned(request: Request, state: AppState, task: str, ref: str) -> Act
         return ready
     client = request.client.host if request.client else "unknown"
     try:
-        state.pins.take(client, task, state.activations.queued_pins)
+        state.pins.take(client, task, state.pin_worker.queued)
     except PinRefused as exc:
         retry = max(1, math.ceil(exc.retry_after_s))
         raise ServiceError(429, "too_many_pins", f"version {version} of {task!r} is not prepared and {exc}; retry in "
                            f"{retry} s, or pin a prepared version", headers={"Retry-After": str(retry)}) from exc
     try:
-        return await state.activations.run(state.tasks.pinned, task, str(version), priority=Priority.PIN)
+        return await state.pin_worker.run(state.tasks.pinned, task, str(version))
     except BundleError as exc:
         raise ServiceError(422, "invalid_bundle", f"version {ref} of {task!r} cannot be served: {exc}") from exc
     finally:

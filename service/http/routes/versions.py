@@ -19,7 +19,6 @@ from service.methods import BundleError
 from service.registry.base import ALIAS_PATTERN, VERSION_REF_PATTERN
 from service.serving.activation import ActiveTask
 from service.serving.errors import ServiceError
-from service.serving.preparation import Priority
 
 router = APIRouter(tags=["versions"])
 VersionRef = Annotated[str, Path(pattern=VERSION_REF_PATTERN, description="a version number or an alias")]
@@ -77,6 +76,6 @@ async def delete_alias(task: TaskName, alias: AliasName, state: State) -> AliasL
 
 async def _in_activation_worker(state: AppState, func: Callable[..., T], *args: Any) -> T:
     try:
-        return await state.activations.run(func, *args, priority=Priority.ADMIN)
+        return await anyio.to_thread.run_sync(func, *args, limiter=state.activation_limiter)
     except BundleError as exc:
         raise ServiceError(422, "invalid_bundle", f"that version cannot be served here: {exc}") from exc

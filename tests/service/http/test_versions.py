@@ -1,5 +1,8 @@
 """Version management over HTTP: list, activate (rollback), pin, aliases, dedupe and retention."""
 
+import threading
+
+import anyio
 import httpx
 import pytest
 
@@ -149,3 +152,32 @@ async def test_pins_of_unprepared_versions_are_budgeted_per_client_and_per_task(
             refused = await pin(1, elsewhere)  # a fresh client, but the task's own budget is spent
             assert refused.status_code == 429 and "task t" in refused.json()["detail"], refused.text
         assert (await upload(client, "t", make_coop_bundle(backbone, ["v5 a", "v5 b"], seed=5))).is_success
+
+
+async def test_an_upload_never_waits_behind_a_pin_being_prepared(backbone, tmp_path, make_coop_bundle):
+    async with running(backbone, settings_for(tmp_path, prepared_versions=0)) as client:
+        for v in (1, 2):
+            assert (await upload(client, "t", make_coop_bundle(backbone, [f"v{v} a", f"v{v} b"], seed=v))).is_success
+        tasks, release, preparing = client._transport.app.state.promptserve.tasks, threading.Event(), threading.Event()
+        real_prepare = tasks.prepare
+
+        def slow_for_the_pin(name, version, data):
+            if version == 1:  # the pinned version; an upload prepares its candidate as version 0
+                preparing.set()
+                release.wait(10)
+            return real_prepare(name, version, data)
+
+        tasks.prepare = slow_for_the_pin
+        async with anyio.create_task_group() as group:
+            pinned: list[httpx.Response] = []
+
+            async def pin():
+                pinned.append(await client.post("/v1/tasks/t/classify?version=1", files=[("images", ("a.png", png()))]))
+
+            group.start_soon(pin)
+            await anyio.to_thread.run_sync(preparing.wait, 10)
+            with anyio.fail_after(10):  # the pin is still being prepared
+                assert (await upload(client, "t", make_coop_bundle(backbone, ["v3 a", "v3 b"], seed=3))).is_success
+            assert not pinned
+            release.set()
+        assert labels(pinned[0]) == {"v1 a", "v1 b"}

@@ -1,51 +1,26 @@
-"""The activation worker serves admin work before pins, and pins that need a preparation are budgeted per client
-and per task."""
+"""Pins that need a preparation run on a low-priority thread of their own and are budgeted per client and per
+task."""
 
+import os
 import threading
 
-import anyio
 import pytest
 
-from service.serving.preparation import ActivationWorker, PinBudget, PinRefused, Priority
+from service.serving.preparation import PinBudget, PinRefused, PinWorker
 
 pytestmark = pytest.mark.anyio
 
 
-async def test_waiting_admin_work_runs_before_waiting_pins_and_one_at_a_time():
-    worker, started, order, running = ActivationWorker(), threading.Event(), [], []
-    release = threading.Event()
-
-    def job(name: str) -> None:
-        running.append(name)
-        assert len(running) == 1, running  # never two preparations at once
-        if name == "first pin":
-            started.set()
-            release.wait(5)
-        order.append(name)
-        running.remove(name)
-
-    async with anyio.create_task_group() as group:
-        group.start_soon(lambda: worker.run(job, "first pin", priority=Priority.PIN))
-        await anyio.to_thread.run_sync(started.wait, 5)
-        for name, priority in [("pin a", Priority.PIN), ("pin b", Priority.PIN), ("upload", Priority.ADMIN),
-                               ("pin c", Priority.PIN), ("activate", Priority.ADMIN)]:
-            group.start_soon(lambda n=name, p=priority: worker.run(job, n, priority=p))
-            await anyio.sleep(0.01)
-        assert worker.queued_pins == 3
-        release.set()
-    # an upload waits at most for the one pin already running
-    assert order == ["first pin", "upload", "activate", "pin a", "pin b", "pin c"]
-
-
-async def test_a_cancelled_waiter_leaves_the_worker_usable():
-    worker, release = ActivationWorker(), threading.Event()
-    async with anyio.create_task_group() as group:
-        group.start_soon(lambda: worker.run(release.wait, 5, priority=Priority.ADMIN))
-        await anyio.sleep(0.05)
-        with anyio.move_on_after(0.05):
-            await worker.run(lambda: None, priority=Priority.PIN)
-        release.set()
-    assert await worker.run(lambda: "ran", priority=Priority.PIN) == "ran"
+async def test_pins_are_prepared_on_one_thread_of_their_own_at_the_lowest_cpu_priority():
+    worker = PinWorker()
+    try:
+        seen = [await worker.run(lambda: (threading.get_native_id(), os.getpriority(os.PRIO_PROCESS, 0)))
+                for _ in range(3)]
+    finally:
+        worker.close()
+    assert len({tid for tid, _ in seen}) == 1 and seen[0][0] != threading.get_native_id()
+    assert {nice for _, nice in seen} == {19}
+    assert os.getpriority(os.PRIO_PROCESS, 0) != 19  # the caller's own priority is untouched
 
 
 def test_each_client_and_each_task_has_its_own_budget_refilled_over_time():
