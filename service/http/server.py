@@ -21,15 +21,17 @@ import errno
 import logging
 import resource
 import time
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import h11
 import uvicorn
 from fastapi import FastAPI
 from uvicorn.protocols.http.h11_impl import H11Protocol
 
-from service.config import Settings
 from service.http.errors import error_bytes
+
+if TYPE_CHECKING:  # the settings module loads torch; the protocol and the accept handler do not need it
+    from service.config import Settings
 
 log = logging.getLogger(__name__)
 SPARE_DESCRIPTORS = 64  # beside connections: the listening socket, registry files, PostgreSQL, logs, model files

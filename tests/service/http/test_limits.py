@@ -14,6 +14,8 @@ from service.bundle.manifest import Manifest
 from service.core.records import PromptLayout
 from tests.helpers import ADMIN, OCTET, classify, png, running, settings_for, upload
 
+MIB = 1024 * 1024
+
 pytestmark = pytest.mark.anyio
 
 
@@ -96,3 +98,35 @@ async def test_unexpected_errors_answer_json_500_and_are_logged(backbone, tmp_pa
             response = await raw.get("/v1/tasks")
         assert response.status_code == 500 and response.json()["code"] == "internal_error"
         assert "a bug" not in response.text and "a bug" in caplog.text
+
+
+async def test_bodies_beyond_the_in_flight_body_budget_get_503_before_they_are_read(backbone, tmp_path,
+                                                                                  make_coop_bundle):
+    release, body_read = anyio.Event(), []
+    settings = settings_for(tmp_path, max_bundle_bytes=MIB, max_image_bytes=64 * 1024, max_images_per_request=4,
+                            max_inflight_body_bytes=2 * MIB)
+
+    async def slow_body():  # no Content-Length: it reserves its route's whole limit (1 MiB)
+        await release.wait()
+        yield make_coop_bundle(backbone, ["a", "b"])
+
+    async def counted_body():
+        body_read.append(True)
+        yield b"x" * (MIB + 1000)
+
+    async with running(backbone, settings) as client:
+        async with anyio.create_task_group() as group:
+            first: list[httpx.Response] = []
+
+            async def send_first():
+                first.append(await client.post("/v1/tasks/t/versions", content=slow_body(), headers=ADMIN | OCTET))
+
+            group.start_soon(send_first)
+            await anyio.sleep(0.2)
+            shed = await client.post("/v1/tasks/u/classify", content=counted_body(),
+                                     headers={"Content-Type": "application/json", "Content-Length": str(MIB + 1000)})
+            assert shed.status_code == 503 and shed.json()["code"] == "overloaded" and not body_read, shed.text
+            small = await client.post("/v1/tasks/t/classify", json={"images": []})  # fits beside the first
+            assert small.json()["code"] != "overloaded"
+            release.set()
+        assert first[0].status_code == 201
