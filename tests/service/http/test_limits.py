@@ -1,6 +1,8 @@
 """Limits and error bodies of the HTTP API, in process (real app, real backbone, real registry directory)."""
 
 import errno
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
 
 import anyio
 import httpx
@@ -55,34 +57,43 @@ async def test_class_names_with_braces_are_filled_in_literally(backbone, tmp_pat
         assert response.status_code == 201, response.text
 
 
-async def test_requests_beyond_the_in_flight_cap_get_503_before_their_body_is_read(backbone, tmp_path,
-                                                                                 make_coop_bundle):
-    release = anyio.Event()
-    body_read = []
+@asynccontextmanager
+async def an_upload_in_progress(client, bundle: bytes):
+    """An upload whose body (chunked, no Content-Length) arrives only when the block ends; it must then succeed."""
+    release, answers = anyio.Event(), []
 
     async def slow_body():
         await release.wait()
-        yield make_coop_bundle(backbone, ["a", "b"])
+        yield bundle
 
-    async def counted_body():
-        body_read.append(True)
-        yield b"x"
+    async def send():
+        answers.append(await client.post("/v1/tasks/t/versions", content=slow_body(), headers=ADMIN | OCTET))
 
+    async with anyio.create_task_group() as group:
+        group.start_soon(send)
+        await anyio.sleep(0.2)
+        yield
+        release.set()
+    assert answers[0].status_code == 201
+
+
+def counted(size: int, read: list) -> AsyncIterator[bytes]:
+    async def body():
+        read.append(True)
+        yield b"x" * size
+
+    return body()
+
+
+async def test_requests_beyond_the_in_flight_cap_get_503_before_their_body_is_read(backbone, tmp_path,
+                                                                                 make_coop_bundle):
+    body_read: list = []
     async with running(backbone, settings_for(tmp_path, max_inflight_requests=1)) as client:
-        async with anyio.create_task_group() as group:
-            first: list[httpx.Response] = []
-
-            async def send_first():
-                first.append(await client.post("/v1/tasks/t/versions", content=slow_body(), headers=ADMIN | OCTET))
-
-            group.start_soon(send_first)
-            await anyio.sleep(0.2)
-            shed = await client.post("/v1/tasks/u/versions", content=counted_body(), headers=ADMIN | OCTET)
+        async with an_upload_in_progress(client, make_coop_bundle(backbone, ["a", "b"])):
+            shed = await client.post("/v1/tasks/u/versions", content=counted(1, body_read), headers=ADMIN | OCTET)
             assert shed.status_code == 503 and shed.json()["code"] == "overloaded"
             assert shed.headers["retry-after"] == "1" and not body_read
             assert (await client.get("/v1/tasks")).status_code == 200  # cheap routes are not capped
-            release.set()
-        assert first[0].status_code == 201
 
 
 async def test_unexpected_errors_answer_json_500_and_are_logged(backbone, tmp_path, monkeypatch, caplog):
@@ -102,31 +113,13 @@ async def test_unexpected_errors_answer_json_500_and_are_logged(backbone, tmp_pa
 
 async def test_bodies_beyond_the_in_flight_body_budget_get_503_before_they_are_read(backbone, tmp_path,
                                                                                   make_coop_bundle):
-    release, body_read = anyio.Event(), []
+    body_read: list = []
     settings = settings_for(tmp_path, max_bundle_bytes=MIB, max_image_bytes=64 * 1024, max_images_per_request=4,
                             max_inflight_body_bytes=2 * MIB)
-
-    async def slow_body():  # no Content-Length: it reserves its route's whole limit (1 MiB)
-        await release.wait()
-        yield make_coop_bundle(backbone, ["a", "b"])
-
-    async def counted_body():
-        body_read.append(True)
-        yield b"x" * (MIB + 1000)
-
     async with running(backbone, settings) as client:
-        async with anyio.create_task_group() as group:
-            first: list[httpx.Response] = []
-
-            async def send_first():
-                first.append(await client.post("/v1/tasks/t/versions", content=slow_body(), headers=ADMIN | OCTET))
-
-            group.start_soon(send_first)
-            await anyio.sleep(0.2)
-            shed = await client.post("/v1/tasks/u/classify", content=counted_body(),
+        async with an_upload_in_progress(client, make_coop_bundle(backbone, ["a", "b"])):  # reserves 1 MiB
+            shed = await client.post("/v1/tasks/u/classify", content=counted(MIB + 1000, body_read),
                                      headers={"Content-Type": "application/json", "Content-Length": str(MIB + 1000)})
             assert shed.status_code == 503 and shed.json()["code"] == "overloaded" and not body_read, shed.text
-            small = await client.post("/v1/tasks/t/classify", json={"images": []})  # fits beside the first
+            small = await client.post("/v1/tasks/t/classify", json={"images": []})  # fits beside the upload
             assert small.json()["code"] != "overloaded"
-            release.set()
-        assert first[0].status_code == 201
