@@ -5,25 +5,30 @@ from __future__ import annotations
 import asyncio
 import copy
 import logging
+import os
 from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
 from operator import attrgetter
 from typing import Any
 
 import anyio
-from fastapi import FastAPI
+from fastapi import Depends, FastAPI
+from fastapi.middleware.cors import CORSMiddleware
 from fastapi.responses import PlainTextResponse
+from fastapi.routing import APIRoute
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from starlette.types import Scope
 
 from service import __version__
-from service.config import MiB, Settings
+from service.config import MiB, Settings, unknown_variables
 from service.core.backbone import Backbone, load_backbone
-from service.http.deps import AppState
-from service.http.errors import add_error_handlers, error_responses, error_schemas
+from service.http.deps import AppState, require_classify
+from service.http.errors import add_error_handlers, error_responses, error_schemas, every_route
 from service.http.limits import RequestLimits, RouteLimits
 from service.http.metrics import Metrics, MetricsMiddleware
-from service.http.routes import docs, kserve_v2, v1, versions, web
+from service.http.observability import REQUEST_ID_HEADER, RequestIdMiddleware
+from service.http.query import reject_unknown_query
+from service.http.routes import docs, embeddings, kserve_v2, v1, versions, web, zero_shot
 from service.registry import open_registry
 from service.serving.batcher import MicroBatcher
 from service.serving.demo import seed_demo_tasks
@@ -32,6 +37,7 @@ from service.serving.pipeline import AnswerLimits, ClassifyPipeline
 from service.serving.propagation import Propagator
 from service.serving.runtime import ClassifyRuntime
 from service.serving.tasks import TaskManager
+from service.serving.zero_shot import ZeroShotCache
 
 log = logging.getLogger(__name__)
 
@@ -52,7 +58,9 @@ def build_state(settings: Settings, metrics: Metrics, backbone: Backbone | None 
     pipeline = ClassifyPipeline(batcher, ImagePreprocessor(backbone.preprocess), limits, s.decode_concurrency,
                                 on_classified=lambda task, images: metrics.images.labels(task).inc(images))
     propagation = Propagator(tasks, settings.resync_interval_s)
-    state = AppState(settings, backbone, tasks, metrics, runtime, pipeline, anyio.CapacityLimiter(1), propagation)
+    zero_shot_cache = ZeroShotCache(backbone, tasks.limits, settings.zero_shot_cache_size)
+    state = AppState(settings, backbone, tasks, metrics, runtime, pipeline, anyio.CapacityLimiter(1), propagation,
+                     zero_shot_cache)
     propagation.after_sync = _after_sync(state)
     propagation.resync()
     return state
@@ -77,6 +85,8 @@ def create_app(settings: Settings | None = None, backbone: Backbone | None = Non
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        for name in unknown_variables(os.environ):
+            log.warning("unknown setting %s is ignored (settings: service/config.py, README)", name)
         state = await anyio.to_thread.run_sync(build_state, settings, metrics, backbone)
         app.state.promptserve = state
         batch_worker = asyncio.create_task(state.pipeline.batcher.run())
@@ -89,9 +99,11 @@ def create_app(settings: Settings | None = None, backbone: Backbone | None = Non
 
     app = _App(settings, title="promptserve", version=__version__, lifespan=lifespan, docs_url=None, redoc_url=None,
                description="Many few-shot prompt classifiers on one frozen open_clip backbone.",
-               generate_unique_id_function=lambda route: route.name)
+               generate_unique_id_function=lambda route: route.name, dependencies=[Depends(reject_unknown_query)])
     app.include_router(v1.router)
     app.include_router(versions.router)
+    app.include_router(zero_shot.router)
+    app.include_router(embeddings.router)
     app.include_router(kserve_v2.router)
     web.add_web_page(app)
     docs.add_docs_pages(app)
@@ -106,6 +118,10 @@ def create_app(settings: Settings | None = None, backbone: Backbone | None = Non
                        max_header_bytes=settings.max_header_bytes, body_timeout_s=settings.body_timeout_s,
                        max_inflight=settings.max_inflight_requests)
     app.add_middleware(MetricsMiddleware, metrics=metrics)
+    if settings.cors_origins:  # outside the limits, so their refusals carry the CORS headers a browser needs
+        app.add_middleware(CORSMiddleware, allow_origins=settings.cors_origins, allow_methods=["*"],
+                           allow_headers=["*"], expose_headers=[REQUEST_ID_HEADER, "Retry-After"])
+    app.add_middleware(RequestIdMiddleware, log_requests=settings.log_format == "json")  # outermost: every answer
     return app
 
 
@@ -121,14 +137,18 @@ class _App(FastAPI):
 
 
 def _openapi(app: FastAPI, settings: Settings) -> dict[str, Any]:
-    """The schema with the error bodies, and this service's request-size settings as maxItems; built once."""
+    """The schema with the error bodies, this service's request-size settings as maxItems, and classify's bearer
+    token optional when no classify token is set; built once."""
     # a copy: FastAPI shares the routes' openapi_extra dicts between apps, and these limits are per app
     schema = copy.deepcopy(FastAPI.openapi(app))
     schema["components"]["schemas"] |= error_schemas()
     bound = {"maxItems": settings.max_images_per_request}
-    for path in ("/v1/tasks/{task}/classify", "/v1/classify"):
+    for path in ("/v1/tasks/{task}/classify", "/v1/classify", "/v1/zero-shot"):
         for content in schema["paths"][path]["post"]["requestBody"]["content"].values():
             content["schema"]["properties"]["images"] |= bound
+    if settings.classify_token is None:
+        for path, method in _guarded_by(app, require_classify):
+            schema["paths"][path][method]["security"] = [{}, *schema["paths"][path][method]["security"]]
     for path in ("/v2/models/{task}/infer", "/v2/models/{task}/versions/{version}/infer"):
         body = schema["paths"][path]["post"]["requestBody"]["content"]["application/json"]["schema"]
         body["properties"]["inputs"]["items"]["properties"]["data"] |= bound
@@ -136,10 +156,22 @@ def _openapi(app: FastAPI, settings: Settings) -> dict[str, Any]:
     return schema
 
 
+INFERENCE_PATHS = ("classify", "/infer", "/v1/zero-shot", "/v1/embeddings")
+
+
+def _guarded_by(app: FastAPI, guard: Callable[..., None]) -> list[tuple[str, str]]:
+    """(OpenAPI path, method) of every operation that depends on `guard`."""
+    return [(route.path_format, method.lower()) for route in every_route(app)
+            if isinstance(route.original_route if hasattr(route, "original_route") else route, APIRoute)
+            and route.include_in_schema and any(d.dependency is guard for d in route.dependencies)
+            for method in route.methods or ()]
+
+
 def route_limits(scope: Scope, settings: Settings) -> RouteLimits:
     path, post = scope["path"], scope["method"] == "POST"
     if path.endswith("/versions"):
         return RouteLimits(settings.max_bundle_bytes, expensive=post)
-    if path.endswith(("classify", "/infer")):
+    if path.endswith(INFERENCE_PATHS):
         return RouteLimits(settings.max_classify_body_bytes, expensive=post)
-    return RouteLimits(MiB, expensive=False)
+    label_task = scope["method"] == "PUT" and path.startswith("/v1/tasks/") and path.count("/") == 3
+    return RouteLimits(MiB, expensive=label_task)  # a task from labels encodes them, like an upload

@@ -7,7 +7,8 @@ lookups live here once.
 from __future__ import annotations
 
 import secrets
-from dataclasses import dataclass
+import time
+from dataclasses import dataclass, field
 from typing import Annotated
 
 import anyio
@@ -19,12 +20,15 @@ from service.config import Settings
 from service.core.backbone import Backbone
 from service.http.errors import WITH_BODY
 from service.http.metrics import Metrics
+from service.methods import BundleError
 from service.registry.base import TASK_NAME_PATTERN
+from service.serving.activation import ActiveTask
 from service.serving.errors import ServiceError
 from service.serving.pipeline import ClassifyPipeline
 from service.serving.propagation import Propagator
 from service.serving.runtime import ClassifyRuntime
 from service.serving.tasks import TaskManager
+from service.serving.zero_shot import ZeroShotCache
 
 
 @dataclass
@@ -39,6 +43,8 @@ class AppState:
     # activation never runs twice over alongside classification.
     activation_limiter: anyio.CapacityLimiter
     propagation: Propagator  # keeps this replica in step with the registry
+    zero_shot: ZeroShotCache  # request-time label sets (POST /v1/zero-shot)
+    started_at: float = field(default_factory=time.time)
 
     def refresh_task_gauges(self) -> None:
         self.metrics.cached_tasks.set(len(self.tasks.all()))
@@ -64,7 +70,16 @@ def get_state(request: Request) -> AppState:
 
 
 State = Annotated[AppState, Depends(get_state)]
-TaskName = Annotated[str, Path(pattern=TASK_NAME_PATTERN, description="task name")]
+TaskName = Annotated[str, Path(pattern=TASK_NAME_PATTERN, description="task name", examples=["shapes"])]
+
+
+async def pinned_task(state: AppState, task: str, ref: str) -> ActiveTask:
+    """A stored version (number or alias) of a task, prepared on demand in the activation worker (and cached)
+    if it is not at hand; the active one is not touched."""
+    try:
+        return await anyio.to_thread.run_sync(state.tasks.pinned, task, ref, limiter=state.activation_limiter)
+    except BundleError as exc:
+        raise ServiceError(422, "invalid_bundle", f"version {ref} of {task!r} cannot be served: {exc}") from exc
 bearer = HTTPBearer(auto_error=False, description="Bearer token from PROMPTSERVE_ADMIN_TOKEN / _CLASSIFY_TOKEN")
 Credentials = Annotated[HTTPAuthorizationCredentials | None, Depends(bearer)]
 

@@ -17,6 +17,7 @@ from uvicorn.protocols.http.h11_impl import H11Protocol
 
 from service.config import Settings
 from service.http.errors import error_bytes
+from service.http.observability import uvicorn_log_options
 
 
 def _raw_response(status: int, reason: bytes, code: str, detail: str) -> bytes:
@@ -83,4 +84,5 @@ def serve(app: FastAPI, settings: Settings, host: str, port: int) -> None:
         # h11 refuses (with the JSON 400 above) headers beyond this; the app answers 431 beyond max_header_bytes.
         h11_max_incomplete_event_size=4 * settings.max_header_bytes,
         limit_concurrency=settings.max_connections,
+        **uvicorn_log_options(settings.log_format),
     )

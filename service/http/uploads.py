@@ -1,7 +1,8 @@
 """Request bodies that carry images: multipart files or JSON with base64 (or data-URI) strings.
 
 Both become `[(filename, bytes)]` under the same limits (image count, bytes per image) and the same error
-codes, so the routes after them never see which form a client used.
+codes, so the routes after them never see which form a client used. A route may take text fields beside the
+images (`read_image_form`: zero-shot labels), as repeated multipart fields or JSON lists of strings.
 """
 
 from __future__ import annotations
@@ -9,6 +10,7 @@ from __future__ import annotations
 import base64
 import binascii
 import json
+from collections.abc import Mapping
 from typing import Any
 
 from fastapi import Request
@@ -29,20 +31,31 @@ JSON_IMAGES_SCHEMA: dict[str, Any] = {
 }
 
 
+TextFields = dict[str, list[str]]
+
+
 async def read_image_uploads(request: Request, settings: Settings) -> Uploads:
     """The images of a classify request, sent as multipart/form-data (field 'images') or application/json."""
+    return (await read_image_form(request, settings, {}))[0]
+
+
+async def read_image_form(request: Request, settings: Settings,
+                          fields: Mapping[str, int]) -> tuple[Uploads, TextFields]:
+    """The images, and each text field in `fields` as a list of strings (name → most values a multipart body may
+    hold, which bounds its parser; a JSON body is parsed whole already)."""
     content_type = request.headers.get("content-type", "").split(";")[0].strip().lower()
     if content_type == "multipart/form-data":
-        return await _read_multipart(request, settings)
+        return await _read_multipart(request, settings, fields)
     if content_type == "application/json":
-        return _read_json(await request.body(), settings)
+        return _read_json(await request.body(), settings, fields)
     raise ServiceError(415, "bad_content_type", "send images as multipart/form-data in the field 'images', or as "
                        'application/json {"images": [{"name": ..., "data": <base64>}]}')
 
 
-async def _read_multipart(request: Request, settings: Settings) -> Uploads:
+async def _read_multipart(request: Request, settings: Settings,
+                          fields: Mapping[str, int]) -> tuple[Uploads, TextFields]:
     try:
-        form = await request.form(max_files=settings.max_images_per_request, max_fields=16,
+        form = await request.form(max_files=settings.max_images_per_request, max_fields=16 + sum(fields.values()),
                                   max_part_size=settings.max_image_bytes)
     except HTTPException as exc:  # Starlette reports multipart limits and syntax errors as 400s
         if "Too many files" in str(exc.detail):
@@ -52,12 +65,13 @@ async def _read_multipart(request: Request, settings: Settings) -> Uploads:
         files = [v for _, v in form.multi_items() if isinstance(v, UploadFile)]
         if not files:
             raise ServiceError(422, "no_images", "no image files in the request: use the multipart field 'images'")
-        return [(f.filename or f"image{i}", await f.read()) for i, f in enumerate(files)]
+        texts = {name: [v for v in form.getlist(name) if isinstance(v, str)] for name in fields}
+        return [(f.filename or f"image{i}", await f.read()) for i, f in enumerate(files)], texts
     finally:
         await form.close()
 
 
-def _read_json(body: bytes, settings: Settings) -> Uploads:
+def _read_json(body: bytes, settings: Settings, fields: Mapping[str, int]) -> tuple[Uploads, TextFields]:
     try:
         document = json.loads(body)
     except (UnicodeDecodeError, json.JSONDecodeError) as exc:
@@ -67,7 +81,15 @@ def _read_json(body: bytes, settings: Settings) -> Uploads:
         raise ServiceError(422, "no_images", 'the JSON body needs "images": a non-empty list of '
                            '{"name": ..., "data": <base64>}')
     check_image_count(len(images), settings)
-    return [_json_image(i, item, settings.max_image_bytes) for i, item in enumerate(images)]
+    texts = {name: _json_strings(document, name) for name in fields}
+    return [_json_image(i, item, settings.max_image_bytes) for i, item in enumerate(images)], texts
+
+
+def _json_strings(document: dict[str, Any], name: str) -> list[str]:
+    values = document.get(name, [])
+    if not isinstance(values, list) or not all(isinstance(v, str) for v in values):
+        raise ServiceError(422, "bad_text_field", f'"{name}" must be a list of strings', field=f"body.{name}")
+    return values
 
 
 def _json_image(index: int, item: Any, max_bytes: int) -> tuple[str, bytes]:

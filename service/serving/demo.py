@@ -7,9 +7,8 @@ from __future__ import annotations
 
 import logging
 
-from service.bundle.codec import encode_bundle
-from service.bundle.manifest import build_manifest
 from service.serving.tasks import TaskManager
+from service.serving.zero_shot import zero_shot_bundle
 
 log = logging.getLogger(__name__)
 
@@ -27,6 +26,5 @@ def seed_demo_tasks(tasks: TaskManager) -> None:
     if tasks.registry.active_versions():
         return
     for name, classnames in DEMO_TASKS.items():
-        manifest = build_manifest("zeroshot", tasks.backbone, classnames, options={"templates": DEMO_TEMPLATES})
-        tasks.publish(name, encode_bundle(manifest, {}))
+        tasks.publish(name, zero_shot_bundle(tasks.backbone, classnames, DEMO_TEMPLATES))
     log.info("seeded demo tasks %s", ", ".join(DEMO_TASKS))
