@@ -8,7 +8,9 @@ from typing import Annotated, Any, Literal
 import torch
 from pydantic import BaseModel, ConfigDict, Field
 
+from service.bundle.manifest import ClassName
 from service.core.records import MAX_TEMPLATES
+from service.methods.common import Template
 from service.registry.base import VERSION_REF_PATTERN
 from service.serving.activation import ActiveTask
 
@@ -50,6 +52,32 @@ class TaskDetail(TaskSummary):
         )
 
 
+# OpenAPI links: what a client (or a stateful fuzzer) can do next with the task version an answer names
+
+
+def task_version_links(at: str) -> dict[str, Any]:
+    """Links from an answer whose JSON at pointer `at` is a task (its `name` and `version`)."""
+    task, version = f"$response.body#{at}/name", f"$response.body#{at}/version"
+    return {
+        "GetTask": {"operationId": "get_task", "parameters": {"task": task}},
+        "ListVersions": {"operationId": "list_versions", "parameters": {"task": task}},
+        "ActivateVersion": {"operationId": "activate_version", "parameters": {"task": task, "ref": version}},
+        "SetCanary": {"operationId": "set_alias", "parameters": {"task": task, "alias": "canary"},
+                      "requestBody": {"version": version}},
+        "VersionConfig": {"operationId": "v2_version_config", "parameters": {"task": task, "version": version}},
+        "VersionStats": {"operationId": "v2_version_stats", "parameters": {"task": task, "version": version}},
+    }
+
+
+TASK_VERSION_LINKS = task_version_links("")
+ALIAS_LINKS = {
+    "ActivateCanary": {"operationId": "activate_version",
+                       "parameters": {"task": "$response.body#/task", "ref": "canary"}},
+    "DeleteCanary": {"operationId": "delete_alias", "parameters": {"task": "$response.body#/task", "alias": "canary"}},
+    "ListAliases": {"operationId": "list_aliases", "parameters": {"task": "$response.body#/task"}},
+}
+
+
 class TaskList(BaseModel):
     tasks: list[TaskSummary] = Field(description="in name order")
     next_cursor: str | None = Field(None, description="pass as `cursor` for the next page; null on the last page")
@@ -59,9 +87,9 @@ class LabelTask(BaseModel):
     """A zero-shot task made from class names (each through the templates, features averaged)."""
 
     model_config = ConfigDict(extra="forbid")
-    classnames: list[str] = Field(min_length=1, description="the task's classes, in answer order",
-                                  examples=[["cat", "dog", "bird"]])
-    templates: Annotated[list[str], Field(min_length=1, max_length=MAX_TEMPLATES)] | None = Field(
+    classnames: list[ClassName] = Field(min_length=1, description="the task's classes, in answer order",
+                                        examples=[["cat", "dog", "bird"]])
+    templates: Annotated[list[Template], Field(min_length=1, max_length=MAX_TEMPLATES)] | None = Field(
         None, description="each with one {} for the class name; default [\"a photo of a {}.\"]",
         examples=[["a photo of a {}.", "a drawing of a {}."]])
 

@@ -30,8 +30,9 @@ def text_features(bundle: Bundle, backbone: Backbone) -> torch.Tensor:
         templates = bundle.spec.templates(bundle)
         if not templates:
             raise BundleError("method", f"a {bundle.manifest.method} bundle encodes no class text")
-        features = torch.stack([text_embeddings(backbone, [fill_template(t, n) for n in names])
-                                for t in templates]).mean(dim=0)
+        # every (template, name) text in one call, template-major: chunks share a template's prefix
+        texts = [fill_template(t, n) for t in templates for n in names]
+        features = text_embeddings(backbone, texts).view(len(templates), len(names), -1).mean(dim=0)
     return F.normalize(features.float(), dim=-1).cpu()
 
 

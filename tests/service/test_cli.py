@@ -135,7 +135,8 @@ def test_create_from_labels_then_aliases_pin_classify(cli, monkeypatch):
                        "--top-k", "3", "--json")
     answers = json.loads(out)[0]["answers"]
     assert [(a["version"], len(a["predictions"])) for a in answers] == [(1, 2), (2, 3)]
-    assert cli("unalias", "cli-labels", "canary")[0] == 0 and json.loads(cli("aliases", "cli-labels", "--json")[1]) == {}
+    assert cli("unalias", "cli-labels", "canary")[0] == 0
+    assert json.loads(cli("aliases", "cli-labels", "--json")[1]) == {}
     assert cli("delete", "cli-labels")[0] == 0
 
 
@@ -143,7 +144,8 @@ def test_zero_shot_embed_and_models(cli):
     code, out, _ = cli("zero-shot", *map(str, SAMPLE_FILES), "--labels", "star,circle,triangle,heart", "--top-k", "1")
     assert code == 0
     assert [line.split(":")[0] for line in out.splitlines()] == [p.name for p in SAMPLE_FILES]
-    assert [line.split(": ")[1].split()[0] for line in out.splitlines()] == [expected(p)["shapes"] for p in SAMPLE_FILES]
+    tops = [line.split(": ")[1].split()[0] for line in out.splitlines()]
+    assert tops == [expected(p)["shapes"] for p in SAMPLE_FILES]
     code, out, _ = cli("embed", "a red star", "a blue circle", "--json")
     vectors = [item["embedding"] for item in json.loads(out)]
     assert code == 0 and len(vectors) == 2 and abs(sum(x * x for x in vectors[0]) - 1) < 1e-4
@@ -182,5 +184,6 @@ async def test_the_async_client_is_the_sync_clients_twin(live_service, monkeypat
         assert (await client.versions("async-labels"))["aliases"] == {"prod": 1}
         await client.delete("async-labels")
     assert created["version"] == 1 and image.answers[0].version == 1
-    assert zero_shot.predictions[0].label == image.answers[0].predictions[0].label == expected(SAMPLE_FILES[0])["shapes"]
+    shape = expected(SAMPLE_FILES[0])["shapes"]
+    assert zero_shot.predictions[0].label == image.answers[0].predictions[0].label == shape
     assert len(vector) == model["embedding_dimensions"]

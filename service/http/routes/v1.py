@@ -25,6 +25,7 @@ from service.http.deps import (
 from service.http.errors import WITH_BODY, error_responses, storage_error
 from service.http.observability import note_versions
 from service.http.schemas import (
+    TASK_VERSION_LINKS,
     ClassifyResponse,
     ImageResult,
     LabelTask,
@@ -35,6 +36,7 @@ from service.http.schemas import (
     TaskDetail,
     TaskList,
     TaskSummary,
+    task_version_links,
     top_predictions,
 )
 from service.http.uploads import JSON_IMAGES_SCHEMA, read_image_uploads
@@ -82,7 +84,8 @@ Cursor = Annotated[str | None, Query(pattern=TASK_NAME_PATTERN, description="the
 
 
 @router.get("/v1/tasks", tags=["tasks"], summary="List active tasks, a page at a time (in name order)",
-            responses=error_responses(422))
+            responses={200: {"description": "a page of tasks", "links": task_version_links("/tasks/0")},
+                       **error_responses(422)})
 async def list_tasks(state: State, limit: PageSize = 100, cursor: Cursor = None) -> TaskList:
     after = [t for t in state.tasks.all() if cursor is None or t.name > cursor]
     page = after[:limit]
@@ -99,7 +102,9 @@ async def get_task(task: TaskName, state: State) -> TaskDetail:
 
 @router.post("/v1/tasks/{task}/versions", tags=["tasks"], status_code=201, dependencies=AdminOnly,
              openapi_extra=BUNDLE_BODY, summary="Upload a bundle as the task's new active version",
-             responses={200: {"model": TaskDetail, "description": "identical to a stored version: that one is active"},
+             responses={201: {"description": "stored and active", "links": TASK_VERSION_LINKS},
+                        200: {"model": TaskDetail, "description": "identical to a stored version: that one is active",
+                              "links": TASK_VERSION_LINKS},
                         **error_responses(*ADMIN_ERRORS, *WITH_BODY, 415, 422, 503, 507)})
 async def upload_bundle(task: TaskName, request: Request, response: Response, state: State) -> TaskDetail:
     """The raw bundle file is the body. It becomes active only after its text features are cached; on
@@ -118,7 +123,9 @@ async def upload_bundle(task: TaskName, request: Request, response: Response, st
 
 @router.put("/v1/tasks/{task}", tags=["tasks"], status_code=201, dependencies=AdminOnly,
             summary="Make a zero-shot task (or its new version) from class names, and activate it",
-            responses={200: {"model": TaskDetail, "description": "identical to a stored version: that one is active"},
+            responses={201: {"description": "stored and active", "links": TASK_VERSION_LINKS},
+                       200: {"model": TaskDetail, "description": "identical to a stored version: that one is active",
+                             "links": TASK_VERSION_LINKS},
                        **error_responses(*ADMIN_ERRORS, *WITH_BODY, 422, 503, 507)})
 async def put_label_task(task: TaskName, body: LabelTask, state: State, response: Response) -> TaskDetail:
     """A zero-shot bundle built from the names (each through the templates, features averaged), then stored and

@@ -12,6 +12,7 @@ from typing import Annotated, Any
 import anyio
 from fastapi import APIRouter, Query, Request, Response
 
+from service.core.records import MAX_CLASSNAME_CHARS, MAX_TEMPLATE_CHARS
 from service.http.deps import CLASSIFY_ERRORS, AppState, ClassifyAccess, State
 from service.http.errors import error_responses
 from service.http.observability import note_versions
@@ -23,15 +24,18 @@ from service.serving.errors import ServiceError
 from service.serving.zero_shot import DEFAULT_TEMPLATES
 
 router = APIRouter()
-STRINGS: dict[str, Any] = {"type": "array", "items": {"type": "string", "minLength": 1}}
+LABELS: dict[str, Any] = {"type": "array", "minItems": 1, "uniqueItems": True, "items": {
+    "type": "string", "minLength": 1, "maxLength": MAX_CLASSNAME_CHARS}, "examples": [["star", "circle", "heart"]]}
+TEMPLATES: dict[str, Any] = {"type": "array", "items": {"type": "string", "maxLength": MAX_TEMPLATE_CHARS,
+                                                        "pattern": r"^[^{}]*\{\}[^{}]*$"},
+                             "description": 'each with one {} for the label; default ["a photo of a {}."]'}
 BINARIES: dict[str, Any] = {"type": "array", "minItems": 1, "items": {"type": "string", "format": "binary"}}
+TEXTS = {"labels": LABELS, "templates": TEMPLATES}
 ZERO_SHOT_BODY = {"requestBody": {"required": True, "content": {
-    "multipart/form-data": {"schema": {"type": "object", "required": ["images", "labels"], "properties": {
-        "images": BINARIES, "labels": STRINGS | {"minItems": 1}, "templates": STRINGS}}},
+    "multipart/form-data": {"schema": {"type": "object", "required": ["images", "labels"],
+                                       "properties": {"images": BINARIES} | TEXTS}},
     "application/json": {"schema": JSON_IMAGES_SCHEMA | {
-        "required": ["images", "labels"],
-        "properties": JSON_IMAGES_SCHEMA["properties"] | {"labels": STRINGS | {"minItems": 1}, "templates": STRINGS},
-    }}}}}
+        "required": ["images", "labels"], "properties": JSON_IMAGES_SCHEMA["properties"] | TEXTS}}}}}
 OptionalTopK = Annotated[int | None, Query(ge=1, le=1000, description="predictions per image (default: every label)")]
 
 
