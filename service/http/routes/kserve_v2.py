@@ -38,7 +38,7 @@ from service.http.deps import CLASSIFY_ERRORS, AppState, ClassifyAccess, State, 
 from service.http.errors import WITH_BODY, error_body, error_responses
 from service.http.observability import note_versions
 from service.http.uploads import check_image_count, decode_base64_image
-from service.registry.base import VERSION_REF_PATTERN, UnknownTask
+from service.registry.base import VERSION_REF_PATTERN, RegistryUnavailable, UnknownTask
 from service.serving.activation import ActiveTask
 from service.serving.errors import ServiceError
 from service.serving.pipeline import Uploads
@@ -192,7 +192,10 @@ def _stats_entry(task: str, version: int, stats: VersionStats) -> dict[str, Any]
 async def model_metadata(active: Model, request: Request, state: State) -> dict[str, Any]:
     versions = [active.version]
     if "version" not in request.path_params:
-        versions = [v.version for v in await anyio.to_thread.run_sync(state.tasks.versions, active.name)]
+        try:
+            versions = [v.version for v in await anyio.to_thread.run_sync(state.tasks.versions, active.name)]
+        except RegistryUnavailable:  # through an outage, the version this replica serves is all it can vouch for
+            pass
     return {
         "name": active.name, "versions": [str(v) for v in versions],
         "platform": f"promptserve_{active.manifest.method}",

@@ -121,7 +121,8 @@ def test_schemathesis_finds_nothing_over_a_live_uvicorn_and_its_stateful_phase_r
     try:
         service.wait_ready()
         run = subprocess.run([
-            sys.executable, "-m", "schemathesis.cli", "--config-file", str(config), "run", f"{service.url}/openapi.json",
+            sys.executable, "-m", "schemathesis.cli", "--config-file", str(config),
+            "run", f"{service.url}/openapi.json",
             "--phases", "examples,coverage,fuzzing,stateful", "--max-examples", "10", "--generation-deterministic",
             "--header", f"Authorization: Bearer {TOKEN}", "--workers", "2", "--no-color",
             "--exclude-checks", "positive_data_acceptance,negative_data_rejection",

@@ -10,6 +10,7 @@ import pytest
 import tritonclient.http as triton
 from tritonclient.utils import InferenceServerException
 
+from service.registry.base import RegistryUnavailable
 from service.serving.demo import DEMO_TASKS
 from tests.helpers import ADMIN, SAMPLES, png, running, settings_for, upload
 
@@ -156,8 +157,15 @@ def test_tritonclient_reads_per_version_statistics(v2):
 
 @pytest.mark.slow
 def test_stored_versions_are_addressable_by_url(v2, live_service):
+    try:
+        check_versions_by_url(v2, live_service.url)
+    finally:  # the live service is shared: leave only its demo tasks
+        httpx.delete(f"{live_service.url}/v1/tasks/v2-versions", headers=ADMIN)
+
+
+def check_versions_by_url(v2, url: str) -> None:
     for labels in (["red", "blue"], ["red", "blue", "green"]):
-        made = httpx.put(f"{live_service.url}/v1/tasks/v2-versions", json={"classnames": labels}, headers=ADMIN)
+        made = httpx.put(f"{url}/v1/tasks/v2-versions", json={"classnames": labels}, headers=ADMIN)
         assert made.status_code == 201, made.text
     assert v2.get_model_metadata("v2-versions")["versions"] == ["1", "2"]
     assert v2.get_model_metadata("v2-versions", "1")["versions"] == ["1"]
@@ -254,3 +262,20 @@ async def test_errors_answered_before_the_routes_carry_the_protocol_error_field(
     assert too_large.json()["error"] == too_large.json()["detail"]
     assert unknown.status_code == 404 and unknown.json()["error"]
     assert v1.status_code == 431 and "error" not in v1.json()
+
+
+@pytest.mark.anyio
+async def test_model_metadata_lists_the_served_version_through_a_registry_outage(backbone, tmp_path, make_coop_bundle,
+                                                                                  monkeypatch):
+    async with running(backbone, settings_for(tmp_path)) as client:
+        await upload(client, "t", make_coop_bundle(backbone, ["a", "b"], seed=1))
+        await upload(client, "t", make_coop_bundle(backbone, ["a", "b"], seed=2))
+        assert (await client.get("/v2/models/t")).json()["versions"] == ["1", "2"]
+        registry = client._transport.app.state.promptserve.tasks.registry
+
+        def unreachable(task):
+            raise RegistryUnavailable("the registry is down")
+
+        monkeypatch.setattr(registry, "versions", unreachable)
+        during = await client.get("/v2/models/t")
+    assert during.status_code == 200 and during.json()["versions"] == ["2"]
