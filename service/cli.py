@@ -210,6 +210,7 @@ def _health_text(health: dict[str, Any]) -> str:
     lines = [f"{'ready' if health['ready'] else 'not ready'}: {health['tasks']} tasks on "
              f"{backbone.get('model')} {backbone.get('pretrained') or ''}".rstrip()]
     lines += [f"failed to restore {name}: {why}" for name, why in health["failed_tasks"].items()]
+    lines += [f"waiting for the registry {name}: {why}" for name, why in health.get("waiting_tasks", {}).items()]
     return "\n".join(lines)
 
 

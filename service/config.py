@@ -33,11 +33,18 @@ class Settings(BaseSettings):
                           "postgresql:// URL of a registry shared by every replica")
     resync_interval_s: float = Field(10.0, gt=0, description="full resync with the registry this often, beside the "
                                      "changes it announces (heals a missed notification)")
+    registry_timeout_s: float = Field(5.0, gt=0, description="PostgreSQL registry: bound on connecting, waiting for a "
+                                      "pooled connection and each lock wait (a statement: twice this; a whole "
+                                      "transaction: twice plus 1 s); past it the registry is unavailable (503)")
+    registry_pool_size: int = Field(8, gt=0, description="PostgreSQL registry: most pooled connections per replica")
+    propagation_workers: int = Field(4, gt=0, description="tasks this replica prepares at once when following "
+                                     "the registry (one task's large version never delays another's change)")
     retain_versions: int = Field(0, ge=0, description="after an upload keep this many newest versions per task (and "
                                  "always the active one and alias targets); 0 keeps every version")
     prepared_versions: int = Field(4, ge=0, description="prepared inactive versions kept for pinned requests and "
                                    "instant rollback")
-    demo: bool = Field(True, description="seed zero-shot demo tasks (shapes, colours) into an empty registry")
+    demo: bool = Field(True, description="seed zero-shot demo tasks (shapes, colours) into a registry that never "
+                       "held a task (once: not again after every task was deleted)")
 
     admin_token: SecretStr | None = Field(None, description="bearer token for uploads and deletes")
     classify_token: SecretStr | None = Field(None, description="if set, classify needs this (or the admin) token")

@@ -1,5 +1,6 @@
-"""Shared fixtures: tiny open_clip models built from the configs in tests/model_configs (random weights), and a
-fresh PostgreSQL database per test on the local server."""
+"""Shared fixtures: tiny open_clip models built from the configs in tests/model_configs (random weights), a
+fresh PostgreSQL database per test on the local server, and a throwaway cluster for tests that pause, stop or
+lock the server."""
 
 from __future__ import annotations
 
@@ -12,7 +13,7 @@ import open_clip
 import pytest
 
 from service.core.backbone import Backbone, BackboneSpec, load_backbone
-from tests.helpers import PG_SERVER, coop_bundle, pg_admin_connection, pg_cluster, pg_is_up
+from tests.helpers import PG_SERVER, ThrowawayPostgres, coop_bundle, pg_admin_connection, pg_is_up
 
 open_clip.add_model_config(Path(__file__).parent / "model_configs")
 
@@ -69,7 +70,27 @@ def postgres_url() -> Iterator[str]:
     try:
         yield f"{PG_SERVER}/{name}"
     finally:
-        if not pg_is_up():  # a test that stopped the server restarts it; be sure before dropping
-            pg_cluster("start")
         with pg_admin_connection() as conn:
             conn.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+
+
+@pytest.fixture(scope="session")
+def throwaway_cluster() -> Iterator[ThrowawayPostgres]:
+    """One PostgreSQL cluster of the session's own (initdb, its own port), for tests that pause, stop or lock it."""
+    pytest.importorskip("psycopg")
+    if not list(Path("/usr/lib/postgresql").glob("*/bin/initdb")):
+        if os.environ.get("CI"):
+            pytest.fail("PostgreSQL's server binaries (/usr/lib/postgresql/*/bin) are not installed")
+        pytest.skip("PostgreSQL's server binaries (/usr/lib/postgresql/*/bin) are not installed")
+    cluster = ThrowawayPostgres()
+    yield cluster
+    cluster.destroy()
+
+
+@pytest.fixture
+def throwaway_url(throwaway_cluster: ThrowawayPostgres) -> Iterator[str]:
+    """A fresh database on the throwaway cluster; the cluster is resumed and running again after the test."""
+    yield throwaway_cluster.create_database()
+    throwaway_cluster.resume()
+    if not throwaway_cluster.running:
+        throwaway_cluster.start()

@@ -11,7 +11,6 @@ import json
 import os
 import random
 import subprocess
-import time
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from pathlib import Path
@@ -310,13 +309,93 @@ def pg_is_up() -> bool:
         return False
 
 
-def pg_cluster(action: str) -> None:
-    """Stop or start the local cluster (Debian's pg_ctlcluster), waiting until it answers after a start."""
-    version = sorted(p.name for p in Path("/etc/postgresql").iterdir())[-1]
-    subprocess.run(["pg_ctlcluster", "--skip-systemctl-redirect", version, "main", action], check=True,
-                   capture_output=True, timeout=60)
-    deadline = time.monotonic() + 30
-    while action == "start" and not pg_is_up():
-        if time.monotonic() > deadline:
-            raise AssertionError("PostgreSQL did not come back")
-        time.sleep(0.2)
+class ThrowawayPostgres:
+    """A PostgreSQL cluster of its own (initdb in a temporary directory, its own port, trust auth), for tests
+    that pause, stop or lock the server: the shared cluster is never touched. Run as root, the server runs as
+    the `postgres` user (PostgreSQL refuses root)."""
+
+    def __init__(self) -> None:
+        import pwd
+        import tempfile
+
+        from bench.process import free_port
+
+        self.bin = sorted(Path("/usr/lib/postgresql").glob("*/bin"))[-1]
+        self.root = Path(tempfile.mkdtemp(prefix="promptserve-pg-"))
+        self.data, self.port = self.root / "data", free_port()
+        self._as = ["runuser", "-u", "postgres", "--"] if os.geteuid() == 0 else []
+        if self._as:
+            account = pwd.getpwnam("postgres")
+            os.chown(self.root, account.pw_uid, account.pw_gid)
+        self._run("initdb", "-D", str(self.data), "-U", "postgres", "--auth=trust", "-E", "UTF8", "--no-sync")
+        self.start()
+
+    def _run(self, tool: str, *args: str) -> None:
+        subprocess.run([*self._as, str(self.bin / tool), *args], check=True, capture_output=True, timeout=120)
+
+    def url(self, database: str = "postgres") -> str:
+        return f"postgresql://postgres@127.0.0.1:{self.port}/{database}"
+
+    def start(self) -> None:
+        options = f"-p {self.port} -k {self.root} -c listen_addresses=127.0.0.1 -c fsync=off -c max_connections=200"
+        self._run("pg_ctl", "-D", str(self.data), "-o", options, "-l", str(self.root / "log"), "-w", "start")
+
+    def stop(self) -> None:
+        self._run("pg_ctl", "-D", str(self.data), "-m", "fast", "-w", "stop")
+
+    @property
+    def running(self) -> bool:
+        return (self.data / "postmaster.pid").exists()
+
+    def pids(self) -> list[int]:
+        """The postmaster and every process it forked (backends, checkpointer, ...); none when stopped."""
+        if not self.running:
+            return []
+        postmaster = int((self.data / "postmaster.pid").read_text().split()[0])
+        children = [int(p.name) for p in Path("/proc").iterdir() if p.name.isdigit() and _parent(p) == postmaster]
+        return [postmaster, *children]
+
+    def pause(self) -> None:
+        """SIGSTOP every server process: connections stay open, nothing answers (a hung server)."""
+        import signal
+
+        self._signal(signal.SIGSTOP)
+
+    def resume(self) -> None:
+        import signal
+
+        self._signal(signal.SIGCONT)
+
+    def _signal(self, number: int) -> None:
+        for pid in self.pids():
+            try:
+                os.kill(pid, number)
+            except ProcessLookupError:
+                pass  # a backend that just ended
+
+    def create_database(self) -> str:
+        import uuid
+
+        import psycopg
+
+        name = f"t_{uuid.uuid4().hex[:12]}"
+        with psycopg.connect(self.url(), autocommit=True, connect_timeout=5) as conn:
+            conn.execute(f'CREATE DATABASE "{name}"')
+        return self.url(name)
+
+    def destroy(self) -> None:
+        import shutil
+
+        try:
+            self.resume()
+            self.stop()
+        except (OSError, subprocess.SubprocessError):
+            pass  # already gone
+        shutil.rmtree(self.root, ignore_errors=True)
+
+
+def _parent(proc: Path) -> int | None:
+    try:
+        return int((proc / "stat").read_text().rsplit(")", 1)[1].split()[1])
+    except (OSError, IndexError, ValueError):
+        return None

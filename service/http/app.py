@@ -30,6 +30,7 @@ from service.http.observability import REQUEST_ID_HEADER, RequestIdMiddleware
 from service.http.query import reject_unknown_query
 from service.http.routes import docs, embeddings, kserve_v2, v1, versions, web, zero_shot
 from service.registry import open_registry
+from service.registry.base import RegistryUnavailable
 from service.serving.batcher import MicroBatcher
 from service.serving.demo import seed_demo_tasks
 from service.serving.images import DecodeLimits, ImagePreprocessor
@@ -46,7 +47,8 @@ def build_state(settings: Settings, metrics: Metrics, backbone: Backbone | None 
     """Load the backbone (unless given), restore every task, and seed the demo task on a fresh registry.
     If the registry is unreachable, the propagation thread restores them once it answers."""
     backbone = backbone or load_backbone(settings.backbone_spec())
-    tasks = TaskManager(backbone, open_registry(settings.registry), settings.bundle_limits())
+    registry = open_registry(settings.registry, settings.registry_timeout_s, settings.registry_pool_size)
+    tasks = TaskManager(backbone, registry, settings.bundle_limits())
     tasks.prepared_cache_size = settings.prepared_versions
     runtime = ClassifyRuntime(backbone)
     batcher = MicroBatcher(runtime, attrgetter("rows"), max_rows=settings.batch_max_images,
@@ -57,23 +59,30 @@ def build_state(settings: Settings, metrics: Metrics, backbone: Backbone | None 
                                        s.max_aspect_ratio), s.max_answer_predictions)
     pipeline = ClassifyPipeline(batcher, ImagePreprocessor(backbone.preprocess), limits, s.decode_concurrency,
                                 on_classified=lambda task, images: metrics.images.labels(task).inc(images))
-    propagation = Propagator(tasks, settings.resync_interval_s)
+    propagation = Propagator(tasks, settings.resync_interval_s, workers=settings.propagation_workers,
+                             observe_lag=metrics.propagation_lag.observe)
     zero_shot_cache = ZeroShotCache(backbone, tasks.limits, settings.zero_shot_cache_size)
     state = AppState(settings, backbone, tasks, metrics, runtime, pipeline, anyio.CapacityLimiter(1), propagation,
                      zero_shot_cache)
+    metrics.watch_fleet(propagation.health, tasks.failure_counts)
     propagation.after_sync = _after_sync(state)
+    propagation.after_apply = state.refresh_task_gauges
     propagation.resync()
     return state
 
 
 def _after_sync(state: AppState) -> Callable[[], None]:
-    """After each sync: seed the demo tasks the first time (a fresh registry), and refresh the gauges."""
+    """After each full resync: offer the demo tasks the first time (the registry seeds them only if it never
+    held a task), and refresh the gauges."""
     demo_pending = [True] if state.settings.demo else []
 
     def after_sync() -> None:
         if demo_pending:
-            seed_demo_tasks(state.tasks)
-            demo_pending.clear()
+            try:
+                seed_demo_tasks(state.tasks)
+                demo_pending.clear()
+            except RegistryUnavailable as exc:  # offered again after the next resync
+                log.warning("demo tasks not seeded yet: %s", exc)
         state.refresh_task_gauges()
 
     return after_sync
@@ -96,6 +105,7 @@ def create_app(settings: Settings | None = None, backbone: Backbone | None = Non
         finally:
             batch_worker.cancel()
             await anyio.to_thread.run_sync(state.propagation.stop)
+            await anyio.to_thread.run_sync(state.tasks.registry.close)
 
     app = _App(settings, title="promptserve", version=__version__, lifespan=lifespan, docs_url=None, redoc_url=None,
                description="Many few-shot prompt classifiers on one frozen open_clip backbone.",

@@ -58,9 +58,11 @@ class AppState:
         reason = health.problem()
         if reason and not require_registry and health.restored:
             reason = None
-        failed = self.tasks.restore_failures
+        failed, waiting = self.tasks.restore_failures, self.tasks.waiting
         if reason is None and require_tasks and failed:
             reason = f"{len(failed)} task(s) failed to restore: {', '.join(sorted(failed))}"
+        if reason is None and require_tasks and waiting:
+            reason = f"{len(waiting)} task(s) waiting for the registry: {', '.join(sorted(waiting))}"
         return reason
 
 

@@ -3,10 +3,14 @@
 from __future__ import annotations
 
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Iterable, Sequence
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, PlatformCollector, ProcessCollector
+from prometheus_client.core import GaugeMetricFamily, Metric
+from prometheus_client.registry import Collector
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
+
+from service.serving.propagation import RegistryHealth
 
 
 class Metrics:
@@ -33,6 +37,14 @@ class Metrics:
         self.queue_wait = Histogram("promptserve_batch_queue_seconds", "Time a classify job waited for its batch",
                                     buckets=(0.001, 0.002, 0.005, 0.01, 0.02, 0.05, 0.1, 0.2, 0.5, 1, 2, 5),
                                     registry=self.registry)
+        self.propagation_lag = Histogram(
+            "promptserve_propagation_lag_seconds", "From a change committed to the registry (by any replica) to "
+            "this replica serving it", buckets=(0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 300),
+            registry=self.registry)
+
+    def watch_fleet(self, health: RegistryHealth, failures: Callable[[], dict[str, int]]) -> None:
+        """Registry reachability, last sync and tasks not serving what the registry holds, read at each scrape."""
+        self.registry.register(_FleetCollector(health, failures))
 
     def observe_batch(self, rows: int, waits: Sequence[float], queued_rows: int) -> None:
         self.batch_rows.observe(rows)
@@ -47,6 +59,28 @@ class Metrics:
                 gauge.remove(task)
             except KeyError:
                 pass
+
+
+class _FleetCollector(Collector):
+    def __init__(self, health: RegistryHealth, failures: Callable[[], dict[str, int]]):
+        self.health, self.failures = health, failures
+
+    def describe(self) -> Iterable[Metric]:
+        return []  # families are built at scrape time
+
+    def collect(self) -> Iterable[Metric]:
+        health = self.health
+        yield GaugeMetricFamily("promptserve_registry_reachable", "1 while the registry answers",
+                                value=float(health.reachable))
+        yield GaugeMetricFamily("promptserve_registry_last_sync_timestamp_seconds",
+                                "Unix time of the last successful full resync with the registry (0: none yet)",
+                                value=health.last_sync or 0)
+        failed = GaugeMetricFamily("promptserve_failed_tasks", "Tasks not serving the registry's active version, by "
+                                   "reason: bundle (cannot be served here), damaged (registry files), waiting "
+                                   "(registry unavailable; retried)", labels=["reason"])
+        for reason, count in self.failures().items():
+            failed.add_metric([reason], count)
+        yield failed
 
 
 HTTP_METHODS = frozenset({"GET", "HEAD", "POST", "PUT", "PATCH", "DELETE", "OPTIONS"})

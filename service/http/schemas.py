@@ -194,6 +194,8 @@ class Readiness(BaseModel):
                                      "last_sync")
     tasks: int
     failed_tasks: dict[str, str] = Field(description="tasks whose active version could not be restored, and why")
+    waiting_tasks: dict[str, str] = Field(default_factory=dict, description="tasks whose active version the "
+                                          "registry could not deliver yet (retried with backoff), and why")
     backbone: dict[str, Any]
 
 

@@ -11,8 +11,9 @@ import abc
 import hashlib
 import re
 import time
-from collections.abc import Generator, Iterable
+from collections.abc import Generator, Iterable, Mapping
 from dataclasses import dataclass, field
+from typing import NamedTuple
 
 TASK_NAME_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$"
 TASK_NAME = re.compile(TASK_NAME_PATTERN)
@@ -31,7 +32,15 @@ class RegistryDamage(ValueError):
 
 
 class RegistryUnavailable(RuntimeError):
-    """The registry's storage cannot be reached right now (e.g. PostgreSQL is down)."""
+    """The registry's storage cannot be reached right now, or did not answer in time (e.g. PostgreSQL is down,
+    paused, or a lock is held): a transient condition, retried, never a verdict on the task.
+
+    The message is safe to show to any client (no host, port or user); `detail` holds the driver's own words
+    for the logs."""
+
+    def __init__(self, message: str, detail: str = ""):
+        super().__init__(message)
+        self.detail = detail or message
 
 
 def check_task_name(task: str) -> str:
@@ -61,10 +70,19 @@ class VersionInfo:
 
 @dataclass(frozen=True)
 class TaskState:
-    """What a replica needs to serve a task: its active version and its aliases."""
+    """What a replica needs to serve a task: its active version and its aliases, the sha256 of every stored
+    version (so a replica drops what was pruned, deleted or replaced, by content, not by number) and when the
+    active pointer last moved (unix time, when the registry records it)."""
 
     active: int
     aliases: dict[str, int]
+    stored: dict[int, str] = field(default_factory=dict)
+    changed_at: float | None = None
+
+
+class Stored(NamedTuple):
+    version: int
+    created: bool  # False: identical bytes were already stored as `version`
 
 
 def prunable(versions: Iterable[int], keep: int, protected: set[int]) -> list[int]:
@@ -118,11 +136,20 @@ class Registry(abc.ABC):
     def prune(self, task: str, keep: int) -> list[int]:
         """Delete versions older than the `keep` newest, except the active one and alias targets; returns them."""
 
-    def store_and_activate(self, task: str, data: bytes, method: str = "") -> int:
-        """`store` then `activate`; a shared registry does both in one transaction."""
-        version = self.store(task, data, method)
-        self.activate(task, version)
-        return version
+    @abc.abstractmethod
+    def store_and_activate(self, task: str, data: bytes, method: str = "") -> Stored:
+        """`store` then `activate`, atomically; says whether the bytes were new, so of several identical uploads
+        racing (on any replica) exactly one is told it created the version."""
+
+    @abc.abstractmethod
+    def seed(self, bundles: Mapping[str, tuple[bytes, str]]) -> bool:
+        """Store and activate `bundles` (task → (bytes, method)) only if this registry never held any task, as one
+        step no other writer can interleave with; False (nothing written) otherwise. Deleting every task later
+        does not make a registry fresh again."""
+
+    def close(self) -> None:
+        """Release connections (a no-op for registries that hold none)."""
+        return None
 
     def find_version(self, task: str, sha256: str) -> int | None:
         return next((v.version for v in self.versions(task) if v.sha256 == sha256), None)
@@ -140,12 +167,15 @@ class Registry(abc.ABC):
         return aliases[ref]
 
     def task_state(self, task: str) -> TaskState | None:
-        """The task's active version and aliases, or None if it has no active version."""
+        """The task's active version, aliases and stored versions, or None if it has no active version."""
         active = self.active_versions().get(task)
-        return None if active is None else TaskState(active, self.aliases(task))
+        return None if active is None else self._state(task, active)
 
     def snapshot(self) -> dict[str, TaskState]:
-        return {task: TaskState(active, self.aliases(task)) for task, active in self.active_versions().items()}
+        return {task: self._state(task, active) for task, active in self.active_versions().items()}
+
+    def _state(self, task: str, active: int) -> TaskState:
+        return TaskState(active, self.aliases(task), {v.version: v.sha256 for v in self.versions(task)})
 
     def changes(self, poll_s: float) -> Generator[str | None, None, None]:
         """Names of tasks that other writers change, as they commit, and None at least every `poll_s`.

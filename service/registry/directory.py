@@ -6,20 +6,24 @@ flock on `<root>/.lock`.
 
 Layout: <root>/<task>/<version:08d>.bundle and <root>/<task>/ACTIVE (the active version number);
 <version:08d>.json beside each bundle holds its sha256, size, created time and method, and <task>/ALIASES
-maps alias names to versions (JSON).
+maps alias names to versions (JSON). <root>/.high-water/<task> holds the last version number issued to a task;
+it outlives the task's deletion, so a number once issued is never issued again (a replica that cached the old
+bundle under that number could not tell). A registry that ever held a task has one, which is also how demo
+tasks are seeded only into a registry that never held any.
 """
 
 from __future__ import annotations
 
 import fcntl
 import json
+import logging
 import os
 import re
 import shutil
 import threading
 import time
 import uuid
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
 from pathlib import Path
 
@@ -28,6 +32,8 @@ from service.registry.base import (
     TASK_NAME,
     Registry,
     RegistryDamage,
+    Stored,
+    TaskState,
     UnknownTask,
     VersionInfo,
     bundle_sha256,
@@ -36,8 +42,10 @@ from service.registry.base import (
     prunable,
 )
 
+log = logging.getLogger(__name__)
 _VERSION_FILE = re.compile(r"^(\d{8})\.bundle$")
 MAX_ACTIVE_BYTES = 32
+HIGH_WATER = ".high-water"
 
 
 class DirectoryRegistry(Registry):
@@ -70,25 +78,70 @@ class DirectoryRegistry(Registry):
         return sorted(int(m.group(1)) for p in task_dir.iterdir() if (m := _VERSION_FILE.match(p.name)))
 
     def store(self, task: str, data: bytes, method: str = "") -> int:
-        sha256 = bundle_sha256(data)
         with self._locked():
-            self._set_aside_if_damaged(self._task_dir(task), expect_dir=True)
-            known = self.find_version(task, sha256)
-            if known is not None:
-                return known
-            version = max(self._versions(task), default=0) + 1
-            atomic_write(self._bundle_path(task, version), data)
-            info = VersionInfo(version, sha256, len(data), time.time(), method)
-            atomic_write(self._info_path(task, version), json.dumps(vars(info)).encode())
-            return version
+            return self._store(task, data, method).version
+
+    def store_and_activate(self, task: str, data: bytes, method: str = "") -> Stored:
+        with self._locked():
+            stored = self._store(task, data, method)
+            self._activate(task, stored.version)
+            return stored
 
     def activate(self, task: str, version: int) -> None:
         with self._locked():
-            if not self._bundle_path(task, version).is_file():
-                raise UnknownTask(f"task {task!r} has no version {version}")
-            marker = self._task_dir(task) / "ACTIVE"
-            self._set_aside_if_damaged(marker, expect_dir=False)
-            atomic_write(marker, f"{version}\n".encode())
+            self._activate(task, version)
+
+    def seed(self, bundles: Mapping[str, tuple[bytes, str]]) -> bool:
+        with self._locked():
+            if self._ever_held_a_task():
+                return False
+            for task, (data, method) in bundles.items():
+                self._activate(task, self._store(task, data, method).version)
+            return True
+
+    def _ever_held_a_task(self) -> bool:
+        marks = self.root / HIGH_WATER
+        if marks.is_dir() and any(marks.iterdir()):
+            return True
+        return any(TASK_NAME.match(entry.name) and entry.is_dir() for entry in self.root.iterdir())
+
+    def _store(self, task: str, data: bytes, method: str) -> Stored:
+        sha256 = bundle_sha256(data)
+        self._set_aside_if_damaged(self._task_dir(task), expect_dir=True)
+        known = self.find_version(task, sha256)
+        if known is not None:
+            return Stored(known, False)
+        version = max(max(self._versions(task), default=0), self._high_water(task)) + 1
+        make_dirs(self.root / HIGH_WATER)
+        atomic_write(self.root / HIGH_WATER / task, f"{version}\n".encode())  # before the bundle: never reissued
+        atomic_write(self._bundle_path(task, version), data)
+        info = VersionInfo(version, sha256, len(data), time.time(), method)
+        atomic_write(self._info_path(task, version), json.dumps(vars(info)).encode())
+        return Stored(version, True)
+
+    def _high_water(self, task: str) -> int:
+        """The last number issued to `task`; 0 if none was, or if the mark is unreadable (then the stored
+        versions alone decide, and the next store writes a good mark)."""
+        path = self.root / HIGH_WATER / task
+        try:
+            with open(path, "rb") as f:
+                text = f.read(MAX_ACTIVE_BYTES + 1)
+        except FileNotFoundError:
+            return 0
+        except OSError as exc:
+            log.warning("high-water mark of task %s cannot be read (%s); using the stored versions", task, exc)
+            return 0
+        if not re.fullmatch(rb"[0-9]{1,8}\n?", text):
+            log.warning("high-water mark of task %s is damaged (%r); using the stored versions", task, text[:32])
+            return 0
+        return int(text)
+
+    def _activate(self, task: str, version: int) -> None:
+        if not self._bundle_path(task, version).is_file():
+            raise UnknownTask(f"task {task!r} has no version {version}")
+        marker = self._task_dir(task) / "ACTIVE"
+        self._set_aside_if_damaged(marker, expect_dir=False)
+        atomic_write(marker, f"{version}\n".encode())
 
     def _set_aside_if_damaged(self, path: Path, *, expect_dir: bool) -> None:
         """Move a wrong kind of file out of the way (kept, dot-named, ignored), so a new write can succeed."""
@@ -139,6 +192,14 @@ class DirectoryRegistry(Registry):
         if not (task_dir / f"{version:08d}.bundle").is_file():
             raise RegistryDamage(f"ACTIVE names version {version}, which has no bundle file")
         return version
+
+    def _state(self, task: str, active: int) -> TaskState:
+        state = super()._state(task, active)
+        try:
+            changed_at: float | None = (self._task_dir(task) / "ACTIVE").stat().st_mtime
+        except OSError:
+            changed_at = None
+        return TaskState(state.active, state.aliases, state.stored, changed_at)
 
     def delete(self, task: str) -> None:
         with self._locked():

@@ -15,6 +15,7 @@ from service.bundle.compat import check_compatible
 from service.bundle.manifest import Manifest
 from service.core.backbone import Backbone
 from service.methods import BundleError
+from service.registry.base import bundle_sha256
 from service.serving.heads import TaskHead, build_head
 
 
@@ -39,6 +40,7 @@ class ActiveTask:
     bundle_bytes: int
     head: TaskHead
     activated_at: float
+    sha256: str = ""  # of the bundle bytes: a replica tells versions apart by content, not only by number
 
 
 def prepare(name: str, version: int, data: bytes, backbone: Backbone, limits: BundleLimits) -> ActiveTask:
@@ -52,7 +54,7 @@ def prepare(name: str, version: int, data: bytes, backbone: Backbone, limits: Bu
         raise
     except ValueError as exc:  # e.g. a class prompt longer than the text context
         raise BundleError("classnames", str(exc)) from exc
-    return ActiveTask(name, version, bundle.manifest, len(data), head, time.time())
+    return ActiveTask(name, version, bundle.manifest, len(data), head, time.time(), bundle_sha256(data))
 
 
 def check_cost(bundle: Bundle, limits: BundleLimits) -> None:

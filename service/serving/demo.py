@@ -8,7 +8,7 @@ from __future__ import annotations
 import logging
 
 from service.serving.tasks import TaskManager
-from service.serving.zero_shot import zero_shot_bundle
+from service.serving.zero_shot import ZERO_SHOT, zero_shot_bundle
 
 log = logging.getLogger(__name__)
 
@@ -21,10 +21,15 @@ DEMO_TASKS = {
 DEMO_TEMPLATES = ["a photo of a {}."]
 
 
-def seed_demo_tasks(tasks: TaskManager) -> None:
-    """Publish zero-shot demo tasks when the registry holds no task at all."""
-    if tasks.registry.active_versions():
-        return
+def seed_demo_tasks(tasks: TaskManager) -> bool:
+    """Store and serve zero-shot demo tasks if the registry never held a task; the registry decides in one
+    step, so of several replicas starting together on an empty registry exactly one seeds. True if seeded."""
+    bundles = {}
     for name, classnames in DEMO_TASKS.items():
-        tasks.publish(name, zero_shot_bundle(tasks.backbone, classnames, DEMO_TEMPLATES))
-    log.info("seeded demo tasks %s", ", ".join(DEMO_TASKS))
+        bundles[name] = (zero_shot_bundle(tasks.backbone, classnames, DEMO_TEMPLATES), ZERO_SHOT.name)
+    if not tasks.registry.seed(bundles):
+        return False
+    for name in bundles:
+        tasks.sync(name)
+    log.info("seeded demo tasks %s", ", ".join(bundles))
+    return True

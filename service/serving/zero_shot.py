@@ -23,7 +23,7 @@ from service.methods.zeroshot import DEFAULT_TEMPLATES
 from service.methods.zeroshot import SPEC as ZERO_SHOT
 from service.serving.activation import ActiveTask, BundleLimits, prepare
 
-__all__ = ["DEFAULT_TEMPLATES", "REQUEST_TASK", "ZeroShotCache", "zero_shot_bundle"]
+__all__ = ["DEFAULT_TEMPLATES", "REQUEST_TASK", "ZERO_SHOT", "ZeroShotCache", "zero_shot_bundle"]
 LabelSet = tuple[tuple[str, ...], tuple[str, ...]]  # (labels, templates)
 REQUEST_TASK = "zero-shot"  # the name request-time label sets answer under (metrics, logs)
 

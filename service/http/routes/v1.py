@@ -75,7 +75,8 @@ async def readyz(state: State, response: Response, require_registry: RequireRegi
     reason = state.not_ready_reason(require_registry=require_registry, require_tasks=require_tasks)
     response.status_code = 200 if reason is None else 503
     return Readiness(ready=reason is None, reason=reason, registry=vars(health), tasks=len(state.tasks.all()),
-                     failed_tasks=state.tasks.restore_failures, backbone=state.backbone.describe())
+                     failed_tasks=state.tasks.restore_failures, waiting_tasks=state.tasks.waiting,
+                     backbone=state.backbone.describe())
 
 
 PageSize = Annotated[int, Query(ge=1, le=1000, description="tasks per page")]

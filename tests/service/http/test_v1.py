@@ -241,15 +241,22 @@ async def test_a_broken_stored_bundle_is_reported_and_others_still_restore(backb
         ready = (await client.get("/readyz")).json()
         assert ready["tasks"] == 1 and "bad" in ready["failed_tasks"]
         assert (await classify(client, "good", [png()])).status_code == 200
+        metrics = (await client.get("/metrics")).text
+        assert 'promptserve_failed_tasks{reason="bundle"} 1.0' in metrics
+        assert 'promptserve_failed_tasks{reason="waiting"} 0.0' in metrics
+        assert "promptserve_registry_reachable 1.0" in metrics
+        assert "promptserve_registry_last_sync_timestamp_seconds 1." in metrics  # a unix time, 1.7e9
 
 
-async def test_demo_tasks_are_seeded_only_into_an_empty_registry(backbone, tmp_path):
+async def test_demo_tasks_are_seeded_only_into_a_registry_that_never_held_a_task(backbone, tmp_path):
     settings = settings_for(tmp_path, demo=True)
     async with running(backbone, settings) as client:
         for name in ("shapes", "colours"):
             demo = (await client.get(f"/v1/tasks/{name}")).json()
             assert demo["method"] == "zeroshot" and demo["num_classes"] == 16
             assert (await client.delete(f"/v1/tasks/{name}", headers=ADMIN)).status_code == 204
+    async with running(backbone, settings) as client:  # every task deleted: still not a fresh registry
+        assert (await client.get("/v1/tasks")).json()["tasks"] == []
         await upload(client, "mine", coop_for(backbone))
     async with running(backbone, settings) as client:
         assert [t["name"] for t in (await client.get("/v1/tasks")).json()["tasks"]] == ["mine"]

@@ -104,13 +104,14 @@ def test_prune_keeps_the_newest_the_active_version_and_alias_targets(registry):
 
 def test_store_and_activate_makes_the_new_version_active(registry):
     registry.activate("birds", registry.store("birds", b"one"))
-    assert registry.store_and_activate("birds", b"two", "coop") == 2
-    assert registry.active_versions() == {"birds": 2}
+    assert registry.store_and_activate("birds", b"two", "coop") == (2, True)
+    assert registry.store_and_activate("birds", b"one", "coop") == (1, False)
+    assert registry.active_versions() == {"birds": 1}
 
 
 def test_concurrent_stores_get_distinct_increasing_versions(location):
     def store(i: int) -> int:
-        return open_registry(location).store_and_activate("birds", f"bundle {i}".encode())
+        return open_registry(location).store_and_activate("birds", f"bundle {i}".encode()).version
 
     with ThreadPoolExecutor(8) as pool:
         versions = list(pool.map(store, range(24)))

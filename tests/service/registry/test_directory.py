@@ -30,7 +30,7 @@ def test_delete_removes_the_task_entirely(tmp_path):
     registry.activate("birds", registry.store("birds", b"x"))
     registry.delete("birds")
     assert registry.active_versions() == {}
-    assert sorted(p.name for p in tmp_path.iterdir()) == [".lock"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == [".high-water", ".lock"]
     with pytest.raises(UnknownTask):
         registry.delete("birds")
 

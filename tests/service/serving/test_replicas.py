@@ -1,4 +1,5 @@
-"""Two real service processes sharing one PostgreSQL registry (a database of their own per test)."""
+"""Two real service processes sharing one PostgreSQL registry (a database of their own per test; the outage
+test stops a throwaway cluster of its own, never the shared one)."""
 
 import time
 from collections.abc import Callable
@@ -9,7 +10,7 @@ import pytest
 
 from bench.process import ServiceProcess
 from service.registry.postgres import PostgresRegistry
-from tests.helpers import SAMPLES, TOKEN, classify_sample, coop_bundle_for, pg_cluster
+from tests.helpers import SAMPLES, TOKEN, classify_sample, coop_bundle_for
 
 pytestmark = pytest.mark.slow
 ADMIN = {"Authorization": f"Bearer {TOKEN}"}
@@ -116,14 +117,15 @@ def test_changes_on_one_replica_reach_the_other_within_a_second_concurrent_uploa
         restarted.stop()
 
 
-def test_replicas_keep_serving_through_a_postgres_outage_and_resync_after(postgres_url):
+def test_replicas_keep_serving_through_a_postgres_outage_and_resync_after(throwaway_cluster, throwaway_url):
+    postgres_url = throwaway_url
     a, b = replicas = start_replicas(postgres_url)
     try:
         backbone = backbone_of(a)
         assert upload(a, backbone, ["p", "q"], 1).status_code == 201
         seconds_until(lambda: active_version(b, "things") == 1)
         try:
-            pg_cluster("stop")
+            throwaway_cluster.stop()
             for replica in replicas:
                 seconds_until(lambda r=replica: httpx.get(f"{r.url}/readyz").status_code == 503)
                 ready = httpx.get(f"{replica.url}/readyz").json()
@@ -133,7 +135,7 @@ def test_replicas_keep_serving_through_a_postgres_outage_and_resync_after(postgr
             refused = upload(a, backbone, ["p2", "q2"], 2)
             assert refused.status_code == 503 and refused.json()["code"] == "registry_unavailable"
         finally:
-            pg_cluster("start")
+            throwaway_cluster.start()
         for replica in replicas:
             seconds_until(lambda r=replica: httpx.get(f"{r.url}/readyz").status_code == 200)
         # A change committed without a notification (as if it were missed) reaches both by periodic resync.
