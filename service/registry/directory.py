@@ -75,7 +75,10 @@ class DirectoryRegistry(Registry):
         if not task_dir.is_dir():
             return []
         # Every name that looks like a version counts, even a damaged one, so a new version never reuses it.
-        return sorted(int(m.group(1)) for p in task_dir.iterdir() if (m := _VERSION_FILE.match(p.name)))
+        try:
+            return sorted(int(m.group(1)) for p in task_dir.iterdir() if (m := _VERSION_FILE.match(p.name)))
+        except FileNotFoundError:  # deleted meanwhile (a reader without the lock)
+            return []
 
     def store(self, task: str, data: bytes, method: str = "") -> int:
         with self._locked():
@@ -215,6 +218,7 @@ class DirectoryRegistry(Registry):
         return self._task_dir(task) / f"{version:08d}.json"
 
     def _version_info(self, task: str, version: int) -> VersionInfo:
+        """Raises FileNotFoundError when the version's files go away while they are read."""
         info_path = self._info_path(task, version)
         if info_path.is_file():
             try:
@@ -226,7 +230,15 @@ class DirectoryRegistry(Registry):
         return VersionInfo(version, bundle_sha256(path.read_bytes()), path.stat().st_size, path.stat().st_mtime, "")
 
     def versions(self, task: str) -> list[VersionInfo]:
-        return [self._version_info(task, v) for v in self._versions(task)]
+        """Read without the writers' lock: a version whose files a delete or prune takes away meanwhile is left
+        out (a deleted task lists none), never an error."""
+        infos = []
+        for version in self._versions(task):
+            try:
+                infos.append(self._version_info(task, version))
+            except FileNotFoundError:  # pruned, or the task deleted, while listed
+                continue
+        return infos
 
     def aliases(self, task: str) -> dict[str, int]:
         path = self._task_dir(task) / "ALIASES"

@@ -131,7 +131,8 @@ def test_schemathesis_finds_nothing_over_a_live_uvicorn_and_its_stateful_phase_r
             capture_output=True, text=True, timeout=300)
     finally:
         service.stop()
-    assert run.returncode == 0, run.stdout[-12000:] + run.stderr[-2000:]
+    failures = run.stdout[run.stdout.find("=== FAILURES"):] if "=== FAILURES" in run.stdout else run.stdout[-12000:]
+    assert run.returncode == 0, failures[:12000] + run.stderr[-2000:]
     reached = stateful_successes(tmp_path / "events.ndjson")
     assert STATEFUL_TARGETS <= reached, f"the stateful phase answered 2xx only for {sorted(reached)}"
 
