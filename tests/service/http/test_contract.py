@@ -124,7 +124,7 @@ def test_schemathesis_finds_nothing_over_a_live_uvicorn_and_its_stateful_phase_r
             sys.executable, "-m", "schemathesis.cli", "--config-file", str(config),
             "run", f"{service.url}/openapi.json",
             "--phases", "examples,coverage,fuzzing,stateful", "--max-examples", "10", "--generation-deterministic",
-            "--header", f"Authorization: Bearer {TOKEN}", "--workers", "2", "--no-color",
+            "--header", f"Authorization: Bearer {TOKEN}", "--workers", "1", "--no-color",  # hypothesis: one thread
             "--request-timeout", "60",  # the suite shares two cores: a slow answer is not a fault
             "--exclude-checks", "positive_data_acceptance,negative_data_rejection",
             "--report", "ndjson", "--report-ndjson-path", str(tmp_path / "events.ndjson")],
