@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
-from typing import Literal
+import difflib
+from collections.abc import Mapping
+from typing import Annotated, Literal
 
 from pydantic import Field, SecretStr, field_validator, model_validator
-from pydantic_settings import BaseSettings, SettingsConfigDict
+from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
 from service.core.backbone import BackboneSpec
 from service.serving.activation import BundleLimits
@@ -16,10 +18,13 @@ MiB = 1024 * 1024
 # and the bytes per decoded pixel while its images are decoded (RGB, plus a decoder's or a conversion's copy).
 PARSE_FACTOR = 2.5
 DECODE_BYTES_PER_PIXEL = 5
+PREFIX = "PROMPTSERVE_"
+# PROMPTSERVE_* variables that are not service settings: read by the client and the CLI
+CLIENT_VARIABLES = frozenset({"PROMPTSERVE_URL"})
 
 
 class Settings(BaseSettings):
-    model_config = SettingsConfigDict(env_prefix="PROMPTSERVE_", frozen=True)
+    model_config = SettingsConfigDict(env_prefix=PREFIX, frozen=True)
 
     model: str = Field("promptserve-tiny", description="open_clip model name (or local-dir:PATH)")
     pretrained: str | None = Field("world-v1", description="open_clip tag, embedded tag or checkpoint path; "
@@ -82,6 +87,19 @@ class Settings(BaseSettings):
                                      "or just answered (bounded; docs/serving.md)")
     batch_max_queued_images: int = Field(256, gt=0, description="queued rows beyond which classify answers 503")
 
+    zero_shot_cache_size: int = Field(32, gt=0, description="label sets of /v1/zero-shot whose text features stay "
+                                      "cached (least recently used dropped)")
+    max_embedding_inputs: int = Field(256, gt=0, description="texts one /v1/embeddings request may embed "
+                                      "(images: MAX_IMAGES_PER_REQUEST)")
+    max_embedding_text_chars: int = Field(2000, gt=0, description="longest text /v1/embeddings takes (its tokens "
+                                          "must also fit the text context)")
+
+    log_format: Literal["text", "json"] = Field("text", description="json: one JSON object per line for app, "
+                                                "access and library logs (with request id, route, tasks, status)")
+    cors_origins: Annotated[list[str], NoDecode] = Field(
+        default_factory=list, description="origins allowed to call the API from a browser, comma-separated "
+        "('*' for any); empty: no CORS headers")
+
     host: str = "127.0.0.1"
     port: int = 8000
 
@@ -100,6 +118,10 @@ class Settings(BaseSettings):
             raise ValueError(f"max_inflight_body_bytes ({self.max_inflight_body_bytes}) must hold the largest request "
                              f"body ({largest} bytes), or such a request is never admitted")
         return self
+    @field_validator("cors_origins", mode="before")
+    @classmethod
+    def _split_origins(cls, value: object) -> object:
+        return [o.strip() for o in value.split(",") if o.strip()] if isinstance(value, str) else value
 
     def backbone_spec(self) -> BackboneSpec:
         return BackboneSpec(model=self.model, pretrained=self.pretrained or None, device=self.device, seed=self.seed,
@@ -120,3 +142,15 @@ class Settings(BaseSettings):
     def max_classify_body_bytes(self) -> int:
         # Room for every allowed image plus multipart framing.
         return self.max_images_per_request * self.max_image_bytes + MiB
+
+
+def unknown_variables(environ: Mapping[str, str]) -> list[str]:
+    """PROMPTSERVE_* variables that no setting reads, each with the setting it was probably meant to be."""
+    known = {f"{PREFIX}{name.upper()}" for name in Settings.model_fields}
+    unknown = sorted(k for k in environ if k.upper().startswith(PREFIX) and k.upper() not in known | CLIENT_VARIABLES)
+    return [_with_suggestion(name, known) for name in unknown]
+
+
+def _with_suggestion(name: str, known: set[str]) -> str:
+    close = difflib.get_close_matches(name.upper(), known, n=1, cutoff=0.6)
+    return f"{name} (did you mean {close[0]}?)" if close else name

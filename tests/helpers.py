@@ -98,9 +98,9 @@ def count_calls(monkeypatch: pytest.MonkeyPatch, encoder: Any) -> list[int]:
     """Wrap the real encoder's one entry into the text tower; each call records its batch size."""
     calls, real = [], encoder.encode_embeddings
 
-    def counted(x: torch.Tensor, eot: torch.Tensor, reuse_prefix: bool = True) -> torch.Tensor:
+    def counted(x: torch.Tensor, eot: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
         calls.append(x.shape[0])
-        return real(x, eot, reuse_prefix)
+        return real(x, eot, *args, **kwargs)
 
     monkeypatch.setattr(encoder, "encode_embeddings", counted)
     return calls

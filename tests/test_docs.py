@@ -45,3 +45,40 @@ def test_every_module_and_code_name_a_doc_cites_resolves(doc: Path) -> None:
     modules = sorted({m for m in MODULE.findall(text) if importlib.util.find_spec(m) is None})
     names = sorted({d for d in DOTTED.findall(text) if not _resolves(d)})
     assert (modules, names) == ([], [])
+
+
+def _section(text: str, heading: str) -> str:
+    start = text.index(heading)
+    end = text.find("\n## ", start + len(heading))
+    return text[start : end if end != -1 else len(text)]
+
+
+def test_the_readme_lists_every_setting_and_no_other() -> None:
+    from service.config import Settings
+
+    section = _section((ROOT / "README.md").read_text(), "## Configuration")
+    named = {name.removeprefix("PROMPTSERVE_") for name in re.findall(r"`([A-Z][A-Z0-9_]+)`", section)}
+    named.discard("")  # `PROMPTSERVE_` itself
+    assert named == {field.upper() for field in Settings.model_fields}
+
+
+def test_the_bundle_format_lists_every_registered_method() -> None:
+    from service.methods import METHODS
+
+    doc = (ROOT / "docs" / "bundle-format.md").read_text()
+    method_row = next(line for line in doc.splitlines() if line.startswith("| `method` |"))
+    tensor_rows = [line for line in _section(doc, "## Tensors").splitlines() if line.startswith("| `")]
+    for name in METHODS:
+        assert f"`{name}`" in method_row, f"the method row does not list {name}"
+        assert any(f"`{name}`" in row.split("|")[1] for row in tensor_rows), f"no tensors row for {name}"
+
+
+LINK = re.compile(r"\]\(([^)#\s]+)(?:#[^)]*)?\)")
+
+
+@pytest.mark.parametrize("doc", DOCS, ids=lambda p: p.name)
+def test_every_link_a_doc_makes_stays_in_the_repository(doc: Path) -> None:
+    targets = [t for t in LINK.findall(doc.read_text()) if "://" not in t and not t.startswith("mailto:")]
+    outside = [t for t in targets if not (doc.parent / t).resolve().is_relative_to(ROOT)]
+    missing = [t for t in targets if t not in outside and not (doc.parent / t).exists()]
+    assert (outside, missing) == ([], [])

@@ -116,5 +116,7 @@ def build_manifest(method_name: str, backbone: Backbone, classnames: Iterable[st
     """The manifest of a bundle made for `backbone`: its identity, with the image tower's where the method's
     prompts depend on it (the one place trainer, demo tasks and tools build a manifest)."""
     with_image = method(method_name).kind.needs_image_fingerprint
-    return Manifest(method_name, backbone.ref(with_image=with_image), tuple(classnames), prompt or PromptLayout(),
-                    dict(options or {}), dict(metrics or {}), trainer_version=trainer_version)
+    # by keyword, so a validation error's location names the field (`classnames`), not a position
+    return Manifest(method=method_name, backbone=backbone.ref(with_image=with_image), classnames=tuple(classnames),
+                    prompt=prompt or PromptLayout(), options=dict(options or {}), metrics=dict(metrics or {}),
+                    trainer_version=trainer_version)

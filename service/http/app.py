@@ -5,25 +5,30 @@ from __future__ import annotations
 import asyncio
 import copy
 import logging
+import os
 from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
 from operator import attrgetter
 from typing import Any
 
 import anyio
-from fastapi import FastAPI
+from fastapi import Depends, FastAPI
+from fastapi.middleware.cors import CORSMiddleware
 from fastapi.responses import PlainTextResponse
+from fastapi.routing import APIRoute
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from starlette.types import Scope
 
 from service import __version__
-from service.config import Settings
+from service.config import MiB, Settings, unknown_variables
 from service.core.backbone import Backbone, load_backbone
-from service.http.deps import AppState
-from service.http.errors import add_error_handlers, error_responses, error_schemas
+from service.http.deps import AppState, require_classify
+from service.http.errors import add_error_handlers, error_responses, error_schemas, every_route
 from service.http.limits import RequestLimits, RouteLimits
 from service.http.metrics import Metrics, MetricsMiddleware
-from service.http.routes import docs, kserve_v2, v1, versions, web
+from service.http.observability import REQUEST_ID_HEADER, RequestIdMiddleware
+from service.http.query import reject_unknown_query
+from service.http.routes import docs, embeddings, kserve_v2, v1, versions, web, zero_shot
 from service.registry import open_registry
 from service.registry.base import RegistryUnavailable
 from service.serving.batcher import MicroBatcher
@@ -34,6 +39,7 @@ from service.serving.preparation import PinBudget, PinWorker
 from service.serving.propagation import Propagator
 from service.serving.runtime import ClassifyRuntime
 from service.serving.tasks import TaskManager
+from service.serving.zero_shot import ZeroShotCache
 
 log = logging.getLogger(__name__)
 MAX_QUEUED_PINS = 16  # pinned versions waiting to be prepared; beyond, 429 (docs/registry.md)
@@ -58,8 +64,9 @@ def build_state(settings: Settings, metrics: Metrics, backbone: Backbone | None 
     propagation = Propagator(tasks, settings.resync_interval_s, workers=settings.propagation_workers,
                              observe_lag=metrics.propagation_lag.observe)
     pins = PinBudget(s.pin_preparations_per_minute, max_queued=MAX_QUEUED_PINS)
+    zero_shot_cache = ZeroShotCache(backbone, tasks.limits, settings.zero_shot_cache_size)
     state = AppState(settings, backbone, tasks, metrics, runtime, pipeline, anyio.CapacityLimiter(1), PinWorker(), pins,
-                     propagation)
+                     propagation, zero_shot_cache)
     metrics.watch_fleet(propagation.health, tasks.failure_counts)
     propagation.after_sync = _after_sync(state)
     propagation.after_apply = state.refresh_task_gauges
@@ -90,6 +97,8 @@ def create_app(settings: Settings | None = None, backbone: Backbone | None = Non
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        for name in unknown_variables(os.environ):
+            log.warning("unknown setting %s is ignored (settings: service/config.py, README)", name)
         state = await anyio.to_thread.run_sync(build_state, settings, metrics, backbone)
         app.state.promptserve = state
         batch_worker = asyncio.create_task(state.pipeline.batcher.run())
@@ -104,9 +113,11 @@ def create_app(settings: Settings | None = None, backbone: Backbone | None = Non
 
     app = _App(settings, title="promptserve", version=__version__, lifespan=lifespan, docs_url=None, redoc_url=None,
                description="Many few-shot prompt classifiers on one frozen open_clip backbone.",
-               generate_unique_id_function=lambda route: route.name)
+               generate_unique_id_function=lambda route: route.name, dependencies=[Depends(reject_unknown_query)])
     app.include_router(v1.router)
     app.include_router(versions.router)
+    app.include_router(zero_shot.router)
+    app.include_router(embeddings.router)
     app.include_router(kserve_v2.router)
     web.add_web_page(app)
     docs.add_docs_pages(app)
@@ -122,6 +133,10 @@ def create_app(settings: Settings | None = None, backbone: Backbone | None = Non
                        max_inflight=settings.max_inflight_requests,
                        max_inflight_body_bytes=settings.max_inflight_body_bytes)
     app.add_middleware(MetricsMiddleware, metrics=metrics)
+    if settings.cors_origins:  # outside the limits, so their refusals carry the CORS headers a browser needs
+        app.add_middleware(CORSMiddleware, allow_origins=settings.cors_origins, allow_methods=["*"],
+                           allow_headers=["*"], expose_headers=[REQUEST_ID_HEADER, "Retry-After"])
+    app.add_middleware(RequestIdMiddleware, log_requests=settings.log_format == "json")  # outermost: every answer
     return app
 
 
@@ -137,14 +152,18 @@ class _App(FastAPI):
 
 
 def _openapi(app: FastAPI, settings: Settings) -> dict[str, Any]:
-    """The schema with the error bodies, and this service's request-size settings as maxItems; built once."""
+    """The schema with the error bodies, this service's request-size settings as maxItems, and classify's bearer
+    token optional when no classify token is set; built once."""
     # a copy: FastAPI shares the routes' openapi_extra dicts between apps, and these limits are per app
     schema = copy.deepcopy(FastAPI.openapi(app))
     schema["components"]["schemas"] |= error_schemas()
     bound = {"maxItems": settings.max_images_per_request}
-    for path in ("/v1/tasks/{task}/classify", "/v1/classify"):
+    for path in ("/v1/tasks/{task}/classify", "/v1/classify", "/v1/zero-shot"):
         for content in schema["paths"][path]["post"]["requestBody"]["content"].values():
             content["schema"]["properties"]["images"] |= bound
+    if settings.classify_token is None:
+        for path, method in _guarded_by(app, require_classify):
+            schema["paths"][path][method]["security"] = [{}, *schema["paths"][path][method]["security"]]
     for path in ("/v2/models/{task}/infer", "/v2/models/{task}/versions/{version}/infer"):
         body = schema["paths"][path]["post"]["requestBody"]["content"]["application/json"]["schema"]
         body["properties"]["inputs"]["items"]["properties"]["data"] |= bound
@@ -153,12 +172,23 @@ def _openapi(app: FastAPI, settings: Settings) -> dict[str, Any]:
 
 
 SMALL_BODY_BYTES = 64 * 1024  # every other body is a small JSON document (an alias target)
+INFERENCE_PATHS = ("classify", "/infer", "/v1/zero-shot", "/v1/embeddings")
+
+
+def _guarded_by(app: FastAPI, guard: Callable[..., None]) -> list[tuple[str, str]]:
+    """(OpenAPI path, method) of every operation that depends on `guard`."""
+    return [(route.path_format, method.lower()) for route in every_route(app)
+            if isinstance(route.original_route if hasattr(route, "original_route") else route, APIRoute)
+            and route.include_in_schema and any(d.dependency is guard for d in route.dependencies)
+            for method in route.methods or ()]
 
 
 def route_limits(scope: Scope, settings: Settings) -> RouteLimits:
     path, post = scope["path"], scope["method"] == "POST"
     if path.endswith("/versions"):
         return RouteLimits(settings.max_bundle_bytes, expensive=post)
-    if path.endswith(("classify", "/infer")):
+    if path.endswith(INFERENCE_PATHS):
         return RouteLimits(settings.max_classify_body_bytes, expensive=post)
+    if scope["method"] == "PUT" and path.startswith("/v1/tasks/") and path.count("/") == 3:
+        return RouteLimits(MiB, expensive=True)  # a task from labels encodes them, like an upload
     return RouteLimits(SMALL_BODY_BYTES, expensive=False)

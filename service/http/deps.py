@@ -7,8 +7,10 @@ route (tasks, versions, aliases, V2 model metadata and repository index); health
 
 from __future__ import annotations
 
+import math
 import secrets
-from dataclasses import dataclass
+import time
+from dataclasses import dataclass, field
 from typing import Annotated
 
 import anyio
@@ -20,13 +22,16 @@ from service.config import Settings
 from service.core.backbone import Backbone
 from service.http.errors import WITH_BODY
 from service.http.metrics import Metrics
+from service.methods import BundleError
 from service.registry.base import TASK_NAME_PATTERN
+from service.serving.activation import ActiveTask
 from service.serving.errors import ServiceError
 from service.serving.pipeline import ClassifyPipeline
-from service.serving.preparation import PinBudget, PinWorker
+from service.serving.preparation import PinBudget, PinRefused, PinWorker
 from service.serving.propagation import Propagator
 from service.serving.runtime import ClassifyRuntime
 from service.serving.tasks import TaskManager
+from service.serving.zero_shot import ZeroShotCache
 
 
 @dataclass
@@ -43,6 +48,8 @@ class AppState:
     pin_worker: PinWorker  # prepares pinned versions, at the lowest CPU priority, never ahead of an upload
     pins: PinBudget  # which pinned requests may have a version prepared
     propagation: Propagator  # keeps this replica in step with the registry
+    zero_shot: ZeroShotCache  # request-time label sets (POST /v1/zero-shot)
+    started_at: float = field(default_factory=time.time)
 
     def refresh_task_gauges(self) -> None:
         self.metrics.cached_tasks.set(len(self.tasks.all()))
@@ -71,7 +78,33 @@ def get_state(request: Request) -> AppState:
 
 
 State = Annotated[AppState, Depends(get_state)]
-TaskName = Annotated[str, Path(pattern=TASK_NAME_PATTERN, description="task name")]
+TaskName = Annotated[str, Path(pattern=TASK_NAME_PATTERN, description="task name", examples=["shapes"])]
+
+
+async def pinned_task(request: Request, state: AppState, task: str, ref: str) -> ActiveTask:
+    """A stored version (number or alias) of a task, the active one untouched: answered at once if it is active or
+    prepared; else prepared by the pin worker (never ahead of an upload), within the client's and the task's
+    budget (service/serving/preparation.py)."""
+    state.tasks.get(task)  # 404 for a task this replica does not serve
+    version = state.tasks.resolve(task, ref)
+    ready = state.tasks.ready(task, version)
+    if ready is not None:
+        return ready
+    client = request.client.host if request.client else "unknown"
+    try:
+        state.pins.take(client, task, state.pin_worker.queued)
+    except PinRefused as exc:
+        retry = max(1, math.ceil(exc.retry_after_s))
+        raise ServiceError(429, "too_many_pins", f"version {version} of {task!r} is not prepared and {exc}; retry in "
+                           f"{retry} s, or pin a prepared version", headers={"Retry-After": str(retry)}) from exc
+    try:
+        return await state.pin_worker.run(state.tasks.pinned, task, str(version))
+    except BundleError as exc:
+        raise ServiceError(422, "invalid_bundle", f"version {ref} of {task!r} cannot be served: {exc}") from exc
+    finally:
+        state.pins.done(client)
+
+
 bearer = HTTPBearer(auto_error=False, description="Bearer token from PROMPTSERVE_ADMIN_TOKEN / _CLASSIFY_TOKEN")
 Credentials = Annotated[HTTPAuthorizationCredentials | None, Depends(bearer)]
 

@@ -1,5 +1,6 @@
 """Every error leaves as JSON: {"detail": message, "code": code} (+ "field" for bundle faults; V2 routes add the
-protocol's "error"). The handlers here turn the layers' exceptions into those bodies.
+protocol's "error", OpenAI-shaped routes OpenAI's "error" object). The handlers here turn the layers' exceptions
+into those bodies.
 
 Every code the service answers is listed in docs/errors.md; `error_responses` documents them in the OpenAPI.
 """
@@ -9,15 +10,17 @@ from __future__ import annotations
 import errno
 import json
 import logging
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from typing import Any
 
+import fastapi.routing
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from pydantic import BaseModel, Field
 from starlette.exceptions import HTTPException
 from starlette.requests import ClientDisconnect
+from starlette.routing import Match
 
 from service.registry.base import RegistryDamage, RegistryUnavailable, UnknownTask
 from service.serving.errors import ServiceError
@@ -72,6 +75,18 @@ def is_v2_path(path: str) -> bool:
     return path == "/v2" or path.startswith("/v2/")
 
 
+OPENAI_PATHS = ("/v1/embeddings", "/v1/models")
+
+
+def openai_error(body: dict[str, Any], path: str) -> dict[str, Any]:
+    """`body` with OpenAI's {"error": {"message", "type", "param", "code"}} added on the OpenAI-shaped routes,
+    whose clients (the `openai` package) show only that."""
+    if not path.startswith(OPENAI_PATHS):
+        return body
+    kind = "invalid_request_error" if body["code"] not in ("missing_token", "bad_token") else "authentication_error"
+    return body | {"error": {"message": body["detail"], "type": kind, "param": body.get("field"), "code": body["code"]}}
+
+
 def storage_error(exc: OSError) -> ServiceError:
     """A registry write that failed: 507 when the disk (or quota) is full, else 503; nothing was activated."""
     if exc.errno in (errno.ENOSPC, errno.EDQUOT):
@@ -105,8 +120,9 @@ STATUS_DOCS: dict[int, tuple[str, str, str]] = {
     507: ("the registry's disk is full; nothing was activated", "storage_full",
           "the registry has no space left (No space left on device); the previous version keeps serving"),
 }
-# answered by the ASGI middleware on every route (431), and on every route that takes a body (408, 413)
-ALWAYS = (431,)
+# answered on every route: by the ASGI middleware (431), and for a query parameter the route does not take (422);
+# and on every route that takes a body (408, 413)
+ALWAYS = (422, 431)
 WITH_BODY = (408, 413)
 
 
@@ -159,6 +175,10 @@ def add_error_handlers(app: FastAPI) -> None:
     async def http_error(request: Request, exc: HTTPException) -> JSONResponse:
         if exc.status_code == 400:  # FastAPI's answer to a JSON body it cannot parse: a 422 like the others
             return _error(request, 422, f"the request body could not be parsed: {exc.detail}", "bad_json", "body")
+        if exc.status_code == 405:
+            allowed = ", ".join(allowed_methods(request))
+            return _error(request, 405, f"{request.method} is not allowed here; allowed: {allowed}",
+                          "method_not_allowed", headers={"Allow": allowed})
         return _error(request, exc.status_code, str(exc.detail), HTTP_CODES.get(exc.status_code, "http_error"),
                       headers=exc.headers)
 
@@ -175,7 +195,24 @@ def add_error_handlers(app: FastAPI) -> None:
         return _error(request, 500, "internal error; the service logged it", "internal_error")
 
 
+def every_route(app: FastAPI) -> Iterator[Any]:
+    """Each route of the app with its effective settings (path, methods, dependencies), those of included routers
+    too: FastAPI ≥ 0.165 keeps an included router as one entry of `app.routes`."""
+    contexts = getattr(fastapi.routing, "iter_route_contexts", None)
+    return iter(contexts(app.routes) if contexts else app.routes)
+
+
+def allowed_methods(request: Request) -> list[str]:
+    """Every method some route takes at this path (Starlette's 405 names only the first route that matched)."""
+    methods: set[str] = set()
+    for route in every_route(request.app):
+        route_methods = getattr(route, "methods", None)
+        if route_methods and route.matches(request.scope)[0] is not Match.NONE:
+            methods |= route_methods
+    return sorted(methods)
+
+
 def _error(request: Request, status: int, detail: str, code: str, field: str | None = None,
            headers: Mapping[str, str] | None = None) -> JSONResponse:
-    body = error_body(detail, code, field, v2=is_v2_path(request.url.path))
+    body = openai_error(error_body(detail, code, field, v2=is_v2_path(request.url.path)), request.url.path)
     return JSONResponse(body, status_code=status, headers=headers)

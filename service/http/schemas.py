@@ -3,11 +3,14 @@
 from __future__ import annotations
 
 import dataclasses
-from typing import Annotated, Any
+from typing import Annotated, Any, Literal
 
 import torch
-from pydantic import BaseModel, Field
+from pydantic import BaseModel, ConfigDict, Field
 
+from service.bundle.manifest import ClassName
+from service.core.records import MAX_TEMPLATES
+from service.methods.common import Template
 from service.registry.base import VERSION_REF_PATTERN
 from service.serving.activation import ActiveTask
 
@@ -49,8 +52,46 @@ class TaskDetail(TaskSummary):
         )
 
 
+# OpenAPI links: what a client (or a stateful fuzzer) can do next with the task version an answer names
+
+
+def task_version_links(at: str) -> dict[str, Any]:
+    """Links from an answer whose JSON at pointer `at` is a task (its `name` and `version`)."""
+    task, version = f"$response.body#{at}/name", f"$response.body#{at}/version"
+    return {
+        "GetTask": {"operationId": "get_task", "parameters": {"task": task}},
+        "ListVersions": {"operationId": "list_versions", "parameters": {"task": task}},
+        "ActivateVersion": {"operationId": "activate_version", "parameters": {"task": task, "ref": version}},
+        "SetCanary": {"operationId": "set_alias", "parameters": {"task": task, "alias": "canary"},
+                      "requestBody": {"version": version}},
+        "VersionConfig": {"operationId": "v2_version_config", "parameters": {"task": task, "version": version}},
+        "VersionStats": {"operationId": "v2_version_stats", "parameters": {"task": task, "version": version}},
+    }
+
+
+TASK_VERSION_LINKS = task_version_links("")
+ALIAS_LINKS = {
+    "ActivateCanary": {"operationId": "activate_version",
+                       "parameters": {"task": "$response.body#/task", "ref": "canary"}},
+    "DeleteCanary": {"operationId": "delete_alias", "parameters": {"task": "$response.body#/task", "alias": "canary"}},
+    "ListAliases": {"operationId": "list_aliases", "parameters": {"task": "$response.body#/task"}},
+}
+
+
 class TaskList(BaseModel):
-    tasks: list[TaskSummary]
+    tasks: list[TaskSummary] = Field(description="in name order")
+    next_cursor: str | None = Field(None, description="pass as `cursor` for the next page; null on the last page")
+
+
+class LabelTask(BaseModel):
+    """A zero-shot task made from class names (each through the templates, features averaged)."""
+
+    model_config = ConfigDict(extra="forbid")
+    classnames: list[ClassName] = Field(min_length=1, description="the task's classes, in answer order",
+                                        examples=[["cat", "dog", "bird"]])
+    templates: Annotated[list[Template], Field(min_length=1, max_length=MAX_TEMPLATES)] | None = Field(
+        None, description="each with one {} for the class name; default [\"a photo of a {}.\"]",
+        examples=[["a photo of a {}.", "a drawing of a {}."]])
 
 
 class Prediction(BaseModel):
@@ -90,6 +131,60 @@ class MultiImageResult(BaseModel):
 
 class MultiClassifyResponse(BaseModel):
     results: list[MultiImageResult]
+
+
+class ZeroShotResponse(BaseModel):
+    labels: list[str] = Field(description="the labels, as sent")
+    templates: list[str] = Field(description="the templates each label went through (averaged)")
+    results: list[ImageResult]
+
+
+# OpenAI's embeddings and models shapes (the `openai` client reads them), as infinity-emb serves them for CLIP
+
+
+class EmbeddingRequest(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    model: str = Field(description="an id from GET /v1/models", examples=["ViT-B-16"])
+    input: str | list[Any] = Field(description="a text, or a list of texts; with modality image, base64 images or "
+                                   "data URIs (data:image/png;base64,...)", examples=[["a photo of a cat"]])
+    modality: Literal["text", "image"] = "text"
+    encoding_format: Literal["float", "base64"] = Field(
+        "float", description="base64: each embedding as the base64 of little-endian float32 values")
+    dimensions: int | None = Field(None, description="if given, the model's embedding size (no truncation)")
+    user: str | None = Field(None, max_length=256, description="accepted and ignored")
+
+
+class Embedding(BaseModel):
+    object: Literal["embedding"] = "embedding"
+    index: int
+    embedding: list[float] | str = Field(description="L2-normalized; a base64 string with encoding_format base64")
+
+
+class EmbeddingUsage(BaseModel):
+    prompt_tokens: int = Field(description="text tokens encoded, start and end tokens included; 0 for images")
+    total_tokens: int
+
+
+class EmbeddingResponse(BaseModel):
+    object: Literal["list"] = "list"
+    data: list[Embedding]
+    model: str
+    usage: EmbeddingUsage
+
+
+class ModelCard(BaseModel):
+    id: str
+    object: Literal["model"] = "model"
+    created: int = Field(description="unix time the backbone was loaded")
+    owned_by: str = "promptserve"
+    modalities: list[str] = Field(description="what /v1/embeddings embeds with it")
+    embedding_dimensions: int
+    logit_scale: float = Field(description="CLIP's scale: probabilities = softmax(logit_scale × image · text)")
+
+
+class ModelList(BaseModel):
+    object: Literal["list"] = "list"
+    data: list[ModelCard]
 
 
 class Readiness(BaseModel):

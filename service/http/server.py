@@ -29,6 +29,7 @@ from fastapi import FastAPI
 from uvicorn.protocols.http.h11_impl import H11Protocol
 
 from service.http.errors import error_bytes
+from service.http.observability import uvicorn_log_options
 
 if TYPE_CHECKING:  # the settings module loads torch; the protocol and the accept handler do not need it
     from service.config import Settings
@@ -198,5 +199,6 @@ def serve(app: FastAPI, settings: Settings, host: str, port: int) -> None:
         timeout_keep_alive=max(1, round(settings.keep_alive_timeout_s)),
         # h11 refuses (with the JSON 400 above) headers beyond this; the app answers 431 beyond max_header_bytes.
         h11_max_incomplete_event_size=4 * settings.max_header_bytes,
+        **uvicorn_log_options(settings.log_format),
     )
     _Server(config).run()

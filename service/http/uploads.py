@@ -3,13 +3,16 @@
 Both become `[(filename, bytes)]` under the same limits (image count, bytes per image) and the same error
 codes, so the routes after them never see which form a client used. Counts are checked while parsing
 (`service.http.jsonbody`, Starlette's multipart limits) and each base64 string is dropped once decoded, so a
-body costs a small constant times its size whatever its shape (docs/serving.md, "Memory").
+body costs a small constant times its size whatever its shape (docs/serving.md, "Memory"). A route may take text
+fields beside the images (`read_image_form`: zero-shot labels), as repeated multipart fields or JSON lists of
+strings.
 """
 
 from __future__ import annotations
 
 import base64
 import binascii
+from collections.abc import Mapping
 from typing import Any
 
 from fastapi import Request
@@ -38,20 +41,31 @@ def media_type(headers: Headers, default: str = "") -> str:
     return headers.get("content-type", default).split(";")[0].strip().lower()
 
 
+TextFields = dict[str, list[str]]
+
+
 async def read_image_uploads(request: Request, settings: Settings) -> Uploads:
     """The images of a classify request, sent as multipart/form-data (field 'images') or application/json."""
+    return (await read_image_form(request, settings, {}))[0]
+
+
+async def read_image_form(request: Request, settings: Settings,
+                          fields: Mapping[str, int]) -> tuple[Uploads, TextFields]:
+    """The images, and each text field in `fields` as a list of strings (name → most values a body may hold, which
+    bounds its parser)."""
     content_type = media_type(request.headers)
     if content_type == "multipart/form-data":
-        return await _read_multipart(request, settings)
+        return await _read_multipart(request, settings, fields)
     if content_type == "application/json":
-        return _read_json(await read_body(request), settings)
+        return _read_json(await read_body(request), settings, fields)
     raise ServiceError(415, "bad_content_type", "send images as multipart/form-data in the field 'images', or as "
                        'application/json {"images": [{"name": ..., "data": <base64>}]}')
 
 
-async def _read_multipart(request: Request, settings: Settings) -> Uploads:
+async def _read_multipart(request: Request, settings: Settings,
+                          fields: Mapping[str, int]) -> tuple[Uploads, TextFields]:
     try:
-        form = await request.form(max_files=settings.max_images_per_request, max_fields=16,
+        form = await request.form(max_files=settings.max_images_per_request, max_fields=16 + sum(fields.values()),
                                   max_part_size=settings.max_image_bytes)
     except HTTPException as exc:  # Starlette reports multipart limits and syntax errors as 400s
         if "Too many files" in str(exc.detail):
@@ -61,7 +75,9 @@ async def _read_multipart(request: Request, settings: Settings) -> Uploads:
         files = [v for _, v in form.multi_items() if isinstance(v, UploadFile)]
         if not files:
             raise ServiceError(422, "no_images", "no image files in the request: use the multipart field 'images'")
-        return [(checked_name(f.filename or f"image{i}", f"images[{i}]"), await f.read()) for i, f in enumerate(files)]
+        texts = {name: [v for v in form.getlist(name) if isinstance(v, str)] for name in fields}
+        return [(checked_name(f.filename or f"image{i}", f"images[{i}]"), await f.read())
+                for i, f in enumerate(files)], texts
     finally:
         await form.close()
 
@@ -72,18 +88,26 @@ def json_values_for(images: int) -> int:
     return 16 + 8 * images
 
 
-def _read_json(body: bytearray, settings: Settings) -> Uploads:
-    document = parse_json(body, max_values=json_values_for(settings.max_images_per_request))
+def _read_json(body: bytearray, settings: Settings, fields: Mapping[str, int]) -> tuple[Uploads, TextFields]:
+    document = parse_json(body, max_values=json_values_for(settings.max_images_per_request) + sum(fields.values()))
     images = document.get("images") if isinstance(document, dict) else None
     if not isinstance(images, list) or not images:
         raise ServiceError(422, "no_images", 'the JSON body needs "images": a non-empty list of '
                            '{"name": ..., "data": <base64>}')
     check_image_count(len(images), settings)
+    texts = {name: _json_strings(document, name) for name in fields}
     uploads = []
     for i in range(len(images)):  # each base64 string dropped once decoded
         item, images[i] = images[i], None
         uploads.append(_json_image(i, item, settings.max_image_bytes))
-    return uploads
+    return uploads, texts
+
+
+def _json_strings(document: dict[str, Any], name: str) -> list[str]:
+    values = document.get(name, [])
+    if not isinstance(values, list) or not all(isinstance(v, str) for v in values):
+        raise ServiceError(422, "bad_text_field", f'"{name}" must be a list of strings', field=f"body.{name}")
+    return values
 
 
 def _json_image(index: int, item: Any, max_bytes: int) -> tuple[str, bytes]:

@@ -116,7 +116,10 @@ class DirectoryRegistry(Registry):
         if not task_dir.is_dir():
             return []
         # Every name that looks like a version counts, even a damaged one, so a new version never reuses it.
-        return sorted(int(m.group(1)) for p in task_dir.iterdir() if (m := _VERSION_FILE.match(p.name)))
+        try:
+            return sorted(int(m.group(1)) for p in task_dir.iterdir() if (m := _VERSION_FILE.match(p.name)))
+        except FileNotFoundError:  # deleted meanwhile (a reader without the lock)
+            return []
 
     def store(self, task: str, data: bytes, method: str = "") -> int:
         with self._locked():
@@ -306,10 +309,13 @@ class DirectoryRegistry(Registry):
         return info or self._derived_info(task, version)
 
     def _derived_info(self, task: str, version: int) -> VersionInfo:
-        """What the bundle file itself tells (a damaged one: what little is known)."""
+        """What the bundle file itself tells (a damaged one: what little is known); FileNotFoundError when the
+        version's files went away while they were read (a prune or delete), which `versions` leaves out."""
         path = self._bundle_path(task, version)
         try:
             data, stat = path.read_bytes(), path.stat()
+        except FileNotFoundError:
+            raise
         except OSError:
             return VersionInfo(version, "", 0, 0.0, "")
         return VersionInfo(version, bundle_sha256(data), stat.st_size, stat.st_mtime, "")
@@ -328,7 +334,15 @@ class DirectoryRegistry(Registry):
         atomic_write(path, json.dumps(vars(info)).encode())
 
     def versions(self, task: str) -> list[VersionInfo]:
-        return [self._version_info(task, v) for v in self._versions(task)]
+        """Read without the writers' lock: a version whose files a delete or prune takes away meanwhile is left
+        out (a deleted task lists none), never an error."""
+        infos = []
+        for version in self._versions(task):
+            try:
+                infos.append(self._version_info(task, version))
+            except FileNotFoundError:  # pruned, or the task deleted, while listed
+                continue
+        return infos
 
     def aliases(self, task: str) -> dict[str, int]:
         """The task's aliases; none when the file is damaged (`damaged_tasks` says why)."""

@@ -57,6 +57,19 @@ class _Pending(Generic[Job]):
     rows: int
     future: asyncio.Future = field(default_factory=lambda: asyncio.get_running_loop().create_future())
     queued_at: float = field(default_factory=time.perf_counter)
+    started_at: float = 0.0
+    finished_at: float = 0.0
+    batch: int = 0
+
+
+@dataclass(frozen=True)
+class Ran(Generic[Result]):
+    """A job's result, the seconds it queued and its batch ran, and which batch (numbered from 1) ran it."""
+
+    result: Result
+    queued_s: float
+    run_s: float
+    batch: int
 
 
 class MicroBatcher(Generic[Job, Result]):
@@ -71,6 +84,7 @@ class MicroBatcher(Generic[Job, Result]):
         self._arrived: asyncio.Event | None = None
         self._changed: asyncio.Event | None = None
         self.batch_rows: deque[int] = deque(maxlen=1000)  # recent batch sizes in rows, for tests
+        self._batches = 0
 
     @property
     def queued_rows(self) -> int:
@@ -96,6 +110,10 @@ class MicroBatcher(Generic[Job, Result]):
 
     async def submit(self, job: Job) -> Result:
         """The result of `job`, computed in a shared batch."""
+        return (await self.run_job(job)).result
+
+    async def run_job(self, job: Job) -> Ran[Result]:
+        """`submit`, with where the time went."""
         rows = self.rows(job)
         self.check_capacity(rows)
         pending = _Pending(job, rows)
@@ -104,7 +122,9 @@ class MicroBatcher(Generic[Job, Result]):
         arrived, changed = self._events()
         arrived.set()
         changed.set()
-        return await pending.future
+        result = await pending.future
+        return Ran(result, pending.started_at - pending.queued_at, pending.finished_at - pending.started_at,
+                   pending.batch)
 
     def _events(self) -> tuple[asyncio.Event, asyncio.Event]:
         if self._arrived is None or self._changed is None:  # created lazily, inside the running loop
@@ -153,6 +173,9 @@ class MicroBatcher(Generic[Job, Result]):
 
     async def _run_batch(self, batch: list[_Pending[Job]]) -> None:
         rows, started = sum(p.rows for p in batch), time.perf_counter()
+        self._batches += 1
+        for p in batch:
+            p.started_at, p.batch = started, self._batches
         self.batch_rows.append(rows)
         if self.observe:
             self.observe(rows, [started - p.queued_at for p in batch], self._queued_rows)
@@ -165,6 +188,8 @@ class MicroBatcher(Generic[Job, Result]):
                     p.future.set_exception(exc)
             return
         self._expected_rows = rows + self._queued_rows
+        finished = time.perf_counter()
         for p, result in zip(batch, results, strict=True):
+            p.finished_at = finished
             if not p.future.done():  # the client may have gone away
                 p.future.set_result(result)

@@ -7,9 +7,8 @@ from __future__ import annotations
 
 import logging
 
-from service.bundle.codec import encode_bundle
-from service.bundle.manifest import build_manifest
 from service.serving.tasks import TaskManager
+from service.serving.zero_shot import ZERO_SHOT, zero_shot_bundle
 
 log = logging.getLogger(__name__)
 
@@ -27,8 +26,7 @@ def seed_demo_tasks(tasks: TaskManager) -> bool:
     step, so of several replicas starting together on an empty registry exactly one seeds. True if seeded."""
     bundles = {}
     for name, classnames in DEMO_TASKS.items():
-        manifest = build_manifest("zeroshot", tasks.backbone, classnames, options={"templates": DEMO_TEMPLATES})
-        bundles[name] = (encode_bundle(manifest, {}), manifest.method)
+        bundles[name] = (zero_shot_bundle(tasks.backbone, classnames, DEMO_TEMPLATES), ZERO_SHOT.name)
     if not tasks.registry.seed(bundles):
         return False
     for name in bundles:

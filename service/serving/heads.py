@@ -42,6 +42,8 @@ class ImageRows:
 
 class TaskHead(Protocol):
     forward: ClassVar[ImageForward]
+    # True: `score` gives logits over classes (answered as probabilities); False: features, answered as they are
+    scores_classes: ClassVar[bool]
 
     @property
     def vision_prompts(self) -> torch.Tensor | None:
@@ -83,6 +85,7 @@ class TextSideHead:
     """Zero-shot, CoOp, QPrompt, RLP: class text features cached at activation, the shared image forward."""
 
     forward: ClassVar[ImageForward] = ImageForward.PLAIN
+    scores_classes: ClassVar[bool] = True
     text_features: torch.Tensor  # [C, D], L2-normalized
     vision_prompts: None = None
 
@@ -101,6 +104,7 @@ class VisionSideHead:
     forward of its own with the merged vision prompts; rows of several such tasks share one forward."""
 
     forward: ClassVar[ImageForward] = ImageForward.PROMPTED
+    scores_classes: ClassVar[bool] = True
     text_features: torch.Tensor  # [C, D], L2-normalized
     vision_prompts: torch.Tensor  # [J, n, d_v], float32
 
@@ -123,6 +127,7 @@ class ImageConditionedHead:
     cached but the head, inside `model`."""
 
     forward: ClassVar[ImageForward] = ImageForward.PLAIN_WITH_TOKENS
+    scores_classes: ClassVar[bool] = True
     model: TGPTModel
     vision_prompts: None = None
 
@@ -141,6 +146,24 @@ class ImageConditionedHead:
         with torch.inference_mode():
             logits = group_logits(backbone.text, models, tokens, pooled)
         return [block.float().cpu() for block in logits]
+
+
+@dataclass(frozen=True)
+class EmbeddingHead:
+    """No task: the shared forward's L2-normalized image features themselves (`POST /v1/embeddings`), so image
+    embeddings ride the same micro-batches and image forward as classification."""
+
+    forward: ClassVar[ImageForward] = ImageForward.PLAIN
+    scores_classes: ClassVar[bool] = False
+    vision_prompts: None = None
+
+    @classmethod
+    def build(cls, bundle: Bundle, backbone: Backbone) -> EmbeddingHead:
+        return cls()  # nothing comes from a bundle
+
+    @classmethod
+    def score(cls, items: Sequence[tuple[TaskHead, ImageRows]], backbone: Backbone) -> list[torch.Tensor]:
+        return [rows.features for _, rows in items]
 
 
 HEADS: dict[Kind, type[TextSideHead] | type[VisionSideHead] | type[ImageConditionedHead]] = {

@@ -5,7 +5,7 @@ arrived, so a swap mid-request cannot mix versions). For a whole micro-batch, to
 1. one shared image forward over every image of a job with a task that needs it (with tokens if any needs them);
 2. one prompted image forward over every (image, vision-side task) row, per-row prompts, per prompt shape;
 3. each task kind scores all of its rows at once (`TaskHead.score`);
-4. softmax per (job, task).
+4. softmax per (job, task) for the heads that score classes (image embeddings leave as features).
 The runtime asks each task's head which forward it needs (`TaskHead.forward`) and knows no method.
 """
 
@@ -15,21 +15,31 @@ import itertools
 from collections import defaultdict, deque
 from collections.abc import Iterable
 from dataclasses import dataclass
+from typing import Protocol
 
 import torch
 
 from service.core.backbone import Backbone
-from service.serving.activation import ActiveTask
 from service.serving.heads import ImageForward, ImageRows, TaskHead
 
 SHARED = (ImageForward.PLAIN, ImageForward.PLAIN_WITH_TOKENS)
 Key = tuple[int, int]  # (job position in the micro-batch, task position in the job)
 
 
+class Answerer(Protocol):
+    """What a job asks the runtime for: a task version (`ActiveTask`), or the image embeddings' head."""
+
+    @property
+    def name(self) -> str: ...
+
+    @property
+    def head(self) -> TaskHead: ...
+
+
 @dataclass(frozen=True)
 class ClassifyJob:
     pixels: torch.Tensor  # [B, 3, H, W]
-    tasks: tuple[ActiveTask, ...]
+    tasks: tuple[Answerer, ...]
 
     def needs(self, *forwards: ImageForward) -> list[int]:
         """Positions of this job's tasks whose head needs one of `forwards`."""
@@ -58,8 +68,11 @@ class ClassifyRuntime:
         self.forwards: deque[Forward] = deque(maxlen=1000)
 
     def __call__(self, jobs: list[ClassifyJob]) -> list[list[torch.Tensor]]:
-        """For each job, the probabilities [B, C] of each of its tasks, in the job's task order."""
-        return [[task_logits.softmax(dim=-1) for task_logits in job_logits] for job_logits in self.logits(jobs)]
+        """For each job, the probabilities [B, C] of each of its tasks (features [B, D] for a head that scores
+        no classes), in the job's task order."""
+        return [[scores.softmax(dim=-1) if task.head.scores_classes else scores
+                 for task, scores in zip(job.tasks, job_scores, strict=True)]
+                for job, job_scores in zip(jobs, self.logits(jobs), strict=True)]
 
     def logits(self, jobs: list[ClassifyJob]) -> list[list[torch.Tensor]]:
         """For each job, the logits [B, C] of each of its tasks, in the job's task order."""

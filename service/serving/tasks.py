@@ -59,6 +59,7 @@ class TaskManager:
         # state read before the write is never applied after it), and an LRU of prepared versions (pinned
         # requests, and the versions most recently swapped out, so a rollback is instant).
         self._aliases: dict[str, dict[str, int]] = {}
+        self._stored: dict[str, dict[int, str]] = {}  # this replica's view: every stored version's sha256, per task
         self._failed_versions: dict[str, tuple[int, str]] = {}
         self._generation: defaultdict[str, int] = defaultdict(int)
         self.prepared_cache_size = 4
@@ -98,6 +99,7 @@ class TaskManager:
             stored = self.registry.store_and_activate(name, data, candidate.manifest.method)
             self._generation[name] += 1
             task = dataclasses.replace(candidate, version=stored.version, activated_at=time.time())
+            self._stored.setdefault(name, {})[stored.version] = task.sha256
             self._swap(task)
         log.info("task %s: version %d active (%d classes)", name, stored.version, len(task.manifest.classnames))
         return task, stored.created
@@ -137,10 +139,13 @@ class TaskManager:
         return task
 
     def resolve(self, name: str, ref: str) -> int:
-        """A version number or alias → a version, from this replica's view (so it answers while the registry
-        is down); a number is checked when it is loaded."""
+        """A version number or alias → a stored version, from this replica's view (so it answers while the
+        registry is down, and a pin of a version that was never stored costs nothing to refuse)."""
         if ref.isdigit():
-            return int(ref)
+            version = int(ref)
+            if version not in self._stored.get(name, {}) and not self._serves(name, version):
+                raise UnknownTask(f"task {name!r} has no version {version}")
+            return version
         aliases = self._aliases.get(name, {})
         if ref not in aliases:
             raise UnknownTask(f"task {name!r} has no alias {ref!r}")
@@ -184,6 +189,8 @@ class TaskManager:
         with self._task_locks[name]:
             doomed = self.registry.prune(name, keep)
             self._generation[name] += 1
+            for version in doomed:
+                self._stored.get(name, {}).pop(version, None)
         self._forget_prepared(name, lambda version, _sha: version in doomed)
         if doomed:
             log.info("task %s: pruned versions %s", name, doomed)
@@ -250,10 +257,12 @@ class TaskManager:
         if state is None:
             self._active.pop(name, None)
             self._aliases.pop(name, None)
+            self._stored.pop(name, None)
             self._clear_failure(name)
             self._forget_prepared(name, lambda _version, _sha: True)
             return False
         self._aliases[name] = dict(state.aliases)
+        self._stored[name] = dict(state.stored)
         # Whatever was pruned, deleted or replaced (same number, other bytes) is no longer answerable here.
         def stale(version: int, sha256: str) -> bool:
             return state.stored.get(version) != sha256

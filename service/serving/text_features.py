@@ -2,6 +2,7 @@
 
 A learned prompt (`Bundle.class_prompt`) is spliced around each name; without one, each name goes through the
 method's templates and the features are averaged (zero-shot). Trainer, evaluator and service all call this.
+Plain texts (`POST /v1/embeddings`) go through the same encoder, one normalized feature each.
 """
 
 from __future__ import annotations
@@ -29,8 +30,9 @@ def text_features(bundle: Bundle, backbone: Backbone) -> torch.Tensor:
         templates = bundle.spec.templates(bundle)
         if not templates:
             raise BundleError("method", f"a {bundle.manifest.method} bundle encodes no class text")
-        features = torch.stack([_encode_texts(backbone, [fill_template(t, n) for n in names])
-                                for t in templates]).mean(dim=0)
+        # every (template, name) text in one call, template-major: chunks share a template's prefix
+        texts = [fill_template(t, n) for t in templates for n in names]
+        features = text_embeddings(backbone, texts).view(len(templates), len(names), -1).mean(dim=0)
     return F.normalize(features.float(), dim=-1).cpu()
 
 
@@ -43,7 +45,14 @@ def _encode_classes(backbone: Backbone, names: list[str], prompt: ClassPrompt, l
     return torch.cat(chunks)
 
 
-def _encode_texts(backbone: Backbone, texts: list[str]) -> torch.Tensor:
-    """Each text's normalized features (templates are averaged after normalizing, as CLIP's zero-shot does)."""
+@torch.no_grad()
+def text_embeddings(backbone: Backbone, texts: list[str]) -> torch.Tensor:
+    """Each text's L2-normalized features [N, D] (templates are averaged after normalizing, as CLIP's zero-shot
+    does); a ValueError names a text longer than the text context."""
     return torch.cat([F.normalize(backbone.text.encode_texts(texts[start : start + TEXT_BATCH]).float(), dim=-1)
                       for start in range(0, len(texts), TEXT_BATCH)])
+
+
+def token_counts(backbone: Backbone, texts: list[str]) -> list[int]:
+    """Tokens each text takes in the text context, start and end tokens included."""
+    return [len(backbone.text.tokenizer.encode(text)) + 2 for text in texts]

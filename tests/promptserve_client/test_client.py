@@ -10,7 +10,7 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 import pytest
 
-from promptserve_client import Client, PromptserveError, TaskSummary
+from promptserve_client import AsyncClient, Client, PromptserveError, TaskSummary
 
 Answer = tuple[int, dict[str, str], bytes]
 OVERLOADED = json.dumps({"detail": "queue full; retry shortly", "code": "overloaded"}).encode()
@@ -91,3 +91,29 @@ def test_an_error_without_a_json_body_is_still_typed():
         with Client(url) as client, pytest.raises(PromptserveError) as raised:
             client.health()
     assert (raised.value.status, raised.value.code) == (502, "http_error") and "bad gateway" in raised.value.detail
+
+
+def page(names: list[str], next_cursor: str | None) -> Answer:
+    tasks = [{"name": n, "method": "coop", "version": 1, "num_classes": 2} for n in names]
+    return 200, {}, json.dumps({"tasks": tasks, "next_cursor": next_cursor}).encode()
+
+
+def test_the_task_list_follows_its_pages_and_the_url_comes_from_the_environment(monkeypatch):
+    with scripted_server([page(["a", "b"], "b"), page(["c"], None)]) as (url, seen):
+        monkeypatch.setenv("PROMPTSERVE_URL", url)
+        with Client() as client:
+            assert [t.name for t in client.tasks()] == ["a", "b", "c"]
+    assert seen == ["/v1/tasks", "/v1/tasks?cursor=b"]
+
+
+@pytest.mark.anyio
+async def test_the_async_client_retries_and_pages_like_the_sync_one():
+    waits: list[float] = []
+
+    async def record(seconds: float) -> None:
+        waits.append(seconds)
+
+    with scripted_server([overloaded("2"), page(["a"], "a"), page(["z"], None)]) as (url, seen):
+        async with AsyncClient(url, sleep=record) as client:
+            assert [t.name for t in await client.tasks()] == ["a", "z"]
+    assert waits == [2.0] and seen == ["/v1/tasks", "/v1/tasks", "/v1/tasks?cursor=a"]

@@ -8,8 +8,9 @@ import sys
 import httpx
 import pytest
 
-from promptserve_client import Client, ImageAnswer
-from service.cli import main
+from promptserve_client import AsyncClient, Client, ImageAnswer
+from service.cli import COMMANDS, main, parser
+from service.config import Settings
 from tests.helpers import SAMPLES, TOKEN, coop_bundle_for
 
 pytestmark = pytest.mark.slow
@@ -65,7 +66,7 @@ def test_upload_task_delete_round_trip_with_the_admin_token(cli, live_service, t
     bundle.write_bytes(coop_bundle_for(backbone, ["cube", "ball", "cone"], seed=3))
 
     code, _, err = cli("upload", "cli-things", str(bundle))
-    assert code == 1 and "401 missing_token" in err
+    assert code == 1 and "401 missing_token" in err and "pass --token, or set PROMPTSERVE_ADMIN_TOKEN" in err
     code, out, _ = cli("upload", "cli-things", str(bundle), "--token", TOKEN)
     assert code == 0 and out.strip() == "cli-things: version 1 active (coop, 3 classes)"
     code, out, _ = cli("task", "cli-things")
@@ -126,3 +127,70 @@ def test_serve_refuses_to_start_with_an_empty_token(monkeypatch, capsys):
     monkeypatch.setenv("PROMPTSERVE_CLASSIFY_TOKEN", "")
     assert main(["serve", "--port", "9"]) == 2
     assert "PROMPTSERVE_CLASSIFY_TOKEN" in capsys.readouterr().err
+
+
+def test_create_from_labels_then_aliases_pin_classify(cli, monkeypatch):
+    code, out, _ = cli("create", "cli-labels", "--labels", "red,blue", "--token", TOKEN)
+    assert code == 0 and out.strip() == "cli-labels: version 1 active (zeroshot, 2 classes)"
+    monkeypatch.setenv("PROMPTSERVE_ADMIN_TOKEN", TOKEN)
+    code, out, _ = cli("create", "cli-labels", "--labels", "red, blue ,green", "--template", "a {} shape.")
+    assert code == 0 and "version 2" in out
+    code, out, _ = cli("alias", "cli-labels", "canary", "1")
+    assert code == 0 and out.split() == ["ALIAS", "VERSION", "canary", "1"]
+    assert json.loads(cli("aliases", "cli-labels", "--json")[1]) == {"canary": 1}
+    code, out, _ = cli("classify", str(SAMPLE_FILES[0]), "--task", "cli-labels@canary", "--task", "cli-labels:2",
+                       "--top-k", "3", "--json")
+    answers = json.loads(out)[0]["answers"]
+    assert [(a["version"], len(a["predictions"])) for a in answers] == [(1, 2), (2, 3)]
+    assert cli("unalias", "cli-labels", "canary")[0] == 0
+    assert json.loads(cli("aliases", "cli-labels", "--json")[1]) == {}
+    assert cli("delete", "cli-labels")[0] == 0
+
+
+def test_zero_shot_embed_and_models(cli):
+    code, out, _ = cli("zero-shot", *map(str, SAMPLE_FILES), "--labels", "star,circle,triangle,heart", "--top-k", "1")
+    assert code == 0
+    assert [line.split(":")[0] for line in out.splitlines()] == [p.name for p in SAMPLE_FILES]
+    tops = [line.split(": ")[1].split()[0] for line in out.splitlines()]
+    assert tops == [expected(p)["shapes"] for p in SAMPLE_FILES]
+    code, out, _ = cli("embed", "a red star", "a blue circle", "--json")
+    vectors = [item["embedding"] for item in json.loads(out)]
+    assert code == 0 and len(vectors) == 2 and abs(sum(x * x for x in vectors[0]) - 1) < 1e-4
+    code, out, _ = cli("embed", "--image", str(SAMPLE_FILES[0]))
+    assert code == 0 and out.startswith(f"{SAMPLE_FILES[0]}: [") and out.strip().endswith("dims)")
+    code, out, _ = cli("models")
+    assert code == 0 and out.splitlines()[1].split()[0] == "promptserve-tiny"
+
+
+def test_usage_lists_every_subcommand_and_serve_help_every_setting(capsys):
+    usage = parser().format_help()
+    for name in (*COMMANDS, "serve"):
+        assert f"promptserve {name}" in usage or f" | {name} " in usage or f"| {name}" in usage, name
+        assert f"    {name}" in usage  # and in argparse's list
+    with pytest.raises(SystemExit):
+        main(["serve", "--help"])
+    help_text = capsys.readouterr().out
+    for field in Settings.model_fields:
+        assert f"PROMPTSERVE_{field.upper()}" in help_text
+
+
+@pytest.mark.anyio
+async def test_the_async_client_is_the_sync_clients_twin(live_service, monkeypatch):
+    public = {name for name in vars(Client) if not name.startswith("_")}
+    assert public == {name for name in vars(AsyncClient) if not name.startswith("_")}
+    monkeypatch.setenv("PROMPTSERVE_URL", live_service.url)  # the default URL
+    async with AsyncClient(token=TOKEN) as client:
+        assert (await client.health())["ready"] is True
+        assert {"shapes", "colours"} <= {t.name for t in await client.tasks()}
+        created = await client.create("async-labels", ["star", "circle"])
+        [image] = await client.classify([SAMPLE_FILES[0]], ["async-labels:1"], top_k=1)
+        [zero_shot] = await client.zero_shot([SAMPLE_FILES[0]], ["star", "circle"])
+        [vector] = await client.embed(["a star"])
+        [model] = await client.models()
+        assert await client.set_alias("async-labels", "prod", 1) == {"prod": 1}
+        assert (await client.versions("async-labels"))["aliases"] == {"prod": 1}
+        await client.delete("async-labels")
+    assert created["version"] == 1 and image.answers[0].version == 1
+    shape = expected(SAMPLE_FILES[0])["shapes"]
+    assert zero_shot.predictions[0].label == image.answers[0].predictions[0].label == shape
+    assert len(vector) == model["embedding_dimensions"]

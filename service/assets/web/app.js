@@ -1,4 +1,5 @@
-// promptserve's web page: list tasks, send images to /v1/classify, draw each task's top-k as bars.
+// promptserve's web page: list tasks, send images to /v1/classify (and to /v1/zero-shot against typed labels),
+// draw each answer's top-k as bars.
 "use strict";
 
 const $ = (selector) => document.querySelector(selector);
@@ -34,15 +35,33 @@ function authHeaders() {
   return token ? { Authorization: `Bearer ${token}` } : {};
 }
 
+async function allTasks(first) {
+  // the task list comes in pages: follow next_cursor to the end
+  let listing = first;
+  const tasks = [];
+  for (;;) {
+    if (!listing.ok) throw new Error(await errorMessage(listing));
+    const page = await listing.json();
+    tasks.push(...page.tasks);
+    if (!page.next_cursor) return tasks;
+    listing = await fetch(`/v1/tasks?limit=1000&cursor=${encodeURIComponent(page.next_cursor)}`,
+                          { headers: authHeaders() });
+  }
+}
+
 async function loadTasks() {
   // with a classify token set, the task list needs it too
-  const [ready, listing] = await Promise.all([fetch("/readyz"), fetch("/v1/tasks", { headers: authHeaders() })]);
+  const [ready, listing] = await Promise.all([fetch("/readyz"), fetch("/v1/tasks?limit=1000", { headers: authHeaders() })]);
   if (ready.ok) {
     const backbone = (await ready.json()).backbone || {};
     $("#server").textContent = `ready · ${backbone.model || ""} ${backbone.pretrained || ""}`;
   }
-  if (!listing.ok) return showError(await errorMessage(listing));
-  const { tasks } = await listing.json();
+  let tasks;
+  try {
+    tasks = await allTasks(listing);
+  } catch (error) {
+    return showError(error.message);
+  }
   const list = $("#tasks");
   list.replaceChildren(...tasks.map((task) => element("li", {},
     element("label", {},
@@ -56,18 +75,49 @@ function selectedTasks() {
   return [...document.querySelectorAll("#tasks input:checked")].map((box) => box.value);
 }
 
+function typedLabels() {
+  return $("#labels").value.split(",").map((label) => label.trim()).filter(Boolean);
+}
+
+function imagesForm(files) {
+  const form = new FormData();
+  for (const file of files) form.append("images", file, file.name);
+  return form;
+}
+
+async function post(url, form) {
+  const response = await fetch(url, { method: "POST", body: form, headers: authHeaders() });
+  if (!response.ok) throw new Error(await errorMessage(response));
+  return response.json();
+}
+
 async function classify(files) {
   showError("");
   const tasks = selectedTasks();
-  if (!tasks.length) return showError("select at least one task");
-  const query = new URLSearchParams(tasks.map((task) => ["tasks", task]));
-  query.set("top_k", $("#top-k").value || "3");
-  const form = new FormData();
-  for (const file of files) form.append("images", file, file.name);
-  const response = await fetch(`/v1/classify?${query}`, { method: "POST", body: form, headers: authHeaders() });
-  if (!response.ok) return showError(await errorMessage(response));
-  const { results } = await response.json();
-  $("#results").replaceChildren(...results.map((result, i) => imageCard(files[i], result)));
+  const labels = typedLabels();
+  if (!tasks.length && !labels.length) return showError("select at least one task, or type labels");
+  const topK = $("#top-k").value || "3";
+  const requests = [];  // each gives, per image, a list of answers
+  if (tasks.length) {
+    const query = new URLSearchParams(tasks.map((task) => ["tasks", task]));
+    query.set("top_k", topK);
+    requests.push(post(`/v1/classify?${query}`, imagesForm(files))
+      .then(({ results }) => results.map((result) => result.answers)));
+  }
+  if (labels.length) {
+    const form = imagesForm(files);
+    for (const label of labels) form.append("labels", label);
+    requests.push(post(`/v1/zero-shot?top_k=${encodeURIComponent(topK)}`, form)
+      .then(({ results }) => results.map((result) => [{ task: "labels", predictions: result.predictions }])));
+  }
+  let answers;
+  try {
+    answers = await Promise.all(requests);
+  } catch (error) {
+    return showError(error.message);
+  }
+  $("#results").replaceChildren(...files.map((file, i) =>
+    imageCard(file, { filename: file.name, answers: answers.flatMap((perImage) => perImage[i]) })));
 }
 
 function imageCard(file, result) {
@@ -80,7 +130,8 @@ function imageCard(file, result) {
 
 function answerBars(answer) {
   return element("div", { class: "answer", "data-task": answer.task },
-    element("h4", {}, `${answer.task} `, element("span", { class: "muted" }, `v${answer.version}`)),
+    element("h4", {}, answer.version === undefined ? "typed labels " : `${answer.task} `,
+      element("span", { class: "muted" }, answer.version === undefined ? "zero-shot" : `v${answer.version}`)),
     ...answer.predictions.map(({ label, probability }) => {
       const percent = (100 * probability).toFixed(1);
       return element("div", { class: "bar", "data-label": label, "data-probability": probability },

@@ -1,10 +1,14 @@
-"""Open Inference Protocol (KServe V2) REST routes: every task is a model.
+"""Open Inference Protocol (KServe V2) REST routes: every task is a model, every stored version a model version.
 
 A task takes one BYTES input `images` (encoded image files) and answers `labels` (BYTES) and `probabilities`
-(FP32), both [images, k], sorted by probability; the request parameter `top_k` sets k (default: every class).
+(FP32), both [images, k], sorted by probability; the request parameter `top_k` sets k (default: every class;
+a larger k answers every class). A request for `probabilities` alone gets every class's in class order (the
+labels are in `config`); an output's `classification` parameter (tritonclient's `class_count`) answers Triton's
+classification extension instead: BYTES [images, k] of "score:index:label", best first.
 Tensor data travels as JSON or, with Triton's binary tensor extension (what `tritonclient` sends by default),
 as raw bytes after the JSON header, whose length is the `Inference-Header-Content-Length` header. In JSON,
-a BYTES element is the image's base64 (JSON strings cannot carry raw image bytes).
+a BYTES element is the image's base64 (JSON strings cannot carry raw image bytes). Triton's model
+configuration and statistics extensions are served too (`/config`, `/stats`).
 
 Inference goes through the classify request path (same limits, same micro-batcher); errors keep the service's
 codes and add the protocol's `error` field, which V2 clients read.
@@ -17,9 +21,12 @@ import math
 import re
 import struct
 from collections.abc import Callable, Coroutine
+from dataclasses import dataclass
 from typing import Annotated, Any
 
+import anyio
 import numpy as np
+import torch
 from fastapi import APIRouter, Depends, Request, Response
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
@@ -27,15 +34,16 @@ from fastapi.routing import APIRoute
 from pydantic import BaseModel, Field, ValidationError
 
 from service import __version__
-from service.http.deps import CLASSIFY_ERRORS, READ_ERRORS, AppState, ClassifyAccess, State, TaskName
+from service.http.deps import CLASSIFY_ERRORS, READ_ERRORS, AppState, ClassifyAccess, State, TaskName, pinned_task
 from service.http.errors import WITH_BODY, error_body, error_responses, summarize_errors
 from service.http.jsonbody import parse_json, read_body
-from service.http.schemas import Prediction, top_predictions
+from service.http.observability import note_versions
 from service.http.uploads import check_image_count, decode_base64_image
-from service.registry.base import UnknownTask
+from service.registry.base import VERSION_REF_PATTERN, RegistryUnavailable, UnknownTask
 from service.serving.activation import ActiveTask
 from service.serving.errors import ServiceError
 from service.serving.pipeline import Uploads
+from service.serving.stats import Duration, VersionStats
 
 INPUT = "images"
 OUTPUTS = ("labels", "probabilities")
@@ -69,8 +77,9 @@ def _error(status: int, code: str, message: str, headers: dict[str, str] | None 
 
 router = APIRouter(prefix="/v2", tags=["kserve-v2"], route_class=V2Route,
                    generate_unique_id_function=lambda route: f"v2_{route.name}")
-MODEL_ERRORS = error_responses(404, 422, v2=True)
-GUARDED_MODEL_ERRORS = error_responses(*READ_ERRORS, 404, 422, v2=True)
+MODEL_ERRORS = error_responses(404, 422, 429, v2=True)
+# a path's {version} that is not prepared is prepared on demand, within the pin budget (429 beyond it)
+GUARDED_MODEL_ERRORS = error_responses(*READ_ERRORS, 404, 422, 429, v2=True)
 
 
 class V2Readiness(BaseModel):
@@ -110,42 +119,118 @@ async def ready(state: State) -> JSONResponse:
     return JSONResponse({"ready": is_ready}, status_code=200 if is_ready else 503)
 
 
+# Only what is implemented: repository load/unload are not (tasks change through the v1 API), so the model
+# repository extension is not claimed, though its index answers.
+EXTENSIONS = ["binary_tensor_data", "classification", "model_configuration", "statistics"]
+
+
 @router.get("", summary="Server metadata", responses=error_responses(v2=True))
 async def server_metadata() -> dict[str, Any]:
-    return {"name": "promptserve", "version": __version__, "extensions": ["binary_tensor_data", "model_repository"]}
+    return {"name": "promptserve", "version": __version__, "extensions": EXTENSIONS}
 
 
-def active_task(task: TaskName, request: Request, state: State) -> ActiveTask:
-    """The task's active version, which answers the whole request; a path's {version} must name it."""
-    active = state.tasks.get(task)
+async def model_version(task: TaskName, request: Request, state: State) -> ActiveTask:
+    """The task's active version, or the stored version (number or alias) a path's {version} names; that one
+    version answers the whole request."""
     version = request.path_params.get("version")
-    if version is not None and version != str(active.version):
-        raise ServiceError(404, "unknown_version", f"task '{task}' serves version {active.version}, not {version}")
-    return active
+    if version is None:
+        return state.tasks.get(task)
+    if not re.fullmatch(VERSION_REF_PATTERN, version):
+        raise ServiceError(404, "unknown_version", f"task '{task}' has no version {version!r}")
+    return await pinned_task(request, state, task, version)
 
 
-Model = Annotated[ActiveTask, Depends(active_task)]
-VERSION = "/models/{task}/versions/{version}"  # each model route also answers under its active version
-VERSION_PARAMETER = {"parameters": [{"name": "version", "in": "path", "required": True, "schema": {"type": "string"},
-                                     "description": "the task's active version"}]}
+Model = Annotated[ActiveTask, Depends(model_version)]
+VERSION = "/models/{task}/versions/{version}"  # each model route also answers for a stored version
+VERSION_PARAMETER = {"parameters": [{"name": "version", "in": "path", "required": True, "schema": {
+    "type": "string", "pattern": VERSION_REF_PATTERN, "examples": ["1"]},
+    "description": "a stored version's number (or an alias, as v1 pins them)"}]}
 
 
-@router.get("/models/{task}", summary="Model metadata: a task's input and outputs", dependencies=ClassifyAccess,
+@router.get("/models/stats", summary="Inference statistics of every model (Triton's statistics extension)",
+            dependencies=ClassifyAccess, responses=error_responses(*READ_ERRORS, v2=True))
+async def all_stats(state: State) -> dict[str, Any]:
+    return {"model_stats": [entry for task in state.tasks.all() for entry in _model_stats(state, task.name)]}
+
+
+@router.get("/models/{task}/stats", summary="Inference statistics of a model's versions", dependencies=ClassifyAccess,
             responses=GUARDED_MODEL_ERRORS)
-@router.get(VERSION, summary="Model metadata of the active version", openapi_extra=VERSION_PARAMETER,
+async def model_stats(task: TaskName, state: State) -> dict[str, Any]:
+    state.tasks.get(task)  # 404 for an unknown task
+    return {"model_stats": _model_stats(state, task)}
+
+
+@router.get(f"{VERSION}/stats", summary="Inference statistics of one stored version", name="version_stats",
+            openapi_extra=VERSION_PARAMETER, dependencies=ClassifyAccess, responses=GUARDED_MODEL_ERRORS)
+async def version_stats(active: Model, state: State) -> dict[str, Any]:
+    return {"model_stats": _model_stats(state, active.name, only=active.version)}
+
+
+def _model_stats(state: AppState, task: str, only: int | None = None) -> list[dict[str, Any]]:
+    """Triton's statistics entries: every version that answered (and the active one, at zero, if it has not)."""
+    recorded = state.pipeline.stats.of(task)
+    active = state.tasks.get(task).version
+    versions = [only] if only is not None else sorted({*recorded, active})
+    return [_stats_entry(task, version, recorded.get(version, VersionStats())) for version in versions]
+
+
+def _stats_entry(task: str, version: int, stats: VersionStats) -> dict[str, Any]:
+    def duration(d: Duration) -> dict[str, int]:
+        return {"count": d.count, "ns": d.ns}
+
+    phases = {name: duration(getattr(stats, name)) for name in (
+        "success", "fail", "queue", "compute_input", "compute_infer", "compute_output")}
+    return {"name": task, "version": str(version), "last_inference": stats.last_inference_ms,
+            "inference_count": stats.inference_count, "execution_count": stats.execution_count,
+            "inference_stats": phases | {"cache_hit": duration(Duration()), "cache_miss": duration(Duration())},
+            "batch_stats": [], "memory_usage": []}
+
+
+@router.get("/models/{task}", summary="Model metadata: a task's input, outputs and stored versions",
+            dependencies=ClassifyAccess, responses=GUARDED_MODEL_ERRORS)
+@router.get(VERSION, summary="Model metadata of a stored version", openapi_extra=VERSION_PARAMETER,
             name="version_metadata", dependencies=ClassifyAccess, responses=GUARDED_MODEL_ERRORS)
-async def model_metadata(active: Model) -> dict[str, Any]:
+async def model_metadata(active: Model, request: Request, state: State) -> dict[str, Any]:
+    versions = [active.version]
+    if "version" not in request.path_params:
+        try:
+            versions = [v.version for v in await anyio.to_thread.run_sync(state.tasks.versions, active.name)]
+        except RegistryUnavailable:  # through an outage, the version this replica serves is all it can vouch for
+            pass
     return {
-        "name": active.name, "versions": [str(active.version)], "platform": f"promptserve_{active.manifest.method}",
+        "name": active.name, "versions": [str(v) for v in versions],
+        "platform": f"promptserve_{active.manifest.method}",
         "inputs": [{"name": INPUT, "datatype": "BYTES", "shape": [-1]}],
         "outputs": [{"name": "labels", "datatype": "BYTES", "shape": [-1, -1]},
                     {"name": "probabilities", "datatype": "FP32", "shape": [-1, -1]}],
-        "parameters": {"classes": len(active.manifest.classnames)},
+        "parameters": {"classes": len(active.manifest.classnames), "version": active.version},
+    }
+
+
+@router.get("/models/{task}/config", summary="Model configuration (Triton's): inputs, outputs, batching, classes",
+            dependencies=ClassifyAccess, responses=GUARDED_MODEL_ERRORS)
+@router.get(f"{VERSION}/config", summary="Model configuration of a stored version", openapi_extra=VERSION_PARAMETER,
+            name="version_config", dependencies=ClassifyAccess, responses=GUARDED_MODEL_ERRORS)
+async def model_config(active: Model, state: State) -> dict[str, Any]:
+    """`max_batch_size` is the images one request may hold; each batch item is one encoded image (dims [1],
+    reshaped to a scalar, so requests send shape [images]); `classnames` lists the classes in class order."""
+    settings = state.settings
+    return {
+        "name": active.name, "platform": f"promptserve_{active.manifest.method}", "backend": "promptserve",
+        "version_policy": {"specific": {"versions": [active.version]}},
+        "max_batch_size": settings.max_images_per_request,
+        "input": [{"name": INPUT, "data_type": "TYPE_STRING", "format": "FORMAT_NONE", "dims": [1],
+                   "reshape": {"shape": []}}],
+        "output": [{"name": "labels", "data_type": "TYPE_STRING", "dims": [-1]},
+                   {"name": "probabilities", "data_type": "TYPE_FP32", "dims": [-1]}],
+        "dynamic_batching": {"max_queue_delay_microseconds": round(settings.batch_max_wait_ms * 1000)},
+        "parameters": {"classnames": {"string_value": json.dumps(list(active.manifest.classnames))},
+                       "classes": {"string_value": str(len(active.manifest.classnames))}},
     }
 
 
 @router.get("/models/{task}/ready", summary="Model readiness", responses=MODEL_ERRORS)
-@router.get(f"{VERSION}/ready", summary="Model readiness of the active version", openapi_extra=VERSION_PARAMETER,
+@router.get(f"{VERSION}/ready", summary="Model readiness of a stored version", openapi_extra=VERSION_PARAMETER,
             name="version_ready", responses=MODEL_ERRORS)
 async def model_ready(active: Model) -> dict[str, Any]:
     return {"name": active.name, "ready": True, "version": str(active.version)}
@@ -157,7 +242,7 @@ async def repository_index(state: State) -> list[dict[str, str]]:
     return [{"name": t.name, "version": str(t.version), "state": "READY"} for t in state.tasks.all()]
 
 
-INFER_ERRORS = error_responses(*CLASSIFY_ERRORS, v2=True)
+INFER_ERRORS = error_responses(*CLASSIFY_ERRORS, 429, v2=True)
 # The JSON form of the body (the binary extension appends raw tensor data after it); read by hand, not by FastAPI
 INFER_BODY = {"requestBody": {"required": True, "content": {"application/json": {"schema": {
     "type": "object", "required": ["inputs"], "properties": {
@@ -170,7 +255,10 @@ INFER_BODY = {"requestBody": {"required": True, "content": {"application/json": 
                 "data": {"type": "array", "items": {"type": "string", "description": "an image file's base64"}},
                 "parameters": {"type": "object"}}}},
         "outputs": {"type": "array", "items": {"type": "object", "required": ["name"], "properties": {
-            "name": {"enum": list(OUTPUTS)}, "parameters": {"type": "object"}}}}}}}}}}
+            "name": {"enum": list(OUTPUTS)}, "parameters": {"type": "object", "properties": {
+                "binary_data": {"type": "boolean"},
+                "classification": {"type": "integer", "minimum": 1,
+                                   "description": "answer 'score:index:label' strings, best k first"}}}}}}}}}}}}
 
 
 @router.post("/models/{task}/infer", dependencies=ClassifyAccess, summary="Classify a BYTES tensor of images",
@@ -182,10 +270,13 @@ async def infer(active: Model, request: Request, state: State) -> Response:
     if request.headers.get("content-encoding", "identity").strip().lower() != "identity":
         raise ServiceError(415, "unsupported_encoding", "send the request body uncompressed")
     infer_request, uploads = _read_infer(await read_body(request), request.headers.get(HEADER_LENGTH), state)
-    top_k = _top_k(infer_request.parameters, len(active.manifest.classnames))
     requested = _requested(infer_request)
-    (probabilities,) = await state.pipeline.classify(uploads, (active,), top_k)
-    header, binary_parts = _outputs(top_predictions(active, probabilities, top_k), requested)
+    classes = len(active.manifest.classnames)
+    top_k = _top_k(infer_request.parameters, classes, requested)
+    note_versions([(active.name, active.version)])
+    answer_k = max(classes if r.class_order else min(r.classification or top_k, classes) for r in requested)
+    (probabilities,) = await state.pipeline.classify(uploads, (active,), answer_k)
+    header, binary_parts = await anyio.to_thread.run_sync(_outputs, active, probabilities, top_k, requested)
     header = {"model_name": active.name, "model_version": str(active.version), **header}
     if infer_request.id is not None:
         header["id"] = infer_request.id
@@ -293,38 +384,80 @@ def _json_elements(tensor: InputTensor, count: int, max_bytes: int) -> list[byte
     return elements
 
 
-def _top_k(parameters: dict[str, Any], classes: int) -> int:
+def _top_k(parameters: dict[str, Any], classes: int, requested: list[Requested]) -> int:
     top_k = parameters.get("top_k", classes)
     if isinstance(top_k, bool) or not isinstance(top_k, int) or top_k < 1:
         raise ServiceError(422, "bad_top_k", f"parameter top_k must be a positive integer, not {top_k!r}")
-    return min(top_k, classes)
+    if "top_k" in parameters and all(r.class_order or r.classification for r in requested):
+        raise ServiceError(422, "bad_top_k", "top_k sorts the 'labels' output, which this request does not ask for: "
+                           "'probabilities' alone answers every class in class order (labels in /config), and "
+                           "an output's 'classification' parameter sets its own k")
+    return min(top_k, classes)  # a k beyond the classes answers every class
 
 
-def _outputs(predictions: list[list[Prediction]], requested: list[tuple[str, bool]]) -> tuple[dict, list[bytes]]:
-    """The response's `outputs` and the binary data that follows the header, in output order."""
-    shape = [len(predictions), len(predictions[0])]
-    labels = [p.label for row in predictions for p in row]
-    probabilities = [p.probability for row in predictions for p in row]
-    tensors = {"labels": ("BYTES", labels, b"".join(LENGTH_PREFIX.pack(len(b)) + b for b in map(str.encode, labels))),
-               "probabilities": ("FP32", probabilities, np.asarray(probabilities, "<f4").tobytes())}
-    outputs, binary = [], []
-    for name, as_binary in requested:
-        datatype, data, raw = tensors[name]
-        output: dict[str, Any] = {"name": name, "datatype": datatype, "shape": shape}
-        if as_binary:
-            output["parameters"] = {"binary_data_size": len(raw)}
-            binary.append(raw)
-        else:
-            output["data"] = data
-        outputs.append(output)
-    return {"outputs": outputs}, binary
+@dataclass(frozen=True)
+class Requested:
+    """An output a request asks for: in binary form or not, in class order (probabilities alone) or as Triton's
+    classification strings (its best `classification` classes)."""
+
+    name: str
+    binary: bool
+    class_order: bool = False
+    classification: int | None = None
 
 
-def _requested(infer_request: InferRequest) -> list[tuple[str, bool]]:
-    """(output name, in binary form) for each output the request asked for (all of them when it names none)."""
+def _requested(infer_request: InferRequest) -> list[Requested]:
+    """Each output the request asked for (both, best first, when it names none)."""
     if infer_request.outputs is None:
-        return [(name, infer_request.parameters.get("binary_data_output") is True) for name in OUTPUTS]
+        return [Requested(name, infer_request.parameters.get("binary_data_output") is True) for name in OUTPUTS]
     unknown = [o.name for o in infer_request.outputs if o.name not in OUTPUTS]
     if unknown:
         raise ServiceError(422, "unknown_output", f"unknown outputs {unknown}: this model has {list(OUTPUTS)}")
-    return [(o.name, o.parameters.get("binary_data") is True) for o in infer_request.outputs]
+    alone = [o.name for o in infer_request.outputs] == ["probabilities"]
+    return [Requested(o.name, o.parameters.get("binary_data") is True, alone, _classification(o))
+            for o in infer_request.outputs]
+
+
+def _classification(output: RequestedOutput) -> int | None:
+    k = output.parameters.get("classification")
+    if k is None:
+        return None
+    if isinstance(k, bool) or not isinstance(k, int) or k < 1:
+        raise ServiceError(422, "bad_classification", f"output '{output.name}': classification must be a positive "
+                           f"integer, not {k!r}")
+    if output.name != "probabilities":
+        raise ServiceError(422, "bad_classification", "classification applies to the 'probabilities' output")
+    return k
+
+
+def _outputs(task: ActiveTask, probabilities: torch.Tensor, top_k: int,
+             requested: list[Requested]) -> tuple[dict, list[bytes]]:
+    """The response's `outputs` and the binary data that follows the header, in output order."""
+    outputs, binary = [], []
+    for output in requested:
+        datatype, shape, data = _tensor(task, probabilities, top_k, output)
+        raw = (b"".join(LENGTH_PREFIX.pack(len(b)) + b for b in map(str.encode, data)) if datatype == "BYTES"
+               else np.asarray(data, "<f4").tobytes())
+        entry: dict[str, Any] = {"name": output.name, "datatype": datatype, "shape": shape}
+        if output.binary:
+            entry["parameters"] = {"binary_data_size": len(raw)}
+            binary.append(raw)
+        else:
+            entry["data"] = data
+        outputs.append(entry)
+    return {"outputs": outputs}, binary
+
+
+def _tensor(task: ActiveTask, probabilities: torch.Tensor, top_k: int,
+            output: Requested) -> tuple[str, list[int], list[Any]]:
+    """(datatype, shape, flat data) of one output, [images, k] best first, or [images, classes] in class order."""
+    if output.class_order and not output.classification:
+        return "FP32", list(probabilities.shape), probabilities.flatten().tolist()
+    top = probabilities.topk(min(output.classification or top_k, probabilities.shape[1]), dim=-1)
+    shape, names = list(top.indices.shape), task.manifest.classnames
+    values, indices = top.values.flatten().tolist(), top.indices.flatten().tolist()
+    if output.classification:  # Triton's format: the score as C's %f, the class index, the label
+        return "BYTES", shape, [f"{p:f}:{i}:{names[i]}" for p, i in zip(values, indices, strict=True)]
+    if output.name == "labels":
+        return "BYTES", shape, [names[i] for i in indices]
+    return "FP32", shape, values

@@ -5,7 +5,6 @@ Thin: they check input, call the task manager or the classify pipeline, and shap
 
 from __future__ import annotations
 
-import math
 from typing import Annotated
 
 import anyio
@@ -22,12 +21,16 @@ from service.http.deps import (
     ClassifyAccess,
     State,
     TaskName,
+    pinned_task,
 )
 from service.http.errors import WITH_BODY, error_responses, storage_error
 from service.http.jsonbody import read_body
+from service.http.observability import note_versions
 from service.http.schemas import (
+    TASK_VERSION_LINKS,
     ClassifyResponse,
     ImageResult,
+    LabelTask,
     MultiClassifyResponse,
     MultiImageResult,
     Readiness,
@@ -35,6 +38,7 @@ from service.http.schemas import (
     TaskDetail,
     TaskList,
     TaskSummary,
+    task_version_links,
     top_predictions,
 )
 from service.http.uploads import JSON_IMAGES_SCHEMA, media_type, read_image_uploads
@@ -42,14 +46,14 @@ from service.methods import BundleError
 from service.registry.base import TASK_NAME_PATTERN, VERSION_REF_PATTERN
 from service.serving.activation import ActiveTask
 from service.serving.errors import ServiceError
-from service.serving.preparation import PinRefused
+from service.serving.zero_shot import zero_shot_bundle
 
 router = APIRouter()
 BUNDLE_BODY = {"requestBody": {"required": True, "content": {"application/octet-stream": {
     "schema": {"type": "string", "format": "binary"}}}}}
 IMAGES_BODY = {"requestBody": {"required": True, "content": {"multipart/form-data": {"schema": {
     "type": "object", "required": ["images"],
-    "properties": {"images": {"type": "array", "items": {"type": "string", "format": "binary"}}}}},
+    "properties": {"images": {"type": "array", "minItems": 1, "items": {"type": "string", "format": "binary"}}}}},
     "application/json": {"schema": JSON_IMAGES_SCHEMA}}}}
 
 
@@ -77,11 +81,21 @@ async def readyz(state: State, response: Response, require_registry: RequireRegi
                      backbone=state.backbone.describe())
 
 
-@router.get("/v1/tasks", tags=["tasks"], summary="List active tasks", dependencies=ClassifyAccess,
-            responses=error_responses(*READ_ERRORS))
-async def list_tasks(state: State) -> TaskList:
+PageSize = Annotated[int, Query(ge=1, le=1000, description="tasks per page")]
+Cursor = Annotated[str | None, Query(pattern=TASK_NAME_PATTERN, description="the `next_cursor` of the previous page",
+                                     examples=["shapes"])]
+
+
+@router.get("/v1/tasks", tags=["tasks"], summary="List active tasks, a page at a time (in name order)",
+            dependencies=ClassifyAccess,
+            responses={200: {"description": "a page of tasks", "links": task_version_links("/tasks/0")},
+                       **error_responses(*READ_ERRORS, 422)})
+async def list_tasks(state: State, limit: PageSize = 100, cursor: Cursor = None) -> TaskList:
+    after = [t for t in state.tasks.all() if cursor is None or t.name > cursor]
+    page = after[:limit]
     return TaskList(tasks=[TaskSummary(name=t.name, method=t.manifest.method, version=t.version,
-                                       num_classes=len(t.manifest.classnames)) for t in state.tasks.all()])
+                                       num_classes=len(t.manifest.classnames)) for t in page],
+                    next_cursor=page[-1].name if len(after) > limit else None)
 
 
 @router.get("/v1/tasks/{task}", tags=["tasks"], summary="Describe a task's active version",
@@ -92,7 +106,9 @@ async def get_task(task: TaskName, state: State) -> TaskDetail:
 
 @router.post("/v1/tasks/{task}/versions", tags=["tasks"], status_code=201, dependencies=AdminOnly,
              openapi_extra=BUNDLE_BODY, summary="Upload a bundle as the task's new active version",
-             responses={200: {"model": TaskDetail, "description": "identical to a stored version: that one is active"},
+             responses={201: {"description": "stored and active", "links": TASK_VERSION_LINKS},
+                        200: {"model": TaskDetail, "description": "identical to a stored version: that one is active",
+                              "links": TASK_VERSION_LINKS},
                         **error_responses(*ADMIN_ERRORS, *WITH_BODY, 415, 422, 503, 507)})
 async def upload_bundle(task: TaskName, request: Request, response: Response, state: State) -> TaskDetail:
     """The raw bundle file is the body. It becomes active only after its text features are cached; on
@@ -106,6 +122,30 @@ async def upload_bundle(task: TaskName, request: Request, response: Response, st
     data = bytes(await read_body(request))
     if not data:
         raise ServiceError(422, "empty_bundle", "the request body is empty: send the bundle file")
+    return await _store(state, task, data, response)
+
+
+@router.put("/v1/tasks/{task}", tags=["tasks"], status_code=201, dependencies=AdminOnly,
+            summary="Make a zero-shot task (or its new version) from class names, and activate it",
+            responses={201: {"description": "stored and active", "links": TASK_VERSION_LINKS},
+                       200: {"model": TaskDetail, "description": "identical to a stored version: that one is active",
+                             "links": TASK_VERSION_LINKS},
+                       **error_responses(*ADMIN_ERRORS, *WITH_BODY, 422, 503, 507)})
+async def put_label_task(task: TaskName, body: LabelTask, state: State, response: Response) -> TaskDetail:
+    """A zero-shot bundle built from the names (each through the templates, features averaged), then stored and
+    activated exactly like an uploaded one: a new version (or the identical stored one), aliases, replicas."""
+    try:
+        if len(body.classnames) > state.tasks.limits.max_classes:  # before a manifest is built from them
+            raise BundleError("classnames", f"{len(body.classnames)} classes exceed this service's limit "
+                              f"{state.tasks.limits.max_classes}")
+        data = zero_shot_bundle(state.backbone, body.classnames, body.templates)
+    except BundleError as exc:
+        raise ServiceError(422, "invalid_bundle", str(exc), field=exc.field) from exc
+    return await _store(state, task, data, response)
+
+
+async def _store(state: AppState, task: str, data: bytes, response: Response) -> TaskDetail:
+    """Store `data` as the task's new active version (201), or re-activate the identical stored one (200)."""
     try:
         active, created = await anyio.to_thread.run_sync(state.tasks.upload, task, data,
                                                          state.settings.retain_versions,
@@ -129,6 +169,7 @@ async def delete_task(task: TaskName, state: State) -> Response:
         raise storage_error(exc) from exc
     state.tasks.forget_failure(task)
     state.metrics.forget_task(task)
+    state.pipeline.stats.forget(task)
     state.refresh_task_gauges()
     return Response(status_code=204)
 
@@ -136,8 +177,11 @@ async def delete_task(task: TaskName, state: State) -> Response:
 TopK = Annotated[int, Query(ge=1, le=1000, description="predictions per image")]
 PinnedVersion = Annotated[str | None, Query(pattern=VERSION_REF_PATTERN,
                                             description="answer with this version number or alias, not the active one")]
-TaskNames = Annotated[list[Annotated[str, StringConstraints(pattern=TASK_NAME_PATTERN)]],
-                     Query(min_length=1, max_length=64, description="tasks to answer, repeatable")]
+# a task, optionally pinned: birds@canary (an alias) or birds:3 (a version number); either separator takes either
+TASK_REF_PATTERN = (f"{TASK_NAME_PATTERN.removesuffix('$')}(?:[@:]{VERSION_REF_PATTERN.removeprefix('^')[:-1]})?$")
+TaskNames = Annotated[list[Annotated[str, StringConstraints(pattern=TASK_REF_PATTERN)]],
+                     Query(min_length=1, max_length=64, examples=[["shapes", "colours@canary", "birds:3"]],
+                           description="tasks to answer, repeatable; pin a version with task@alias or task:N")]
 
 
 @router.post("/v1/tasks/{task}/classify", tags=["classify"], dependencies=ClassifyAccess, openapi_extra=IMAGES_BODY,
@@ -146,7 +190,7 @@ TaskNames = Annotated[list[Annotated[str, StringConstraints(pattern=TASK_NAME_PA
 async def classify(task: TaskName, request: Request, state: State, top_k: TopK = 5,
                    version: PinnedVersion = None) -> Response:
     # this one version answers every image of the request
-    active = state.tasks.get(task) if version is None else await _pinned(request, state, task, version)
+    active = state.tasks.get(task) if version is None else await pinned_task(request, state, task, version)
     filenames, (probabilities,) = await _classify(request, state, (active,), top_k)
 
     def answer() -> Response:
@@ -158,11 +202,11 @@ async def classify(task: TaskName, request: Request, state: State, top_k: TopK =
 
 
 @router.post("/v1/classify", tags=["classify"], dependencies=ClassifyAccess, openapi_extra=IMAGES_BODY,
-             response_model=MultiClassifyResponse, responses=error_responses(*CLASSIFY_ERRORS),
+             response_model=MultiClassifyResponse, responses=error_responses(*CLASSIFY_ERRORS, 429),
              summary="Classify images for several tasks in one micro-batched pass")
 async def classify_many(request: Request, state: State, tasks: TaskNames, top_k: TopK = 5) -> Response:
     """Tasks that leave the image tower untouched share one image forward; each vision-side task adds one."""
-    active = tuple(state.tasks.get(name) for name in dict.fromkeys(tasks))
+    active = tuple([await _task_ref(request, state, ref) for ref in dict.fromkeys(tasks)])
     filenames, per_task = await _classify(request, state, active, top_k)
 
     def answer() -> Response:
@@ -176,27 +220,10 @@ async def classify_many(request: Request, state: State, tasks: TaskNames, top_k:
     return await anyio.to_thread.run_sync(answer)
 
 
-async def _pinned(request: Request, state: AppState, task: str, ref: str) -> ActiveTask:
-    """A pinned version: answered at once if it is active or prepared; else prepared by the pin worker (never
-    ahead of an upload), within the client's and the task's budget (service/serving/preparation.py)."""
-    state.tasks.get(task)  # 404 for a task this replica does not serve
-    version = state.tasks.resolve(task, ref)
-    ready = state.tasks.ready(task, version)
-    if ready is not None:
-        return ready
-    client = request.client.host if request.client else "unknown"
-    try:
-        state.pins.take(client, task, state.pin_worker.queued)
-    except PinRefused as exc:
-        retry = max(1, math.ceil(exc.retry_after_s))
-        raise ServiceError(429, "too_many_pins", f"version {version} of {task!r} is not prepared and {exc}; retry in "
-                           f"{retry} s, or pin a prepared version", headers={"Retry-After": str(retry)}) from exc
-    try:
-        return await state.pin_worker.run(state.tasks.pinned, task, str(version))
-    except BundleError as exc:
-        raise ServiceError(422, "invalid_bundle", f"version {ref} of {task!r} cannot be served: {exc}") from exc
-    finally:
-        state.pins.done(client)
+async def _task_ref(request: Request, state: AppState, ref: str) -> ActiveTask:
+    """`name` (the active version), or `name@alias` / `name:N` (that version)."""
+    name, _, version = ref.replace(":", "@", 1).partition("@")
+    return await pinned_task(request, state, name, version) if version else state.tasks.get(name)
 
 
 def _json(model: ClassifyResponse | MultiClassifyResponse) -> Response:
@@ -206,6 +233,7 @@ def _json(model: ClassifyResponse | MultiClassifyResponse) -> Response:
 
 async def _classify(request: Request, state: AppState, tasks: tuple[ActiveTask, ...],
                     top_k: int) -> tuple[list[str], list[torch.Tensor]]:
+    note_versions((t.name, t.version) for t in tasks)
     state.pipeline.admit(tasks, top_k)  # before the body is read
     with state.pipeline.incoming():
         uploads = await read_image_uploads(request, state.settings)

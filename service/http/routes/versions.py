@@ -14,15 +14,25 @@ from fastapi import APIRouter, Path
 
 from service.http.deps import ADMIN_ERRORS, READ_ERRORS, AdminOnly, AppState, ClassifyAccess, State, TaskName
 from service.http.errors import WITH_BODY, error_responses
-from service.http.schemas import AliasList, AliasTarget, TaskDetail, VersionEntry, VersionList
+from service.http.schemas import (
+    ALIAS_LINKS,
+    TASK_VERSION_LINKS,
+    AliasList,
+    AliasTarget,
+    TaskDetail,
+    VersionEntry,
+    VersionList,
+)
 from service.methods import BundleError
 from service.registry.base import ALIAS_PATTERN, VERSION_REF_PATTERN
 from service.serving.activation import ActiveTask
 from service.serving.errors import ServiceError
 
 router = APIRouter(tags=["versions"])
-VersionRef = Annotated[str, Path(pattern=VERSION_REF_PATTERN, description="a version number or an alias")]
-AliasName = Annotated[str, Path(pattern=ALIAS_PATTERN, description="alias name, e.g. prod or canary")]
+VersionRef = Annotated[str, Path(pattern=VERSION_REF_PATTERN, description="a version number or an alias",
+                                 examples=["1"])]
+AliasName = Annotated[str, Path(pattern=ALIAS_PATTERN, description="alias name, e.g. prod or canary",
+                                examples=["canary"])]
 T = TypeVar("T")
 
 
@@ -40,7 +50,8 @@ async def list_versions(task: TaskName, state: State) -> VersionList:
 
 @router.post("/v1/tasks/{task}/versions/{ref}/activate", dependencies=AdminOnly,
              summary="Make a stored version (number or alias) the active one: rollback or roll forward",
-             responses=error_responses(*ADMIN_ERRORS, 404, 422, 503))
+             responses={200: {"description": "now active", "links": TASK_VERSION_LINKS},
+                        **error_responses(*ADMIN_ERRORS, 404, 422, 503)})
 async def activate_version(task: TaskName, ref: VersionRef, state: State) -> TaskDetail:
     """The version is prepared before the swap: if it cannot be served, the active one keeps serving."""
     active = await _in_activation_worker(state, _activate, state, task, ref)
@@ -61,7 +72,8 @@ async def list_aliases(task: TaskName, state: State) -> AliasList:
 
 @router.put("/v1/tasks/{task}/aliases/{alias}", dependencies=AdminOnly,
             summary="Point an alias at a version (a number or another alias)",
-            responses=error_responses(*ADMIN_ERRORS, *WITH_BODY, 404, 422, 503))
+            responses={200: {"description": "the task's aliases", "links": ALIAS_LINKS},
+                       **error_responses(*ADMIN_ERRORS, *WITH_BODY, 404, 422, 503)})
 async def set_alias(task: TaskName, alias: AliasName, target: AliasTarget, state: State) -> AliasList:
     aliases = await _in_activation_worker(state, state.tasks.set_alias, task, alias, str(target.version))
     return AliasList(task=task, aliases=aliases)

@@ -1,10 +1,17 @@
 """schemathesis against the real app (real backbone, real registry): every operation, fixed seed, bounded
-examples; every answer must be documented (status, content type, body schema) and none may be a 5xx."""
+examples; every answer must be documented (status, content type, body schema) and none may be a 5xx. In-process
+over the ASGI app (two guard settings), and with schemathesis's own runner over a real uvicorn, every phase
+included: examples, coverage (undeclared methods must get a 405 listing the allowed ones), fuzzing, and the
+stateful phase, which follows the OpenAPI links from the task list to activate and the alias routes."""
 
 from __future__ import annotations
 
+import json
 import os
+import subprocess
+import sys
 from collections import Counter
+from pathlib import Path
 
 import pytest
 import schemathesis
@@ -19,6 +26,7 @@ from schemathesis.specs.openapi.checks import (
     status_code_conformance,
 )
 
+from bench.process import ServiceProcess
 from service.config import Settings
 from service.http.app import create_app
 from service.registry.directory import DirectoryRegistry
@@ -83,3 +91,62 @@ def fuzz(operation, statuses: Counter) -> None:
         statuses[operation.label, response.status_code] += 1
 
     run()
+
+
+# The live run: `positive_data_acceptance` and `negative_data_rejection` are left out, as above, since the
+# documents cannot say which bytes are a bundle or an image. The task list's `cursor` is fixed to one before every
+# name, so its first task (a link's source) exists; the stateful phase generates valid requests only.
+LIVE_CONFIG = """
+[phases.stateful]
+max-steps = 20
+
+[phases.stateful.generation]
+max-examples = 80
+mode = "positive"
+
+[[operations]]
+include-name = "GET /v1/tasks"
+parameters = { "query.cursor" = "0" }
+"""
+STATEFUL_TARGETS = {("POST", "/v1/tasks/{task}/versions/{ref}/activate"), ("PUT", "/v1/tasks/{task}/aliases/{alias}"),
+                    ("DELETE", "/v1/tasks/{task}/aliases/{alias}")}
+
+
+@pytest.mark.slow
+def test_schemathesis_finds_nothing_over_a_live_uvicorn_and_its_stateful_phase_reaches_activate_and_aliases(
+        tmp_path: Path):
+    service = ServiceProcess(tmp_path / "registry", admin_token=TOKEN)  # tiny CLIP, demo tasks shapes and colours
+    config = tmp_path / "schemathesis.toml"
+    config.write_text(LIVE_CONFIG)
+    try:
+        service.wait_ready()
+        run = subprocess.run([
+            sys.executable, "-m", "schemathesis.cli", "--config-file", str(config),
+            "run", f"{service.url}/openapi.json",
+            "--phases", "examples,coverage,fuzzing,stateful", "--max-examples", "10", "--generation-deterministic",
+            "--header", f"Authorization: Bearer {TOKEN}", "--workers", "1", "--no-color",  # hypothesis: one thread
+            "--request-timeout", "60",  # the suite shares two cores: a slow answer is not a fault
+            "--exclude-checks", "positive_data_acceptance,negative_data_rejection",
+            "--report", "ndjson", "--report-ndjson-path", str(tmp_path / "events.ndjson")],
+            capture_output=True, text=True, timeout=300)
+    finally:
+        service.stop()
+    failures = run.stdout[run.stdout.find("=== FAILURES"):] if "=== FAILURES" in run.stdout else run.stdout[-12000:]
+    assert run.returncode == 0, failures[:12000] + run.stderr[-2000:]
+    reached = stateful_successes(tmp_path / "events.ndjson")
+    assert STATEFUL_TARGETS <= reached, f"the stateful phase answered 2xx only for {sorted(reached)}"
+
+
+def stateful_successes(events: Path) -> set[tuple[str, str]]:
+    """(method, path template) of every 2xx answer in the stateful phase."""
+    reached = set()
+    for line in events.read_text().splitlines():
+        finished = json.loads(line).get("ScenarioFinished")
+        if not finished or finished.get("phase") != "stateful":
+            continue
+        recorder = finished["recorder"]
+        for case_id, interaction in recorder.get("interactions", {}).items():
+            case = recorder["cases"][case_id]["value"]
+            if 200 <= interaction["response"]["status_code"] < 300:
+                reached.add((case["method"], case["path"]))
+    return reached

@@ -10,8 +10,9 @@ import pytest
 import tritonclient.http as triton
 from tritonclient.utils import InferenceServerException
 
+from service.registry.base import RegistryUnavailable
 from service.serving.demo import DEMO_TASKS
-from tests.helpers import SAMPLES, png, running, settings_for, upload
+from tests.helpers import ADMIN, SAMPLES, png, running, settings_for, upload
 
 SAMPLE_FILES = sorted(SAMPLES.glob("*.png"))
 
@@ -81,12 +82,102 @@ def test_tritonclient_infers_json_tensors_with_a_top_k_parameter(v2):
 def test_tritonclient_gets_the_servers_error_messages(v2):
     with pytest.raises(InferenceServerException, match="no-such-task"):
         v2.infer("no-such-task", [images_input(binary=True)])
-    with pytest.raises(InferenceServerException, match="serves version 1, not 7"):
+    with pytest.raises(InferenceServerException, match="has no version 7"):
         v2.infer("shapes", [images_input(binary=True)], model_version="7")
     assert v2.infer("colours", [images_input(binary=True)], model_version="1").get_response()["model_version"] == "1"
     wrong = triton.InferInput("pixels", [1], "BYTES").set_data_from_numpy(np.array([b"x"], dtype=np.object_))
     with pytest.raises(InferenceServerException, match="'images' of datatype BYTES"):
         v2.infer("shapes", [wrong])
+
+
+def sample_colours() -> list[str]:
+    return [p.stem.split("_")[0] for p in SAMPLE_FILES]
+
+
+@pytest.mark.slow
+def test_tritonclient_reads_the_config_and_advertises_only_what_is_served(v2):
+    assert set(v2.get_server_metadata()["extensions"]) == {
+        "binary_tensor_data", "classification", "model_configuration", "statistics"}
+    config = v2.get_model_config("colours")
+    assert config["name"] == "colours" and config["max_batch_size"] == 32
+    assert config["input"] == [{"name": "images", "data_type": "TYPE_STRING", "format": "FORMAT_NONE", "dims": [1],
+                                "reshape": {"shape": []}}]
+    assert [(o["name"], o["data_type"]) for o in config["output"]] == [("labels", "TYPE_STRING"),
+                                                                        ("probabilities", "TYPE_FP32")]
+    assert json.loads(config["parameters"]["classnames"]["string_value"]) == list(DEMO_TASKS["colours"])
+
+
+@pytest.mark.slow
+def test_triton_classification_extension_answers_score_index_label(v2):
+    classnames = json.loads(v2.get_model_config("colours")["parameters"]["classnames"]["string_value"])
+    outputs = [triton.InferRequestedOutput("probabilities", class_count=3)]
+    answer = v2.infer("colours", [images_input(binary=True)], outputs=outputs).as_numpy("probabilities")
+    assert answer.shape == (len(SAMPLE_FILES), 3)
+    rows = [[entry.decode().split(":", 2) for entry in row] for row in answer]
+    for row, colour in zip(rows, sample_colours(), strict=True):
+        assert [classnames[int(index)] for _, index, _ in row] == [label for _, _, label in row]
+        scores = [float(score) for score, _, _ in row]
+        assert scores == sorted(scores, reverse=True) and row[0][2] == colour
+    more = [triton.InferRequestedOutput("probabilities", class_count=99, binary_data=False)]  # beyond the classes
+    assert v2.infer("colours", [images_input(True)], outputs=more).as_numpy("probabilities").shape == (4, 16)
+
+
+@pytest.mark.slow
+def test_probabilities_alone_are_every_class_in_class_order(v2):
+    classnames = json.loads(v2.get_model_config("colours")["parameters"]["classnames"]["string_value"])
+    outputs = [triton.InferRequestedOutput("probabilities")]
+    probabilities = v2.infer("colours", [images_input(binary=True)], outputs=outputs).as_numpy("probabilities")
+    assert probabilities.shape == (len(SAMPLE_FILES), len(classnames))
+    assert np.allclose(probabilities.sum(axis=1), 1, atol=1e-4)
+    assert [classnames[i] for i in probabilities.argmax(axis=1)] == sample_colours()
+    with pytest.raises(InferenceServerException, match="top_k sorts the 'labels' output"):
+        v2.infer("colours", [images_input(binary=True)], outputs=outputs, parameters={"top_k": 2})
+
+
+@pytest.mark.slow
+def test_tritonclient_reads_per_version_statistics(v2):
+    def entry(stats: dict) -> dict:
+        [found] = [m for m in stats["model_stats"] if m["name"] == "colours" and m["version"] == "1"]
+        return found
+
+    before = entry(v2.get_inference_statistics("colours"))
+    v2.infer("colours", [images_input(binary=True)])
+    after = entry(v2.get_inference_statistics("colours"))
+    everything = v2.get_inference_statistics()
+    assert after["inference_count"] - before["inference_count"] == len(SAMPLE_FILES)
+    assert after["execution_count"] - before["execution_count"] == 1
+    phases = after["inference_stats"]
+    assert phases["success"]["count"] - before["inference_stats"]["success"]["count"] == 1
+    for phase in ("success", "compute_input", "compute_infer"):
+        assert phases[phase]["ns"] > before["inference_stats"][phase]["ns"]
+    assert after["last_inference"] >= before["last_inference"] and after["last_inference"] > 0
+    assert {("shapes", "1"), ("colours", "1")} <= {(m["name"], m["version"]) for m in everything["model_stats"]}
+    assert entry(v2.get_inference_statistics("colours", "1")) == entry(v2.get_inference_statistics("colours"))
+
+
+@pytest.mark.slow
+def test_stored_versions_are_addressable_by_url(v2, live_service):
+    try:
+        check_versions_by_url(v2, live_service.url)
+    finally:  # the live service is shared: leave only its demo tasks
+        httpx.delete(f"{live_service.url}/v1/tasks/v2-versions", headers=ADMIN)
+
+
+def check_versions_by_url(v2, url: str) -> None:
+    for labels in (["red", "blue"], ["red", "blue", "green"]):
+        made = httpx.put(f"{url}/v1/tasks/v2-versions", json={"classnames": labels}, headers=ADMIN)
+        assert made.status_code == 201, made.text
+    assert v2.get_model_metadata("v2-versions")["versions"] == ["1", "2"]
+    assert v2.get_model_metadata("v2-versions", "1")["versions"] == ["1"]
+    assert v2.is_model_ready("v2-versions", "1") and not v2.is_model_ready("v2-versions", "3")
+    old = v2.infer("v2-versions", [images_input(binary=True)], model_version="1")
+    new = v2.infer("v2-versions", [images_input(binary=True)])
+    assert old.get_response()["model_version"] == "1" and old.as_numpy("labels").shape == (4, 2)
+    assert new.get_response()["model_version"] == "2" and new.as_numpy("labels").shape == (4, 3)
+    assert json.loads(v2.get_model_config("v2-versions", "1")["parameters"]["classnames"]["string_value"]) == [
+        "red", "blue"]
+    [stats] = v2.get_inference_statistics("v2-versions", "1")["model_stats"]
+    assert (stats["version"], stats["inference_count"]) == ("1", len(SAMPLE_FILES))
 
 
 # Malformed requests, straight through the ASGI app (micro backbone): each a 4xx with a code.
@@ -123,6 +214,10 @@ def with_trailing_bytes(request: Request) -> Request:
     (binary_request([b"not an image"]), 415, "not_an_image"),
     (binary_request([png()], parameters={"top_k": 0}), 422, "bad_top_k"),
     (binary_request([png()], outputs=[{"name": "logits"}]), 422, "unknown_output"),
+    (binary_request([png()], outputs=[{"name": "labels", "parameters": {"classification": 2}}]), 422,
+     "bad_classification"),
+    (binary_request([png()], outputs=[{"name": "probabilities", "parameters": {"classification": 0}}]), 422,
+     "bad_classification"),
     ((b'{"inputs": "nope"}', {}), 422, "bad_infer_request"),
     (with_trailing_bytes(json_request([base64.b64encode(png()).decode()])), 422, "bad_binary_data"),
     (json_request([1]), 422, "bad_input"),
@@ -167,3 +262,20 @@ async def test_errors_answered_before_the_routes_carry_the_protocol_error_field(
     assert too_large.json()["error"] == too_large.json()["detail"]
     assert unknown.status_code == 404 and unknown.json()["error"]
     assert v1.status_code == 431 and "error" not in v1.json()
+
+
+@pytest.mark.anyio
+async def test_model_metadata_lists_the_served_version_through_a_registry_outage(backbone, tmp_path, make_coop_bundle,
+                                                                                  monkeypatch):
+    async with running(backbone, settings_for(tmp_path)) as client:
+        await upload(client, "t", make_coop_bundle(backbone, ["a", "b"], seed=1))
+        await upload(client, "t", make_coop_bundle(backbone, ["a", "b"], seed=2))
+        assert (await client.get("/v2/models/t")).json()["versions"] == ["1", "2"]
+        registry = client._transport.app.state.promptserve.tasks.registry
+
+        def unreachable(task):
+            raise RegistryUnavailable("the registry is down")
+
+        monkeypatch.setattr(registry, "versions", unreachable)
+        during = await client.get("/v2/models/t")
+    assert during.status_code == 200 and during.json()["versions"] == ["2"]

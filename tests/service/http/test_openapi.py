@@ -57,3 +57,35 @@ def test_image_arrays_are_bounded_by_the_settings(spec):
     assert body["application/json"]["schema"]["properties"]["images"]["maxItems"] == 7
     many = {p["name"]: p for p in spec["paths"]["/v1/classify"]["post"]["parameters"]}
     assert many["tasks"]["schema"]["maxItems"] == 64
+
+
+def test_image_arrays_need_one_image(spec):
+    for path in ("/v1/tasks/{task}/classify", "/v1/classify", "/v1/zero-shot"):
+        for media_type, body in spec["paths"][path]["post"]["requestBody"]["content"].items():
+            assert body["schema"]["properties"]["images"]["minItems"] == 1, (path, media_type)
+
+
+def test_inference_security_is_optional_unless_a_classify_token_is_set(spec):
+    guarded = [("/v1/classify", "post"), ("/v1/zero-shot", "post"), ("/v1/embeddings", "post"),
+               ("/v2/models/{task}/infer", "post")]
+    locked = create_app(Settings(classify_token="secret")).openapi()
+    for path, method in guarded:
+        assert spec["paths"][path][method]["security"] == [{}, {"HTTPBearer": []}], path
+        assert locked["paths"][path][method]["security"] == [{"HTTPBearer": []}], path
+    assert spec["paths"]["/v1/tasks/{task}"]["put"]["security"] == [{"HTTPBearer": []}]  # admin stays required
+
+
+def test_every_path_parameter_has_an_example(spec):
+    missing = [(path, parameter["name"]) for path, _, operation in operations(spec)
+               for parameter in operation.get("parameters", []) if parameter["in"] == "path"
+               and not (parameter.get("example") or parameter.get("examples") or parameter["schema"].get("examples"))]
+    assert missing == []
+
+
+def test_links_lead_from_a_task_to_its_versions_and_aliases(spec):
+    ids = {operation["operationId"] for _, _, operation in operations(spec)}
+    for path, method, status in [("/v1/tasks", "get", "200"), ("/v1/tasks/{task}", "put", "201"),
+                                 ("/v1/tasks/{task}/versions", "post", "201"),
+                                 ("/v1/tasks/{task}/aliases/{alias}", "put", "200")]:
+        links = spec["paths"][path][method]["responses"][status]["links"]
+        assert links and {link["operationId"] for link in links.values()} <= ids, (path, method)

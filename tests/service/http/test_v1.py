@@ -364,3 +364,64 @@ async def test_a_request_larger_than_the_whole_queue_is_413_not_a_retry_forever_
         assert response.status_code == 413 and "retry-after" not in response.headers
         assert response.json()["code"] == "too_many_forwards"
         assert (await classify(client, "t", [png()])).status_code == 200
+
+
+async def test_classify_pins_each_task_to_an_alias_or_a_version(client, backbone, make_coop_bundle):
+    await upload(client, "pinned", make_coop_bundle(backbone, ["a", "b"], seed=1))
+    await upload(client, "pinned", make_coop_bundle(backbone, ["a", "b", "c"], seed=2))
+    await upload(client, "other", make_coop_bundle(backbone, ["x", "y"]))
+    await client.put("/v1/tasks/pinned/aliases/canary", json={"version": 1}, headers=ADMIN)
+    files = [("images", ("one.png", png(), "image/png"))]
+    answer = await client.post("/v1/classify", files=files, params={
+        "tasks": ["pinned@canary", "pinned:2", "pinned", "other:1", "pinned@1"], "top_k": 5})
+    assert answer.status_code == 200, answer.text
+    got = [(a["task"], a["version"], len(a["predictions"])) for a in answer.json()["results"][0]["answers"]]
+    assert got == [("pinned", 1, 2), ("pinned", 2, 3), ("pinned", 2, 3), ("other", 1, 2), ("pinned", 1, 2)]
+    unknown = await client.post("/v1/classify", files=files, params={"tasks": ["pinned@nightly"]})
+    missing = await client.post("/v1/classify", files=files, params={"tasks": ["pinned:9"]})
+    malformed = await client.post("/v1/classify", files=files, params={"tasks": ["pinned@@x"]})
+    assert (unknown.status_code, unknown.json()["code"]) == (404, "unknown_task") and "nightly" in unknown.text
+    assert missing.status_code == 404 and "no version 9" in missing.json()["detail"]
+    assert malformed.status_code == 422, malformed.text
+    assert malformed.json()["field"].startswith("query.tasks")
+
+
+@pytest.mark.parametrize(("method", "path", "param"), [
+    ("POST", "/v1/classify?tasks=t&version=canary", "version"),  # pins belong in `tasks` here
+    ("GET", "/v1/tasks?limt=2", "limt"),
+    ("GET", "/healthz?verbose=1", "verbose"),
+    ("POST", "/v2/models/t/infer?top_k=2", "top_k"),
+])
+async def test_an_unknown_query_parameter_is_a_422_naming_it(client, backbone, make_coop_bundle, method, path, param):
+    await upload(client, "t", make_coop_bundle(backbone, ["a", "b"]))
+    response = await client.request(method, path, files=[("images", ("a.png", png(), "image/png"))]
+                                    if method == "POST" else None)
+    assert response.status_code == 422, response.text
+    body = response.json()
+    assert body["code"] == "unknown_query_parameter" and param in body["detail"]
+    assert body["error"] if path.startswith("/v2") else body["field"] == f"query.{param}"  # V2's protocol body
+
+
+async def test_the_task_list_pages_with_limit_and_cursor(client, backbone, make_coop_bundle):
+    names = [f"task-{i:02d}" for i in range(5)]
+    for i, name in enumerate(names):
+        await upload(client, name, make_coop_bundle(backbone, ["a", "b"], seed=i))
+    seen, cursor, pages = [], None, 0
+    while True:
+        page = (await client.get("/v1/tasks", params={"limit": 2} | ({"cursor": cursor} if cursor else {}))).json()
+        seen += [t["name"] for t in page["tasks"]]
+        pages += 1
+        cursor = page["next_cursor"]
+        if cursor is None:
+            break
+    assert seen == names and pages == 3
+    everything = (await client.get("/v1/tasks")).json()
+    assert [t["name"] for t in everything["tasks"]] == names and everything["next_cursor"] is None
+    assert (await client.get("/v1/tasks", params={"limit": 0})).status_code == 422
+
+
+async def test_a_405_lists_every_method_the_path_takes(client):
+    response = await client.patch("/v1/tasks/anything")
+    assert response.status_code == 405 and response.json()["code"] == "method_not_allowed"
+    assert response.headers["allow"] == "DELETE, GET, PUT"  # three routes share the path
+    assert response.json()["detail"] == "PATCH is not allowed here; allowed: DELETE, GET, PUT"

@@ -88,3 +88,23 @@ def test_a_refused_request_shows_the_servers_error(page):
     page.wait_for_selector("#error:not([hidden])")
     assert page.inner_text("#error").startswith("422")
     assert page.locator(".image").count() == 0
+
+
+def test_typed_labels_classify_each_image_beside_the_selected_tasks(page):
+    files = [SAMPLES / "red_star.png", SAMPLES / "blue_circle.png"]
+    page.fill("#labels", "heart, star , circle,triangle")
+    page.set_input_files("#file", [str(f) for f in files])
+    page.wait_for_selector(".image:nth-of-type(2) .answer[data-task=labels] .bar")
+    assert top_labels(page) == {f.name: expected(f.name) | {"labels": expected(f.name)["shapes"]} for f in files}
+    assert page.inner_text(".image:first-of-type .answer[data-task=labels] h4").startswith("typed labels")
+
+    page.uncheck("#tasks input[data-task=shapes]")
+    page.uncheck("#tasks input[data-task=colours]")
+    page.fill("#labels", "red, blue")
+    page.set_input_files("#file", str(SAMPLES / "blue_circle.png"))
+    page.wait_for_function("document.querySelectorAll('.image .answer').length === 1")
+    assert top_labels(page) == {"blue_circle.png": {"labels": "blue"}}
+    page.fill("#labels", "")
+    page.set_input_files("#file", str(SAMPLES / "red_star.png"))
+    page.wait_for_selector("#error:not([hidden])")
+    assert "type labels" in page.inner_text("#error")

@@ -1,3 +1,5 @@
+import threading
+
 import pytest
 
 from service.registry.base import UnknownTask
@@ -50,3 +52,28 @@ def test_unsafe_task_names_are_refused(tmp_path, name):
 def test_activating_a_missing_version_fails(tmp_path):
     with pytest.raises(UnknownTask):
         DirectoryRegistry(tmp_path).activate("birds", 3)
+
+
+def test_listing_versions_while_the_task_is_deleted_and_stored_again_never_fails(tmp_path):
+    """The listing reads without the writers' lock; files a delete takes away meanwhile are left out."""
+    registry, stop, errors = DirectoryRegistry(tmp_path), threading.Event(), []
+
+    def churn() -> None:
+        for i in range(80):
+            registry.store("t", b"bundle %d" % i)
+            registry.delete("t")
+        stop.set()
+
+    def read() -> None:
+        while not stop.is_set():
+            try:
+                assert all(v.size > 0 for v in registry.versions("t"))
+            except Exception as exc:  # noqa: BLE001  # any error is the finding
+                errors.append(repr(exc))
+
+    threads = [threading.Thread(target=churn), threading.Thread(target=read)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(timeout=60)
+    assert errors == []
