@@ -159,3 +159,15 @@ def test_the_setting_defaults_to_auto_and_reaches_the_backbone():
     assert Settings(image_precision="int8").backbone_spec().image_precision == "int8"
     with pytest.raises(ValueError, match="image_precision"):
         Settings(image_precision="fp8")
+
+
+@pytest.mark.slow
+def test_the_tiny_clip_keeps_its_world_top1_within_half_a_point_at_every_precision(tmp_path):
+    from bench.precision_world import MAX_POINTS_FROM_FP32, PRECISIONS, model_card_sets, world_top1
+
+    top1, agree, _ = world_top1(model_card_sets(), str(tmp_path))
+    assert len(top1) == 9 and min(t["fp32"] for t in top1.values()) > 0.85  # the model card's sets, really classified
+    for name, by_precision in top1.items():
+        for precision in PRECISIONS:
+            assert abs(by_precision[precision] - by_precision["fp32"]) * 100 <= MAX_POINTS_FROM_FP32, (name, precision)
+            assert agree[name][precision] >= 0.99, (name, precision)
