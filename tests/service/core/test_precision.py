@@ -14,6 +14,7 @@ from service.config import Settings
 from service.core import backbone as backbone_module
 from service.core.backbone import BackboneSpec, load_backbone
 from service.core.precision import (
+    MIN_AUTO_SPEEDUP,
     MIN_COSINE,
     MIN_TOP1_AGREEMENT,
     TIE_MARGIN,
@@ -22,7 +23,7 @@ from service.core.precision import (
     calibration_labels,
     fast_precisions,
 )
-from tests.helpers import break_int8_model
+from tests.helpers import ROOT, break_int8_model
 
 TINY = dict(model="promptserve-tiny", pretrained="world-v1", device="cpu")
 
@@ -154,6 +155,13 @@ def test_impossible_precisions_are_refused(backend, precision, message):
         load_backbone(BackboneSpec("test-micro", device="cpu", image_backend=backend, image_precision=precision))
 
 
+def test_the_documented_thresholds_are_the_code_s():
+    text = (ROOT / "docs" / "serving.md").read_text()
+    for name, value in (("MIN_COSINE", MIN_COSINE), ("MIN_TOP1_AGREEMENT", MIN_TOP1_AGREEMENT),
+                        ("TIE_MARGIN", TIE_MARGIN), ("MIN_AUTO_SPEEDUP", MIN_AUTO_SPEEDUP)):
+        assert f"`{name}` = {value}" in text, name
+
+
 def test_the_setting_defaults_to_auto_and_reaches_the_backbone():
     assert Settings().image_precision == "auto" and BackboneSpec("x").image_precision == "fp32"
     assert Settings(image_precision="int8").backbone_spec().image_precision == "int8"
@@ -171,3 +179,13 @@ def test_the_tiny_clip_keeps_its_world_top1_within_half_a_point_at_every_precisi
         for precision in PRECISIONS:
             assert abs(by_precision[precision] - by_precision["fp32"]) * 100 <= MAX_POINTS_FROM_FP32, (name, precision)
             assert agree[name][precision] >= 0.99, (name, precision)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_on_cuda_auto_is_fp16_fp32_is_fp32_and_cpu_precisions_are_refused():
+    def on_cuda(precision: str):
+        return load_backbone(BackboneSpec("test-micro", device="cuda", image_precision=precision))
+
+    assert on_cuda("auto").image_precision == "fp16" and on_cuda("fp32").image_precision == "fp32"
+    with pytest.raises(ValueError, match="for CPU"):
+        on_cuda("int8")
