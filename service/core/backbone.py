@@ -189,7 +189,8 @@ class Backbone:
                 encoder = self._reduced_image_encoder(precision)
                 features, seconds = timed_features(encoder, pixels)
             except Exception as error:  # a quantizer or runtime that fails must not stop the service: fp32 serves
-                trials.append(PrecisionTrial(precision, False, f"could not run: {type(error).__name__}: {error}"))
+                first_line = (str(error).strip().splitlines() or [""])[0][:300]  # runtime errors run to pages
+                trials.append(PrecisionTrial(precision, False, f"could not run: {type(error).__name__}: {first_line}"))
                 log.warning("image precision %s", trials[-1].summary())
                 continue
             measured, speedup = agreement(reference, features, classes), fp32_seconds / seconds
