@@ -552,7 +552,9 @@ def main() -> None:
           f"{torch.get_num_threads()} threads, {args.clients} clients, {args.seconds:g} s per figure, "
           f"load average {' '.join(f'{x:.1f}' for x in os.getloadavg())} at the start\n", flush=True)
 
-    torch_backbone = load_backbone(BackboneSpec(args.model, device=args.device))
+    # CPU: the fp32 torch encoder (the other variants load their own); CUDA: the service's default there, fp16
+    torch_backbone = load_backbone(BackboneSpec(args.model, device=args.device,
+                                                image_precision="fp32" if args.device == "cpu" else "auto"))
     per_image = image_flops(torch_backbone)
     rows = [("image tower cost", f"{per_image / 1e9:.2f} GFLOP/image", "")]
     rooflines = {}
