@@ -33,6 +33,10 @@ class Settings(BaseSettings):
     device: str = Field("auto", description="'auto' (cuda when available), 'cpu' or 'cuda[:N]'")
     image_backend: Literal["auto", "torch", "onnx"] = Field(
         "auto", description="image encoder: auto (onnx on CPU, torch on CUDA), torch, or onnx (CPU)")
+    image_precision: Literal["auto", "fp32", "bf16", "int8"] = Field(
+        "auto", description="image encoder precision on CPU: auto (the fastest this CPU has native kernels for that "
+        "passes the startup agreement check against fp32, else fp32), fp32, bf16 (torch) or int8 (onnx); a reduced "
+        "precision that fails the check falls back to fp32 (/readyz says why). CUDA: auto = fp16, or fp32")
     onnx_cache_dir: str = Field("var/onnx", description="where exported ONNX image towers are cached")
     registry: str = Field("var/registry", description="directory that stores bundles and active versions, or a "
                           "postgresql:// URL of a registry shared by every replica")
@@ -125,7 +129,8 @@ class Settings(BaseSettings):
 
     def backbone_spec(self) -> BackboneSpec:
         return BackboneSpec(model=self.model, pretrained=self.pretrained or None, device=self.device, seed=self.seed,
-                            image_backend=self.image_backend, onnx_cache_dir=self.onnx_cache_dir)
+                            image_backend=self.image_backend, image_precision=self.image_precision,
+                            onnx_cache_dir=self.onnx_cache_dir)
 
     def bundle_limits(self) -> BundleLimits:
         return BundleLimits(self.max_classes, self.max_classname_chars, self.max_template_chars, self.max_templates,

@@ -140,6 +140,20 @@ def expect_field(data: bytes, field: str) -> None:
 # --- the app in-process ----------------------------------------------------------------------------------
 
 
+def break_int8_model(path: Path) -> None:
+    """Scramble every int8 weight of a quantized ONNX model in place: it still loads and runs, with wrong answers."""
+    import numpy as np
+    import onnx
+    from onnx import numpy_helper
+
+    model = onnx.load(str(path))
+    for i, tensor in enumerate(model.graph.initializer):
+        if tensor.data_type == onnx.TensorProto.INT8 and len(tensor.dims) == 2:
+            scrambled = np.ascontiguousarray(numpy_helper.to_array(tensor)[::-1])
+            model.graph.initializer[i].CopyFrom(numpy_helper.from_array(scrambled, tensor.name))
+    onnx.save(model, str(path))
+
+
 def png(color: tuple[int, int, int] = (200, 30, 30), size: tuple[int, int] = (40, 40)) -> bytes:
     buffer = io.BytesIO()
     Image.new("RGB", size, color).save(buffer, format="PNG")

@@ -4,7 +4,8 @@ The backbone is loaded once per process and shared by every task. Its fingerprin
 tower's weights so that a bundle trained against other weights is refused instead of silently
 producing wrong answers. Every image forward goes through it: the plain one (on the chosen backend), the
 prompted one (vision-side prompts, torch) and the one that also returns the image tokens (image-conditioned
-prompts, torch).
+prompts, torch). The plain forward may run in bf16 or int8 on CPU once it has passed the agreement check against
+fp32 (`service.core.precision`); the prompted and token forwards always run in fp32 (fp16 on CUDA).
 """
 
 from __future__ import annotations
@@ -21,7 +22,14 @@ import open_clip
 import torch
 import torch.nn.functional as F
 
-from service.core.image_encoders import IMAGE_BACKENDS, ImageEncoder, OnnxImageEncoder, TorchImageEncoder
+from service.core.image_encoders import (
+    IMAGE_BACKENDS,
+    ImageEncoder,
+    OnnxImageEncoder,
+    TorchImageEncoder,
+    export_onnx,
+    quantize_int8,
+)
 from service.core.open_clip_compat import (
     ClipModel,
     deep_prompt_depth_limit,
@@ -29,6 +37,19 @@ from service.core.open_clip_compat import (
     prompt_capable_vit,
     text_embed_dim,
     vit_pooled_and_tokens,
+)
+from service.core.precision import (
+    IMAGE_PRECISIONS,
+    INT8_FLAGS,
+    MIN_AUTO_SPEEDUP,
+    PrecisionChoice,
+    PrecisionTrial,
+    agreement,
+    calibration_images,
+    calibration_labels,
+    cpu_flags,
+    fast_precisions,
+    timed_features,
 )
 from service.core.records import BackboneRef, BackboneSizes
 from service.core.text_encoder import PromptTextEncoder
@@ -59,6 +80,7 @@ class BackboneSpec:
     device: str = "auto"
     seed: int = 0
     image_backend: str = "torch"
+    image_precision: str = "fp32"  # the service's setting defaults to auto (service/config.py)
     onnx_cache_dir: str = "var/onnx"
 
 
@@ -111,24 +133,99 @@ class Backbone:
         self.preprocess = preprocess
         self.tokenizer = tokenizer
         self.text = PromptTextEncoder(self.model, tokenizer)
-        # Forwards with prompts or tokens always run in torch; the plain one runs on the chosen backend.
+        # Forwards with prompts or tokens always run in torch; the plain one runs on the chosen backend and precision.
         self.torch_image_encoder = TorchImageEncoder(self.model.visual, self.device)
-        self.image_encoder = self._image_encoder()
+        self.image_encoder, self.precision_choice = self._image_encoder()
+        # What the plain image forward computes in, as a plain string (fp32, bf16, int8; fp16 on CUDA): stored image
+        # features are only comparable between equal precisions.
+        self.image_precision: str = self.image_encoder.precision
 
-    def _image_encoder(self) -> ImageEncoder:
-        backend = self.spec.image_backend
+    def _image_encoder(self) -> tuple[ImageEncoder, PrecisionChoice]:
+        backend, precision = self.spec.image_backend, self.spec.image_precision
         if backend not in IMAGE_BACKENDS:
             raise ValueError(f"image backend {backend!r} is unknown; choose one of {list(IMAGE_BACKENDS)}")
-        if backend == "auto":  # ONNX Runtime keeps more of its speed under HTTP load on CPU (docs/serving.md)
-            backend = "onnx" if self.device.type == "cpu" else "torch"
-        if backend == "torch":
-            return self.torch_image_encoder
+        if precision not in IMAGE_PRECISIONS:
+            raise ValueError(f"image precision {precision!r} is unknown; choose one of {list(IMAGE_PRECISIONS)}")
         if self.device.type != "cpu":
+            return self._cuda_image_encoder(backend, precision)
+        runs_on = {"bf16": "torch", "int8": "onnx"}  # the one backend with native kernels for each
+        if backend not in ("auto", runs_on.get(precision, backend)):
+            raise ValueError(f"the {precision} image precision runs on the {runs_on[precision]} image backend; set "
+                             f"the image backend to {runs_on[precision]} or auto")
+        # fp32 (and the fallback) on ONNX Runtime unless torch was asked for: it keeps more of its speed under HTTP
+        # load on CPU (docs/serving.md).
+        fp32: ImageEncoder = self.torch_image_encoder if backend == "torch" else OnnxImageEncoder(self._onnx_export())
+        if precision == "fp32":
+            return fp32, PrecisionChoice(precision, fp32.precision)
+        candidates = [precision] if precision != "auto" else [
+            p for p in fast_precisions(cpu_flags()) if backend in ("auto", runs_on[p])]
+        if not candidates:
+            log.info("image precision auto: this CPU has no native int8 or bf16 kernels for the %s backend, so fp32",
+                     backend)
+            return fp32, PrecisionChoice(precision, fp32.precision)
+        return self._checked_image_encoder(fp32, candidates, precision)
+
+    def _cuda_image_encoder(self, backend: str, precision: str) -> tuple[ImageEncoder, PrecisionChoice]:
+        if backend == "onnx":
             raise ValueError("the onnx image backend runs on CPU; use the torch backend on CUDA")
+        if precision in ("bf16", "int8"):
+            raise ValueError(f"the {precision} image precision is for CPU; on CUDA the image encoder runs fp16 (auto) "
+                             "or fp32")
+        encoder = self.torch_image_encoder if precision == "auto" else TorchImageEncoder(
+            self.model.visual, self.device, torch.float32)
+        return encoder, PrecisionChoice(precision, encoder.precision)
+
+    def _checked_image_encoder(self, fp32: ImageEncoder, candidates: list[str], requested: str
+                               ) -> tuple[ImageEncoder, PrecisionChoice]:
+        """The first candidate precision that agrees with fp32 on the calibration set (and, for `auto`, is faster);
+        else fp32. Each trial is logged; the choice keeps them for /readyz."""
+        pixels = torch.stack([self.preprocess(image) for image in calibration_images()])
+        with torch.inference_mode():
+            classes = F.normalize(self.text.encode_texts(calibration_labels()).float(), dim=-1).cpu()
+        reference, fp32_seconds = timed_features(fp32, pixels)
+        trials = []
+        for precision in candidates:
+            try:
+                encoder = self._reduced_image_encoder(precision)
+                features, seconds = timed_features(encoder, pixels)
+            except Exception as error:  # a quantizer or runtime that fails must not stop the service: fp32 serves
+                first_line = (str(error).strip().splitlines() or [""])[0][:300]  # runtime errors run to pages
+                trials.append(PrecisionTrial(precision, False, f"could not run: {type(error).__name__}: {first_line}"))
+                log.warning("image precision %s", trials[-1].summary())
+                continue
+            measured, speedup = agreement(reference, features, classes), fp32_seconds / seconds
+            reason = measured.shortfall()
+            if reason is None and requested == "auto" and speedup < MIN_AUTO_SPEEDUP:
+                reason = f"{speedup:.2f}x fp32 speed, auto needs {MIN_AUTO_SPEEDUP}x"
+            trials.append(PrecisionTrial(precision, reason is None, reason, measured, speedup))
+            if reason is None:
+                log.info("image precision %s: serving %s", trials[-1].summary(), precision)
+                return encoder, PrecisionChoice(requested, precision, trials)
+            log.warning("image precision %s: not serving it (%s)", trials[-1].summary(), reason)
+        choice = PrecisionChoice(requested, fp32.precision, trials)
+        log.warning("image precision: %s", choice.fallback)
+        return fp32, choice
+
+    def _reduced_image_encoder(self, precision: str) -> ImageEncoder:
+        if precision == "bf16":
+            return TorchImageEncoder(self.model.visual, self.device, torch.bfloat16)
+        vnni = bool(cpu_flags() & INT8_FLAGS)
+        path = self._onnx_path("int8" if vnni else "int8-7bit")
+        if not path.is_file():
+            quantize_int8(self._onnx_export(), path, reduce_range=not vnni)
+        return OnnxImageEncoder(path, "int8")
+
+    def _onnx_path(self, variant: str = "") -> Path:
         image_size = self.model.visual.image_size[0]
         key = self.image_fingerprint.removeprefix("sha256:")[:32]
-        path = Path(self.spec.onnx_cache_dir) / f"visual-{image_size}px-{key}.onnx"
-        return OnnxImageEncoder(self.model.visual, image_size, path)
+        return Path(self.spec.onnx_cache_dir) / f"visual-{image_size}px-{key}{'-' + variant if variant else ''}.onnx"
+
+    def _onnx_export(self) -> Path:
+        """The fp32 ONNX export of the image tower, made once and cached by the tower's fingerprint."""
+        path = self._onnx_path()
+        if not path.is_file():
+            export_onnx(self.model.visual, self.model.visual.image_size[0], path)
+        return path
 
     @property
     def logit_scale(self) -> float:
@@ -162,6 +259,8 @@ class Backbone:
             "text_width": self.text.width,
             "context_length": self.text.context_length,
             "image_backend": self.image_encoder.name,
+            "image_precision": self.image_precision,
+            "image_precision_check": self.precision_choice.describe(),
         }
 
     def encode_images(self, pixels: torch.Tensor) -> torch.Tensor:
@@ -199,5 +298,6 @@ def load_backbone(spec: BackboneSpec) -> Backbone:
     model, _, preprocess = open_clip.create_model_and_transforms(spec.model, pretrained=weights_source(spec))
     tokenizer = open_clip.get_tokenizer(spec.model)
     backbone = Backbone(spec, model, preprocess, tokenizer)
-    log.info("backbone ready on %s, fingerprint %s", backbone.device, backbone.fingerprint[:19])
+    log.info("backbone ready on %s, fingerprint %s, image encoder %s (%s)", backbone.device, backbone.fingerprint[:19],
+             backbone.image_encoder.name, backbone.image_precision)
     return backbone

@@ -197,7 +197,9 @@ class Readiness(BaseModel):
                                          "registry entry is damaged (aliases, version metadata), and why")
     waiting_tasks: dict[str, str] = Field(default_factory=dict, description="tasks whose active version the "
                                           "registry could not deliver yet (retried with backoff), and why")
-    backbone: dict[str, Any]
+    backbone: dict[str, Any] = Field(description="model, fingerprint, device, image_backend; image_precision (fp32, "
+                                     "bf16, int8; fp16 on CUDA) and image_precision_check (what was asked for, the "
+                                     "agreement with fp32 of each reduced precision tried, and why one fell back)")
 
 
 class VersionEntry(BaseModel):

@@ -29,5 +29,5 @@ def test_unknown_image_backend_is_refused():
 def test_the_default_backend_is_onnx_runtime_on_cpu(tmp_path):
     from service.config import Settings
 
-    spec = Settings(model="test-micro", pretrained="", onnx_cache_dir=str(tmp_path)).backbone_spec()
-    assert load_backbone(spec).describe()["image_backend"] == "onnx"
+    settings = Settings(model="test-micro", pretrained="", onnx_cache_dir=str(tmp_path), image_precision="fp32")
+    assert load_backbone(settings.backbone_spec()).describe()["image_backend"] == "onnx"
