@@ -26,7 +26,6 @@ MIN_TOP1_AGREEMENT = 0.99  # share of the images fp32 decides whose top-1 label 
 # fp32 "decides" an image when its top label beats the runner-up by this much cosine (0.1 logit at CLIP's logit scale
 # of 100); closer than that, either label is a tie and flipping it changes no answer anyone could rely on.
 TIE_MARGIN = 1e-3
-MIN_AUTO_SPEEDUP = 1.1  # `auto` keeps fp32 unless a reduced precision is at least this much faster in the check
 CALIBRATION_IMAGES = 100
 CALIBRATION_CHUNK = 20  # images per timed forward of the check
 
@@ -198,5 +197,5 @@ class PrecisionChoice:
     def describe(self) -> dict[str, object]:
         return {"requested": self.requested, "fallback": self.fallback,
                 "thresholds": {"cosine_min": MIN_COSINE, "top1_agreement": MIN_TOP1_AGREEMENT,
-                               "tie_margin": TIE_MARGIN, "auto_speedup": MIN_AUTO_SPEEDUP},
+                               "tie_margin": TIE_MARGIN},
                 "trials": [t.describe() for t in self.trials]}
