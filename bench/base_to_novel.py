@@ -40,7 +40,7 @@ from service.bundle.manifest import build_manifest  # noqa: E402
 from service.core.backbone import Backbone, BackboneSpec, load_backbone  # noqa: E402
 from service.methods import METHODS  # noqa: E402
 from service.serving.text_features import text_features  # noqa: E402
-from trainer.engine import TrainConfig, train_cached  # noqa: E402
+from trainer.engine import TrainConfig, train_learner  # noqa: E402
 from trainer.features import FeatureSet  # noqa: E402
 from trainer.fewshot import base_novel_split  # noqa: E402
 from trainer.methods import build_learner, make_config  # noqa: E402
@@ -147,7 +147,7 @@ def trained(method: str, options: dict[str, Any], train: dict[str, Any]) -> Row:
         seeded = {"init_seed": shots.seed} if "init_seed" in {f.name for f in dataclasses.fields(
             METHODS[method].config)} else {}  # a random init follows the run seed, as in the CLI
         learner = build_learner(method, make_config(method, **options, **seeded), shots.backbone, shots.classnames)
-        train_cached(learner, shots.data, TrainConfig(**{"epochs": shots.epochs, "seed": shots.seed, **train}))
+        train_learner(learner, shots.data, TrainConfig(**{"epochs": shots.epochs, "seed": shots.seed, **train}))
         return Classifier(decode_bundle(encode_bundle(*learner.export())), parameters=learner.trainable_parameters())
 
     return fit

@@ -21,7 +21,7 @@ from PIL import Image, ImageDraw
 
 from service.core.backbone import BackboneSpec, load_backbone
 from trainer.data import Sample
-from trainer.engine import TrainConfig, train_cached, train_on_images
+from trainer.engine import TrainConfig, train_learner, train_on_images
 from trainer.features import encode_samples
 from trainer.methods import build_learner, make_config
 
@@ -64,8 +64,8 @@ def main() -> None:
         start = time.perf_counter()
         features = encode_samples(backbone, samples, views=args.views)
         cache_seconds = time.perf_counter() - start
-        train_cached(learner(), features, cfg)  # warm-up (allocator, autograd graph)
-        cached = train_cached(learner(), features, cfg)[0].seconds
+        train_learner(learner(), features, cfg)  # warm-up (allocator, autograd graph)
+        cached = train_learner(learner(), features, cfg)[0].seconds
         uncached = train_on_images(learner(), backbone, samples, cfg)[0].seconds
     print(json.dumps({
         "model": args.model, "images": len(samples), "classes": args.classes, "batch_size": args.batch_size,

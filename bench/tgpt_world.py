@@ -27,7 +27,7 @@ from service.bundle.codec import Bundle, encode_bundle  # noqa: E402
 from service.core.backbone import Backbone, BackboneSpec, load_backbone  # noqa: E402
 from trainer.data import Dataset, Sample, load_dataset  # noqa: E402
 from trainer.descriptions import descriptions_for, read_descriptions  # noqa: E402
-from trainer.engine import TrainConfig, train_cached  # noqa: E402
+from trainer.engine import TrainConfig, train_learner  # noqa: E402
 from trainer.evaluate import evaluate  # noqa: E402
 from trainer.features import encode_samples  # noqa: E402
 from trainer.fewshot import sample_few_shot  # noqa: E402
@@ -81,7 +81,7 @@ def train_bundle(method: str, backbone: Backbone, dataset: Dataset, seed: int, a
         data = learner.training_set(samples, texts, views=1, seed=seed, progress=False)
         cfg = TrainConfig(epochs=args.tgpt_epochs, batch_size=8, optimizer="adamw", lr=args.tgpt_lr,
                           weight_decay=1e-4, adam_eps=1e-7, warmup_steps=args.warmup_steps, seed=seed)
-    train_cached(learner, data, cfg)
+    train_learner(learner, data, cfg)
     return Bundle(*learner.export()), learner.trainable_parameters()
 
 

@@ -1,9 +1,11 @@
-"""Image features computed once per image and augmented view, so text-side methods train from a cache.
+"""What a training step reads: image outputs cached once per image and view, or images encoded afresh each step.
 
-The methods in this package leave the image tower untouched: its output for a given (image, view) never
-changes during training. Encoding every view once turns each training step into a text-tower forward and
-a matrix product. View 0 is the clean evaluation transform; views 1..K-1 are random augmentations
-(random resized crop + horizontal flip, as CoOp trains), drawn from a seeded generator.
+Methods that leave the image tower untouched see the same output for a given (image, view) all through
+training, so encoding every view once turns each training step into a text-tower forward and a matrix product
+(`FeatureSet`, and TGP-T's token set). View 0 is the clean evaluation transform; views 1..K-1 are random
+augmentations (random resized crop + horizontal flip, as the references train), drawn from a seeded generator.
+`FreshSet` instead transforms and encodes each batch when it is drawn: a new augmentation every step, exactly as
+the references train, at the cost of an image forward per step (MaPLe's prompted tower needs it anyway).
 """
 
 from __future__ import annotations
@@ -52,6 +54,35 @@ class FeatureSet:
 
     def batch(self, idx: torch.Tensor, view: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         return self.features[idx, view], self.labels[idx]
+
+
+@dataclass(frozen=True)
+class FreshSet:
+    """Images decoded once; every batch is transformed and encoded when drawn (`encode(pixels, idx)` gives the
+    learner's step inputs), so an augmenting `transform` gives a new view every step."""
+
+    images: list[Image.Image]
+    labels: torch.Tensor
+    transform: Transform
+    encode: Callable[[torch.Tensor, torch.Tensor], Any]
+
+    @property
+    def views(self) -> int:
+        return 1  # one stream of fresh views: there is nothing to choose between
+
+    def batch(self, idx: torch.Tensor, view: torch.Tensor) -> tuple[Any, torch.Tensor]:
+        pixels = torch.stack([self.transform(self.images[i]) for i in idx.tolist()])
+        return self.encode(pixels, idx), self.labels[idx]
+
+
+def fresh_set(backbone: Backbone, samples: list[Sample], views: int,
+              encode: Callable[[torch.Tensor, torch.Tensor], Any]) -> FreshSet:
+    """A `FreshSet` of `samples`: clean images at `views` 1, a fresh augmentation every step otherwise."""
+    if not samples:
+        raise ValueError("no images to train on")
+    transform = backbone.preprocess if views == 1 else train_transform(backbone)
+    return FreshSet([open_image(s.path) for s in samples], torch.tensor([s.label for s in samples]), transform,
+                    encode)
 
 
 def train_transform(backbone: Backbone) -> Transform:

@@ -15,7 +15,7 @@ from tests.helpers import ROOT, make_imagefolder
 from trainer.cli import main
 
 MICRO = ["--model", "test-micro", "--random-weights", "--device", "cpu", "--no-progress"]
-ONE_EPOCH = ["--epochs", "1", "--batch-size", "8", "--lr", "0.01", "--shots", "2"]
+ONE_EPOCH = ["--epochs", "1", "--batch-size", "8", "--lr", "0.01", "--shots", "2", "--views", "1"]
 
 
 def _fresh_main(argv: list[str]) -> tuple[set[str], str]:
@@ -78,7 +78,8 @@ def test_train_help_shows_every_config_option_with_its_defaults_and_choices(caps
     assert "(default: 4; maple, qmaple: 2) [coop, qprompt, rlp, maple, qmaple]" in text
     assert "(default: 1; qmaple: 4) [qprompt, qmaple]" in text
     assert "--export-format {merged,factorized}" in text and "--optimizer {sgd,adamw}" in text
-    assert "(default: 0.002; tgpt: 5e-05)" in text  # TGP-T's own training recipe
+    assert "(default: 0.002; maple, qmaple: 0.0035; tgpt: 5e-05)" in text  # each method's own recipe
+    assert "(default: 8; maple, qmaple, tgpt: 0)" in text  # cached views, or a fresh augmentation every step
     assert "--init-seed" not in text  # filled from --seed
 
 

@@ -24,7 +24,7 @@ from service.core.backbone import Backbone
 from service.core.records import PromptLayout
 from service.methods.common import EXPORT_DTYPE_NAMES, PromptConfig
 from trainer.data import Sample
-from trainer.features import CachedSet, encode_samples
+from trainer.features import CachedSet, encode_samples, fresh_set
 
 log = logging.getLogger(__name__)
 
@@ -47,7 +47,6 @@ class Learner(Protocol):
     """A method's learner, as the training loops, the run and the export use it (an nn.Module)."""
 
     method: ClassVar[str]
-    needs_image_tower: ClassVar[bool]  # trains through the image tower each step (else from a cached set)
 
     def __init__(self, config: Any, backbone: Backbone, classnames: tuple[str, ...]) -> None: ...
 
@@ -61,11 +60,8 @@ class Learner(Protocol):
 
     def training_set(self, samples: list[Sample], descriptions: list[str | None], views: int, seed: int,
                      progress: bool) -> CachedSet:
-        """What the cached loop reads each step (image features, or image tokens)."""
-        ...
-
-    def image_features(self, pixels: torch.Tensor) -> torch.Tensor:
-        """Normalized image features through the learner's own image forward (`needs_image_tower` learners)."""
+        """What the loop reads each step (image features or tokens, cached or encoded afresh; `views` as in
+        `TrainConfig.views`)."""
         ...
 
     def loss(self, inputs: Any, labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -85,7 +81,6 @@ class PromptLearner(nn.Module):
     """Class features from a learned context; subclasses define `context()` and `export_tensors()`."""
 
     method: ClassVar[str]
-    needs_image_tower: ClassVar[bool] = False
 
     def __init__(self, config: PromptConfig, backbone: Backbone, classnames: tuple[str, ...]):
         super().__init__()
@@ -123,7 +118,10 @@ class PromptLearner(nn.Module):
 
     def training_set(self, samples: list[Sample], descriptions: list[str | None], views: int, seed: int,
                      progress: bool) -> CachedSet:
-        """Every image's features under `views` views, cached once (the image tower is frozen)."""
+        """Every image's features under `views` views, cached once (the image tower is frozen); at `views` 0,
+        encoded afresh from a new augmentation every step."""
+        if views == 0:
+            return fresh_set(self.backbone, samples, views, lambda pixels, idx: self.backbone.encode_images(pixels))
         return encode_samples(self.backbone, samples, views=views, seed=seed, progress=progress)
 
     def loss(self, image_features: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:

@@ -10,7 +10,7 @@ import torch
 from service.bundle.codec import decode_bundle, encode_bundle
 from tests.helpers import predict_from_features, service_top1
 from trainer.configs import TrainConfig
-from trainer.engine import train_cached
+from trainer.engine import train_learner
 from trainer.evaluate import evaluate
 from trainer.features import encode_samples
 from trainer.methods import build_learner, make_config
@@ -29,7 +29,7 @@ def trained(backbone, coop_dataset, train_features):
     out = {}
     for method, (options, cfg) in RECIPES.items():
         learner = build_learner(method, make_config(method, **options), backbone, coop_dataset.classnames)
-        history = train_cached(learner, train_features, cfg)
+        history = train_learner(learner, train_features, cfg)
         out[method] = (learner, history, encode_bundle(*learner.export({"train_acc": history[-1].accuracy})))
     return out
 
