@@ -10,8 +10,13 @@ crop + flip), which QPrompt and RLP build on.
 
 from __future__ import annotations
 
+import logging
 from dataclasses import dataclass, field
-from typing import Literal
+from typing import Any, Literal
+
+from service.methods import method as method_spec
+
+log = logging.getLogger(__name__)
 
 OPTIMIZERS = ("sgd", "adamw")
 WARMUPS = ("constant", "linear")
@@ -43,6 +48,8 @@ class TrainConfig:
                                                     "references train); 1 = the clean images only; K > 1 = the "
                                                     "clean view and K-1 augmented views, encoded once per image "
                                                     "(methods that leave the image tower frozen)"})
+    crop_scale: float = field(default=0.08, metadata={"help": "smallest share of the image area a random resized "
+                                                              "crop keeps (the references' 0.08, for 224-px photos)"})
     holdout: float = field(default=0.0, metadata={"help": "share of each class's shots held out of training to "
                                                           "pick the epoch whose weights are exported, by accuracy "
                                                           "on them (0: keep the last epoch)"})
@@ -65,9 +72,25 @@ class TrainConfig:
             raise ValueError(f"warmup_epochs ({self.warmup_epochs}) must be fewer than epochs ({self.epochs})")
         if self.views < 0:
             raise ValueError(f"views must be ≥ 0, got {self.views}")
+        if not 0 < self.crop_scale <= 1:
+            raise ValueError(f"crop_scale must be in (0, 1], got {self.crop_scale}")
         if not 0 <= self.holdout < 1:
             raise ValueError(f"holdout must be in [0, 1), got {self.holdout}")
 
     def held_out_shots(self, shots: int) -> int:
         """Shots per class held out for selection: ⌊holdout·shots⌋, leaving at least one to train on."""
         return min(int(self.holdout * shots), shots - 1)
+
+
+def recipe(method: str, **overrides: Any) -> TrainConfig:
+    """The method's reference recipe (its spec's `train_defaults` over `TrainConfig`'s, CoOp's) under `overrides`.
+    An `epochs` override replaces a recipe counted in iterations (TGP-T's); unless set, the warm-up is lowered to
+    epochs − 1 when the run is shorter than it (so one epoch trains)."""
+    values = dict(method_spec(method).train_defaults) | overrides
+    if "epochs" in overrides and "iterations" not in overrides:
+        values.pop("iterations", None)
+    epochs = values.get("epochs", TrainConfig.epochs)
+    if "warmup_epochs" not in values and TrainConfig.warmup_epochs >= epochs:
+        values["warmup_epochs"] = epochs - 1
+        log.info("warm-up lowered to %d epoch(s) for %d epoch(s)", epochs - 1, epochs)
+    return TrainConfig(**values)

@@ -16,6 +16,7 @@ from typing import Any
 from service.core.backbone import Backbone
 from trainer.configs import TrainConfig
 from trainer.data import Sample
+from trainer.features import Views
 from trainer.engine import EpochStats, seed_everything, selected_epoch, train_learner
 from trainer.methods import build_learner
 from trainer.methods.base import Learner
@@ -55,7 +56,7 @@ def fit(method: str, config: Any, cfg: TrainConfig, backbone: Backbone, classnam
     seed_everything(cfg.seed, cfg.deterministic)
     learner = build_learner(method, config, backbone, classnames)
     (train, train_texts), (held, held_texts) = split_holdout(samples, descriptions or [None] * len(samples), cfg)
-    data = learner.training_set(train, train_texts, views=cfg.views, seed=cfg.seed, progress=cfg.progress)
-    held_set = learner.training_set(held, held_texts, views=1, seed=cfg.seed, progress=False) if held else None
+    data = learner.training_set(train, train_texts, Views(cfg.views, cfg.seed, cfg.crop_scale), cfg.progress)
+    held_set = learner.training_set(held, held_texts, Views(1)) if held else None
     history = train_learner(learner, data, cfg, held_set)
     return Fitted(learner, history, len(train), len(held), time.perf_counter() - start)

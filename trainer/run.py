@@ -12,7 +12,6 @@ import logging
 import os
 import tempfile
 import time
-from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -65,7 +64,7 @@ def plan(args: argparse.Namespace) -> TrainPlan:
 
     spec = _check_method_args(args)
     config = make_config(args.method, **_method_options(args))  # a bad option fails before any data is read
-    train_cfg = _train_config(args, spec.train_defaults)
+    train_cfg = _train_config(args)
     output = check_writable(Path(args.output), "--output")
     split_path = check_writable(Path(args.save_split or f"{output}.split.json"), "--save-split")
     check_writable(_report_path(output), "--output")
@@ -237,21 +236,14 @@ def _method_options(args: argparse.Namespace) -> dict[str, Any]:
     return options
 
 
-def _train_config(args: argparse.Namespace, defaults: Mapping[str, Any]) -> Any:
-    """TrainConfig from the method's recipe under the given flags. An explicit --epochs replaces a recipe counted
-    in iterations (TGP-T's), and the warm-up defaults to at most epochs − 1."""
+def _train_config(args: argparse.Namespace) -> Any:
+    """The method's recipe under the training flags given (`trainer.fit.recipe`)."""
     from trainer.configs import TrainConfig
+    from trainer.configs import recipe
 
     names = {f.name for f in dataclasses.fields(TrainConfig)}
     given = {k: v for k, v in vars(args).items() if k in names and v is not None}
-    values = dict(defaults) | given | {"progress": args.progress, "seed": args.seed}
-    if "epochs" in given and "iterations" not in given:
-        values.pop("iterations", None)
-    epochs = values.get("epochs", TrainConfig.epochs)
-    if "warmup_epochs" not in values and TrainConfig.warmup_epochs >= epochs:
-        values["warmup_epochs"] = epochs - 1  # so --epochs 1 trains: the warm-up must leave an epoch of schedule
-        log.info("warm-up lowered to %d epoch(s) for --epochs %d", epochs - 1, epochs)
-    return TrainConfig(**values)
+    return recipe(args.method, **given)  # --seed and --no-progress fill the fields the CLI does not list
 
 
 def _train_metrics(args: argparse.Namespace, fitted: Any, cfg: Any) -> dict[str, Any]:

@@ -11,7 +11,7 @@ import torch
 from trainer.configs import TrainConfig
 from trainer.engine import make_scheduler, score, train_learner
 from trainer.fit import fit, split_holdout
-from trainer.features import encode_samples
+from trainer.features import Views, encode_samples
 from trainer.fewshot import sample_few_shot
 from trainer.methods import build_learner, make_config
 
@@ -58,7 +58,7 @@ def test_views_are_clean_first_then_seeded_augmentations(backbone, coop_dataset)
 def test_fresh_views_run_the_image_tower_every_step_and_train_too(backbone, coop_dataset, monkeypatch) -> None:
     samples = sample_few_shot(coop_dataset.split("train"), 4, seed=0)
     learner = build_learner("coop", make_config("coop"), backbone, coop_dataset.classnames)
-    data = learner.training_set(samples, [None] * len(samples), views=0, seed=0, progress=False)
+    data = learner.training_set(samples, [None] * len(samples), Views(0))
     calls = []
     encode = backbone.encode_images
     monkeypatch.setattr(backbone, "encode_images", lambda px: calls.append(len(px)) or encode(px))
@@ -113,5 +113,5 @@ def test_selection_restores_the_best_held_out_epoch(backbone, coop_dataset) -> N
     scores = [(s.held_out, -s.held_out_loss) for s in fitted.history]
     assert fitted.held_out == 8 and fitted.trained_on == 24 and None not in [s.held_out for s in fitted.history]
     assert scores[fitted.kept_epoch - 1] == max(scores)
-    held = fitted.learner.training_set(samples[6::8] + samples[7::8], [None] * 8, 1, 0, False)
+    held = fitted.learner.training_set(samples[6::8] + samples[7::8], [None] * 8)
     assert score(fitted.learner, held)[0] == fitted.history[fitted.kept_epoch - 1].held_out  # its weights, restored

@@ -24,7 +24,7 @@ from service.core.backbone import Backbone
 from service.core.records import PromptLayout
 from service.methods.common import EXPORT_DTYPE_NAMES, PromptConfig
 from trainer.data import Sample
-from trainer.features import CachedSet, encode_samples, fresh_set
+from trainer.features import CachedSet, Views, encode_samples, fresh_set
 
 log = logging.getLogger(__name__)
 
@@ -58,10 +58,9 @@ class Learner(Protocol):
 
     def trainable_parameters(self) -> int: ...
 
-    def training_set(self, samples: list[Sample], descriptions: list[str | None], views: int, seed: int,
-                     progress: bool) -> CachedSet:
-        """What the loop reads each step (image features or tokens, cached or encoded afresh; `views` as in
-        `TrainConfig.views`)."""
+    def training_set(self, samples: list[Sample], descriptions: list[str | None], views: Views = Views(),
+                     progress: bool = False) -> CachedSet:
+        """What the loop reads each step (image features or tokens, cached or encoded afresh)."""
         ...
 
     def loss(self, inputs: Any, labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -116,13 +115,14 @@ class PromptLearner(nn.Module):
         """Normalized image features of preprocessed pixels; methods that prompt the image tower override this."""
         return self.backbone.encode_images(pixels)
 
-    def training_set(self, samples: list[Sample], descriptions: list[str | None], views: int, seed: int,
-                     progress: bool) -> CachedSet:
-        """Every image's features under `views` views, cached once (the image tower is frozen); at `views` 0,
+    def training_set(self, samples: list[Sample], descriptions: list[str | None], views: Views = Views(),
+                     progress: bool = False) -> CachedSet:
+        """Every image's features under `views.count` views, cached once (the image tower is frozen); at 0 views,
         encoded afresh from a new augmentation every step."""
-        if views == 0:
+        if views.count == 0:
             return fresh_set(self.backbone, samples, views, lambda pixels, idx: self.backbone.encode_images(pixels))
-        return encode_samples(self.backbone, samples, views=views, seed=seed, progress=progress)
+        return encode_samples(self.backbone, samples, views.count, views.seed, progress=progress,
+                              crop_scale=views.crop_scale)
 
     def loss(self, image_features: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """(training loss, logits) of one batch: cross-entropy over the class logits."""

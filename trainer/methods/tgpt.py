@@ -29,7 +29,7 @@ from service.core.bonder import TGPTDims, TGPTModel, group_logits, logits_from_p
 from service.core.text_encoder import PromptTextEncoder
 from service.methods.tgpt import CATEGORY_TEMPLATE, TGPTConfig
 from trainer.data import Sample
-from trainer.features import FreshSet, encode_views, fresh_set
+from trainer.features import FreshSet, Views, encode_views, fresh_set
 from trainer.methods.base import EXPORT_DTYPES, TRAINER_VERSION, config_json
 
 log = logging.getLogger(__name__)
@@ -164,13 +164,13 @@ class TGPT(nn.Module):
                                   cfg.vocab_chunk)
         return F.cross_entropy(logits, labels) + category_loss + content_loss, logits
 
-    def training_set(self, samples: list[Sample], descriptions: list[str | None], views: int = 1, seed: int = 0,
+    def training_set(self, samples: list[Sample], descriptions: list[str | None], views: Views = Views(),
                      progress: bool = False) -> TokenSet | FreshSet:
-        """Every image's tokens and pooled feature per view, cached, and its targets; at `views` 0, tokens
+        """Every image's tokens and pooled feature per view, cached, and its targets; at 0 views, tokens
         encoded afresh from a new augmentation every step (the reference's recipe: caching many views of
         [197, 512] tokens per image would not fit in memory at ViT-B/16 scale)."""
         targets = token_targets(self.backbone.text, descriptions, self.config.content_queries)
-        if views == 0:
+        if views.count == 0:
             def fresh(pixels: torch.Tensor, idx: torch.Tensor) -> TokenBatch:
                 out = self.backbone.encode_image_tokens(pixels)
                 return TokenBatch(out.tokens, out.pooled, targets[idx])
@@ -181,8 +181,7 @@ class TGPT(nn.Module):
             out = self.backbone.encode_image_tokens(pixels)
             return out.tokens.cpu(), out.pooled.cpu()
 
-        tokens, pooled = encode_views(encode, self.backbone, samples, views, seed, progress=progress,
-                                      desc="image tokens")
+        tokens, pooled = encode_views(encode, self.backbone, samples, views, progress=progress, desc="image tokens")
         return TokenSet(tokens, pooled, torch.tensor([s.label for s in samples]), targets)
 
     def export(self, metrics: dict[str, Any] | None = None) -> tuple[Manifest, dict[str, torch.Tensor]]:
