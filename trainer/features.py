@@ -37,6 +37,9 @@ class Views:
     count: int = 1
     seed: int = 0
     crop_scale: float = REFERENCE_CROP_SCALE
+
+
+CLEAN = Views()  # the clean images, once each
 ImageOutputs = Callable[[torch.Tensor], tuple[torch.Tensor, ...]]  # pixels [B, 3, H, W] → outputs [B, ...]
 
 

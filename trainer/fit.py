@@ -16,8 +16,8 @@ from typing import Any
 from service.core.backbone import Backbone
 from trainer.configs import TrainConfig
 from trainer.data import Sample
-from trainer.features import Views
 from trainer.engine import EpochStats, seed_everything, selected_epoch, train_learner
+from trainer.features import Views
 from trainer.methods import build_learner
 from trainer.methods.base import Learner
 

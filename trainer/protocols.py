@@ -34,11 +34,11 @@ from service.core.fsio import atomic_write
 from service.methods import METHODS, Kind
 from service.serving.text_features import text_features
 from trainer import baselines
+from trainer.configs import recipe
 from trainer.data import Dataset, Sample
 from trainer.evaluate import predict
 from trainer.features import encode_samples
 from trainer.fewshot import base_novel_split, sample_few_shot
-from trainer.configs import recipe
 from trainer.fit import fit
 from trainer.methods import make_config
 from trainer.metrics import harmonic_mean
@@ -211,18 +211,23 @@ def method_row(method: str, options: Mapping[str, Any] | None = None, train: Map
     return fit_row
 
 
-def linear_probe_row(shots: Shots) -> Predictor:
+def linear_probe(lr: float = 3e-4, steps: int = 100) -> Row:
     """A linear probe on frozen image features, initialised from the zero-shot classifier."""
-    init = shots.zero_shot()(shots.classnames)
-    weights = baselines.fit_linear_probe(shots.views, shots.labels, init, shots.backbone.logit_scale, seed=shots.seed)
-    head = baselines.LinearHead(shots.classnames, weights, shots.backbone.logit_scale, shots.zero_shot())
-    shots.fitted["linear probe"] = HeadPredictor(head)
-    return shots.fitted["linear probe"]
+
+    def fit_probe(shots: Shots) -> Predictor:
+        init = shots.zero_shot()(shots.classnames)
+        weights = baselines.fit_linear_probe(shots.views, shots.labels, init, shots.backbone.logit_scale, steps, lr,
+                                             seed=shots.seed)
+        head = baselines.LinearHead(shots.classnames, weights, shots.backbone.logit_scale, shots.zero_shot())
+        shots.fitted["linear probe"] = HeadPredictor(head)
+        return shots.fitted["linear probe"]
+
+    return fit_probe
 
 
 def wise_ft_row(shots: Shots) -> Predictor:
     """WiSE-FT: the linear probe's weights averaged with its zero-shot start (α = 0.5)."""
-    probe = shots.fitted.get("linear probe") or linear_probe_row(shots)
+    probe = shots.fitted.get("linear probe") or linear_probe()(shots)
     assert isinstance(probe, HeadPredictor) and isinstance(probe.head, baselines.LinearHead)
     return HeadPredictor(baselines.wise_ft(probe.head, shots.zero_shot()(shots.classnames)))
 
@@ -241,7 +246,7 @@ def centring_row(shots: Shots) -> Predictor:
 
 BASELINE_ROWS: dict[str, Row] = {
     "zero-shot CLIP": zero_shot_row,
-    "linear probe (ZS init)": linear_probe_row,
+    "linear probe (ZS init)": linear_probe(),
     "WiSE-FT (probe ⊕ ZS, 0.5)": wise_ft_row,
     "Tip-Adapter": tip_adapter_row,
 }
@@ -333,7 +338,7 @@ def base_to_novel(task: Task, backbone: Backbone, rows: Mapping[str, Row], seeds
         pool = sample_few_shot(base.select(data.split("train")), shots, seed)
         context = _shots(task, backbone, base.classnames, pool, seed)
         for name, row in rows.items():
-            def run(row: Row = row) -> dict[str, Any]:
+            def run(row: Row = row, context: Shots = context) -> dict[str, Any]:
                 predictor, facts = _fitted(row, context)
                 scores = {"base": base_test.top1(predictor.predict(base_test)),
                           "novel": novel_test.top1(predictor.predict(novel_test))}
@@ -355,7 +360,7 @@ def few_shot(task: Task, backbone: Backbone, rows: Mapping[str, Row], seeds: lis
         for seed in seeds:
             context = _shots(task, backbone, data.classnames, sample_few_shot(data.split("train"), k, seed), seed)
             for name, row in rows.items():
-                def run(row: Row = row) -> dict[str, Any]:
+                def run(row: Row = row, context: Shots = context) -> dict[str, Any]:
                     predictor, facts = _fitted(row, context)
                     return facts | {"top1": test.top1(predictor.predict(test))}
 
@@ -377,7 +382,7 @@ def transfer(protocol: str, source: Task, targets: Mapping[str, Callable[[], Tas
     for seed in seeds:
         context = _shots(source, backbone, data.classnames, sample_few_shot(data.split("train"), shots, seed), seed)
         for name, row in rows.items():
-            def run(row: Row = row) -> dict[str, Any]:
+            def run(row: Row = row, context: Shots = context) -> dict[str, Any]:
                 predictor, facts = _fitted(row, context)
                 scores = {}
                 for target, load_set in tests.items():  # one target dataset in memory at a time

@@ -116,8 +116,9 @@ def train_summary(args: argparse.Namespace, result: dict[str, Any]) -> str:
         accuracy = f"no {args.eval_split} split scored"
     targets = "".join(f"; {path} top-1 {t['top1']:.1f}%" for path, t in result.get("targets", {}).items())
     kept = f"; kept epoch {result['kept_epoch']} (held-out)" if "kept_epoch" in result else ""
+    report = _report_path(Path(result["bundle"]))
     return (f"{result['method']}: {accuracy}{targets}{kept}; bundle {result['bytes']:,} bytes; "
-            f"{result['seconds']:.1f} s; wrote {result['bundle']} (full results: {_report_path(Path(result['bundle']))})")
+            f"{result['seconds']:.1f} s; wrote {result['bundle']} (full results: {report})")
 
 
 def check_writable(path: Path, flag: str) -> Path:
@@ -238,8 +239,7 @@ def _method_options(args: argparse.Namespace) -> dict[str, Any]:
 
 def _train_config(args: argparse.Namespace) -> Any:
     """The method's recipe under the training flags given (`trainer.fit.recipe`)."""
-    from trainer.configs import TrainConfig
-    from trainer.configs import recipe
+    from trainer.configs import TrainConfig, recipe
 
     names = {f.name for f in dataclasses.fields(TrainConfig)}
     given = {k: v for k, v in vars(args).items() if k in names and v is not None}

@@ -10,9 +10,9 @@ import torch
 
 from trainer.configs import TrainConfig
 from trainer.engine import make_scheduler, score, train_learner
-from trainer.fit import fit, split_holdout
 from trainer.features import Views, encode_samples
 from trainer.fewshot import sample_few_shot
+from trainer.fit import fit, split_holdout
 from trainer.methods import build_learner, make_config
 
 

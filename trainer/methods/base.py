@@ -24,7 +24,7 @@ from service.core.backbone import Backbone
 from service.core.records import PromptLayout
 from service.methods.common import EXPORT_DTYPE_NAMES, PromptConfig
 from trainer.data import Sample
-from trainer.features import CachedSet, Views, encode_samples, fresh_set
+from trainer.features import CLEAN, CachedSet, Views, encode_samples, fresh_set
 
 log = logging.getLogger(__name__)
 
@@ -58,7 +58,7 @@ class Learner(Protocol):
 
     def trainable_parameters(self) -> int: ...
 
-    def training_set(self, samples: list[Sample], descriptions: list[str | None], views: Views = Views(),
+    def training_set(self, samples: list[Sample], descriptions: list[str | None], views: Views = CLEAN,
                      progress: bool = False) -> CachedSet:
         """What the loop reads each step (image features or tokens, cached or encoded afresh)."""
         ...
@@ -115,7 +115,7 @@ class PromptLearner(nn.Module):
         """Normalized image features of preprocessed pixels; methods that prompt the image tower override this."""
         return self.backbone.encode_images(pixels)
 
-    def training_set(self, samples: list[Sample], descriptions: list[str | None], views: Views = Views(),
+    def training_set(self, samples: list[Sample], descriptions: list[str | None], views: Views = CLEAN,
                      progress: bool = False) -> CachedSet:
         """Every image's features under `views.count` views, cached once (the image tower is frozen); at 0 views,
         encoded afresh from a new augmentation every step."""

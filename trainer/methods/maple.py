@@ -23,7 +23,7 @@ from service.core.backbone import Backbone
 from service.core.vision_prompts import prompted_features
 from service.methods.maple import MaPLeConfig
 from trainer.data import Sample
-from trainer.features import CachedSet, Views, fresh_set
+from trainer.features import CLEAN, CachedSet, Views, fresh_set
 from trainer.methods.base import EXPORT_DTYPES, PromptLearner
 
 log = logging.getLogger(__name__)
@@ -97,7 +97,7 @@ class MaPLe(PromptLearner):
     def image_features(self, pixels: torch.Tensor) -> torch.Tensor:
         return prompted_features(self.backbone.model.visual, pixels.to(self.backbone.device), self.vision_prompts())
 
-    def training_set(self, samples: list[Sample], descriptions: list[str | None], views: Views = Views(),
+    def training_set(self, samples: list[Sample], descriptions: list[str | None], views: Views = CLEAN,
                      progress: bool = False) -> CachedSet:
         """Images run through the prompted tower (forward and backward) every step: clean at one view, else a
         fresh augmentation every step (the tower changes as it trains, so no view can be cached)."""

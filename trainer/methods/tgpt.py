@@ -29,7 +29,7 @@ from service.core.bonder import TGPTDims, TGPTModel, group_logits, logits_from_p
 from service.core.text_encoder import PromptTextEncoder
 from service.methods.tgpt import CATEGORY_TEMPLATE, TGPTConfig
 from trainer.data import Sample
-from trainer.features import FreshSet, Views, encode_views, fresh_set
+from trainer.features import CLEAN, FreshSet, Views, encode_views, fresh_set
 from trainer.methods.base import EXPORT_DTYPES, TRAINER_VERSION, config_json
 
 log = logging.getLogger(__name__)
@@ -164,7 +164,7 @@ class TGPT(nn.Module):
                                   cfg.vocab_chunk)
         return F.cross_entropy(logits, labels) + category_loss + content_loss, logits
 
-    def training_set(self, samples: list[Sample], descriptions: list[str | None], views: Views = Views(),
+    def training_set(self, samples: list[Sample], descriptions: list[str | None], views: Views = CLEAN,
                      progress: bool = False) -> TokenSet | FreshSet:
         """Every image's tokens and pooled feature per view, cached, and its targets; at 0 views, tokens
         encoded afresh from a new augmentation every step (the reference's recipe: caching many views of
