@@ -94,3 +94,17 @@ def recipe(method: str, **overrides: Any) -> TrainConfig:
         values["warmup_epochs"] = epochs - 1
         log.info("warm-up lowered to %d epoch(s) for %d epoch(s)", epochs - 1, epochs)
     return TrainConfig(**values)
+
+
+def recipe_table(methods: list[str]) -> str:
+    """The methods' recipes as the Markdown table docs/trainer.md shows (a test holds the doc to it)."""
+    lines = ["| method | optimizer | lr | batch | length | warm-up | views | checkpoint |", "|" + "---|" * 8]
+    for name in methods:
+        r = recipe(name)
+        length = f"{r.iterations} iterations" if r.iterations else f"{r.epochs} epochs"
+        warmup = f"{r.warmup_steps} steps" if r.warmup_steps is not None else f"{r.warmup_epochs} epoch"
+        views = {0: "fresh crop + flip every step", 1: "clean"}.get(r.views, f"{r.views} cached (clean + crops)")
+        keep = f"best on {r.holdout:.0%} held out" if r.holdout else "last"
+        lines.append(f"| {name} | {r.optimizer} (wd {r.weight_decay:g}) | {r.lr:g} | {r.batch_size} | {length} "
+                     f"| {r.warmup} from {r.warmup_lr:g}, {warmup} | {views} | {keep} |")
+    return "\n".join(lines)

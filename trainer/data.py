@@ -75,6 +75,8 @@ def load_coop(root: str | Path, split_file: str | Path | None = None) -> Dataset
     """CoOp's `split_zhou_<name>.json`: {"train"|"val"|"test": [[relative path, label, class name], ...]}; or,
     in a folder without one, CoOp's ImageNet-style (`classnames.txt`) or FGVC-Aircraft (`variants.txt`) form."""
     root = Path(root)
+    if split_file is None and not root.exists():
+        raise DataError(f"{root}: dataset folder not found")
     if split_file is None and root.is_dir() and not any(root.glob("split_zhou_*.json")):
         if (root / "classnames.txt").is_file():
             return load_imagenet_style(root)

@@ -172,7 +172,8 @@ def train_learner(learner: Learner, data: CachedSet, cfg: TrainConfig,
 
 def selected_epoch(history: list[EpochStats]) -> int:
     """The epoch whose weights a run kept: the best held-out one, else the last (as `train_learner` picks)."""
-    scored = [s for s in history if s.held_out is not None and s.held_out_loss is not None]
+    scored = [(s.held_out, -s.held_out_loss, s.epoch) for s in history
+              if s.held_out is not None and s.held_out_loss is not None]
     if not scored:
         return history[-1].epoch
-    return max(scored, key=lambda s: (s.held_out, -s.held_out_loss)).epoch  # the first of equals, as _Best
+    return max(scored, key=lambda t: t[:2])[2]  # the first of equals, as _Best keeps it

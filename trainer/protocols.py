@@ -82,8 +82,11 @@ class EvalSet:
 class Predictor(Protocol):
     """A fitted row: class indices over `test.classnames` for each test image."""
 
-    parameters: int
-    payload_bytes: int
+    @property
+    def parameters(self) -> int: ...
+
+    @property
+    def payload_bytes(self) -> int: ...
 
     def predict(self, test: EvalSet) -> torch.Tensor: ...
 
@@ -122,7 +125,8 @@ def for_classes(bundle: Bundle, classnames: tuple[str, ...]) -> Bundle:
 
 
 class Head(Protocol):
-    parameters: int
+    @property
+    def parameters(self) -> int: ...
 
     def logits(self, features: torch.Tensor, classnames: tuple[str, ...]) -> torch.Tensor: ...
 

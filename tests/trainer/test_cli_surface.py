@@ -194,7 +194,7 @@ def _unwritable(tmp_path: Path) -> str:
 
 
 @pytest.mark.parametrize(("case", "message"), [
-    ("missing data", "no split_zhou_*.json found"),
+    ("missing data", "nowhere: dataset folder not found"),
     ("output inside a file", "is a file, not a folder"),
     ("unwritable output", "cannot write in /sys"),
     ("output is a folder", "is a directory"),

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import json
 import logging
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
 from dataclasses import asdict
 from typing import Any, ClassVar, Protocol
 
@@ -51,6 +51,10 @@ class Learner(Protocol):
     def __init__(self, config: Any, backbone: Backbone, classnames: tuple[str, ...]) -> None: ...
 
     def parameters(self, recurse: bool = True) -> Iterator[nn.Parameter]: ...
+
+    def state_dict(self) -> dict[str, Any]: ...
+
+    def load_state_dict(self, state_dict: Mapping[str, Any], strict: bool = True, assign: bool = False) -> Any: ...
 
     def train(self, mode: bool = True) -> Any: ...
 
