@@ -92,6 +92,8 @@ def _add_data(p: argparse.ArgumentParser) -> None:
     p.add_argument("--device", default="auto", help="cpu, cuda, ... (default: %(default)s)")
     p.add_argument("--weights-seed", type=int, default=0,
                    help="seed of the random weights of --random-weights (default: %(default)s)")
+    p.add_argument("--threads", type=int, help="torch CPU threads (default: torch's own; on a busy shared CPU, 1 "
+                                               "avoids threads waiting on each other)")
     p.add_argument("--no-progress", dest="progress", action="store_false", help="no progress bar")
 
 

@@ -83,7 +83,7 @@ def train(args: argparse.Namespace) -> dict[str, Any]:
     from trainer.fewshot import save_split
     from trainer.fit import fit
 
-    backbone = _backbone(args.model, run.pretrained, args.weights_seed, args.device)
+    backbone = _backbone(args.model, run.pretrained, args.weights_seed, args.device, args.threads)
     fitted = fit(args.method, run.config, run.train_cfg, backbone, run.classnames, run.samples, run.descriptions)
     manifest, tensors = fitted.learner.export()
     metrics = _train_metrics(args, fitted, run.train_cfg)
@@ -307,7 +307,7 @@ def evaluate_bundle(args: argparse.Namespace) -> dict[str, Any]:
 
     bundle = read_bundle(args.bundle)
     ref = bundle.manifest.backbone
-    backbone = _backbone(ref.model, args.pretrained or ref.pretrained, args.weights_seed, args.device)
+    backbone = _backbone(ref.model, args.pretrained or ref.pretrained, args.weights_seed, args.device, args.threads)
     if args.protocol == "base2novel":
         return evaluate_base_novel(bundle, backbone, dataset, args.split, args.progress).as_dict()
     if args.protocol == "crossdataset":
@@ -335,9 +335,13 @@ def inspect_bundle(args: argparse.Namespace) -> dict[str, Any]:
     }
 
 
-def _backbone(model: str, pretrained: str | None, seed: int, device: str) -> Any:
+def _backbone(model: str, pretrained: str | None, seed: int, device: str, threads: int | None = None) -> Any:
+    import torch
+
     from service.core.backbone import BackboneSpec, load_backbone
 
+    if threads:
+        torch.set_num_threads(threads)
     _check_tag(model, pretrained)
     return load_backbone(BackboneSpec(model, pretrained, device=device, seed=seed))
 

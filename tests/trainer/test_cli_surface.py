@@ -81,7 +81,7 @@ def test_train_help_shows_every_config_option_with_its_defaults_and_choices(caps
     assert "(default: 4; maple, qmaple: 2) [coop, qprompt, rlp, maple, qmaple]" in text
     assert "(default: 1; qmaple: 4) [qprompt, qmaple]" in text
     assert "--export-format {merged,factorized}" in text and "--optimizer {sgd,adamw}" in text
-    assert "(default: 0.002; maple, qmaple: 0.0035; tgpt: 5e-05)" in text  # each method's own recipe
+    assert "(default: 0.002; maple, qmaple: 0.0035; rlp: 0.2; tgpt: 5e-05)" in text  # each method's own recipe
     assert "(default: 8; maple, qmaple, tgpt: 0)" in text  # cached views, or a fresh augmentation every step
     assert "--init-seed" not in text  # filled from --seed
 
@@ -203,7 +203,7 @@ def _unwritable(tmp_path: Path) -> str:
     ("holdout out of range", "holdout must be in [0, 1)"),
     ("too many shots", "50 shots were asked"),
 ])
-def test_argument_path_and_output_errors_come_in_under_a_second_without_torch(tmp_path: Path, case: str,
+def test_argument_path_and_output_errors_come_before_torch_loads_in_a_second_or_so(tmp_path: Path, case: str,
                                                                             message: str) -> None:
     data = make_imagefolder(tmp_path / "data")
     (tmp_path / "file").write_text("not a folder")
@@ -222,8 +222,8 @@ def test_argument_path_and_output_errors_come_in_under_a_second_without_torch(tm
     code, seconds, modules, err = _timed_failure(["train", "--method", "coop", "--data", args["data"], *layout,
                                                   "--output", args["output"], *args["extra"]])
     assert code == 2 and message in err and err.startswith("error: ") and err.count("\n") == 1
-    assert not {"torch", "open_clip"} & modules
-    assert seconds < 1.0, f"{case}: {seconds:.2f} s"
+    assert not {"torch", "open_clip"} & modules  # what makes it fast, whatever the machine's load
+    assert seconds < 3.0, f"{case}: {seconds:.2f} s"  # 0.4–0.7 s measured; importing torch alone took 7–17 s
     assert not (tmp_path / "out").exists()
 
 
