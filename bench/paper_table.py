@@ -348,7 +348,7 @@ def _b2n_tables(results: dict[str, dict[str, list[dict[str, Any]]]], published: 
             paper = published.get("base2novel", {}).get(name, {}).get(key)
             lines.append(f"| {key} | {name} | {_mean_std(base)} | {_mean_std(novel)} "
                          f"| {harmonic_mean(statistics.mean(base), statistics.mean(novel)):.2f} | {_paper(paper)} "
-                         f"| {units[0]['payload_bytes']} | {_scored(name)} |")
+                         f"| {units[0]['payload_bytes']} | {protocols.scored(name, units[0])} |")
     every = len(results) == len(DATASETS)
     for name, pairs in averages.items():
         base, novel = statistics.mean(b for b, _ in pairs), statistics.mean(n for _, n in pairs)
@@ -358,10 +358,6 @@ def _b2n_tables(results: dict[str, dict[str, list[dict[str, Any]]]], published: 
                      f"| {harmonic_mean(base, novel):.2f} | {_paper(paper)} "
                      f"| {'paper: ' + str(storage) + ' KB' if storage else ''} | |")
     return "\n".join(lines)
-
-
-def _scored(name: str) -> str:
-    return "in-process" if name in protocols.IN_PROCESS else "bundle"
 
 
 def _fewshot_table(results: dict[str, dict[int, dict[str, list[dict[str, Any]]]]]) -> str:

@@ -254,7 +254,6 @@ BASELINE_ROWS: dict[str, Row] = {
     "WiSE-FT (probe ⊕ ZS, 0.5)": wise_ft_row,
     "Tip-Adapter": tip_adapter_row,
 }
-IN_PROCESS = ("linear probe (ZS init)", "WiSE-FT (probe ⊕ ZS, 0.5)", "Tip-Adapter", "centring control")
 
 
 # --- the store --------------------------------------------------------------------------------------
@@ -317,7 +316,20 @@ def _fitted(row: Row, shots: Shots) -> tuple[Predictor, dict[str, Any]]:
     start = time.perf_counter()
     predictor = row(shots)
     return predictor, {"seconds": round(time.perf_counter() - start, 3), "payload_bytes": predictor.payload_bytes,
-                       "parameters": predictor.parameters}
+                       "parameters": predictor.parameters, "scored": scored_as(predictor)}
+
+
+def scored_as(predictor: Predictor) -> str:
+    """"bundle" (served by the service as it is) or "in-process" (a baseline the service cannot serve)."""
+    return "bundle" if isinstance(predictor, BundlePredictor) else "in-process"
+
+
+IN_PROCESS = ("linear probe (ZS init)", "WiSE-FT (probe ⊕ ZS, 0.5)", "Tip-Adapter", "centring control")
+
+
+def scored(name: str, unit: Mapping[str, Any]) -> str:
+    """How a stored unit was scored (units stored before they recorded it: by the row's name)."""
+    return unit.get("scored") or ("in-process" if name in IN_PROCESS else "bundle")
 
 
 def _shots(task: Task, backbone: Backbone, classnames: tuple[str, ...], samples: list[Sample], seed: int) -> Shots:
