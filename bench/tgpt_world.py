@@ -33,7 +33,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).parents[1]))
 
-from bench.base_to_novel import WORLD_RECIPE, beats, ci_text, diffs, interval  # noqa: E402
+from bench.base_to_novel import WORLD_RECIPE, beats, ci_text, diffs, interval, write_report  # noqa: E402
 from service.core.backbone import BackboneSpec, load_backbone  # noqa: E402
 from service.methods import METHODS  # noqa: E402
 from trainer import protocols  # noqa: E402
@@ -200,7 +200,7 @@ def main(argv: list[str] | None = None) -> None:
     ])
     print("\n" + report)
     if args.out:
-        Path(args.out).write_text(report + "\n")
+        write_report(Path(args.out), report, "bench/tgpt_world.py")
 
 
 if __name__ == "__main__":
