@@ -21,8 +21,8 @@ from PIL import Image, ImageDraw
 
 from service.core.backbone import BackboneSpec, load_backbone
 from trainer.data import Sample
-from trainer.engine import TrainConfig, train_cached, train_on_images
-from trainer.features import encode_samples
+from trainer.engine import TrainConfig, train_learner
+from trainer.features import CLEAN, encode_samples, fresh_set
 from trainer.methods import build_learner, make_config
 
 COLOURS = ["red", "green", "blue", "yellow", "purple", "orange", "black", "white", "pink", "brown", "grey", "cyan"]
@@ -64,9 +64,10 @@ def main() -> None:
         start = time.perf_counter()
         features = encode_samples(backbone, samples, views=args.views)
         cache_seconds = time.perf_counter() - start
-        train_cached(learner(), features, cfg)  # warm-up (allocator, autograd graph)
-        cached = train_cached(learner(), features, cfg)[0].seconds
-        uncached = train_on_images(learner(), backbone, samples, cfg)[0].seconds
+        train_learner(learner(), features, cfg)  # warm-up (allocator, autograd graph)
+        cached = train_learner(learner(), features, cfg)[0].seconds
+        fresh = fresh_set(backbone, samples, CLEAN, lambda pixels, idx: backbone.encode_images(pixels))
+        uncached = train_learner(learner(), fresh, cfg)[0].seconds  # the image tower on every step
     print(json.dumps({
         "model": args.model, "images": len(samples), "classes": args.classes, "batch_size": args.batch_size,
         "views": args.views, "threads": args.threads, "cache_build_s": round(cache_seconds, 2),

@@ -1,4 +1,5 @@
-"""Datasets on disk: the CoOp split layout, an ImageFolder tree, or a CSV of path,label.
+"""Datasets on disk: the CoOp layout (a split_zhou JSON, or CoOp's own forms of ImageNet and its variants and
+FGVC-Aircraft), an ImageFolder tree, or a CSV of path,label.
 
 Every loader returns a `Dataset`: sorted class names and train/val/test lists of `Sample`s whose labels
 index those names. Problems are `DataError`s that name the file or class at fault and say what to do.
@@ -71,8 +72,16 @@ def find_split_file(root: Path) -> Path:
 
 
 def load_coop(root: str | Path, split_file: str | Path | None = None) -> Dataset:
-    """CoOp's `split_zhou_<name>.json`: {"train"|"val"|"test": [[relative path, label, class name], ...]}."""
+    """CoOp's `split_zhou_<name>.json`: {"train"|"val"|"test": [[relative path, label, class name], ...]}; or,
+    in a folder without one, CoOp's ImageNet-style (`classnames.txt`) or FGVC-Aircraft (`variants.txt`) form."""
     root = Path(root)
+    if split_file is None and not root.exists():
+        raise DataError(f"{root}: dataset folder not found")
+    if split_file is None and root.is_dir() and not any(root.glob("split_zhou_*.json")):
+        if (root / "classnames.txt").is_file():
+            return load_imagenet_style(root)
+        if (root / "variants.txt").is_file():
+            return load_fgvc(root)
     path = Path(split_file) if split_file else find_split_file(root)
     if not path.is_file():
         raise DataError(f"{path}: split file not found; check the dataset path or --split-file")
@@ -129,6 +138,73 @@ def _coop_image_root(folder: Path, first_rel: str, path: Path) -> Path:
         if (candidate / first_rel).is_file():
             return candidate
     raise DataError(f"{path}: image {first_rel!r} not found beside the split file or in any sub-folder of {folder}")
+
+
+# --- CoOp's ImageNet family and FGVC-Aircraft (no split file) ------------------------------------------
+
+# Where each member of the ImageNet family keeps its class folders (CoOp's DATASETS.md): ImageNet's val (its test
+# split), ImageNet-V2, -Sketch, -A, -R.
+IMAGENET_TEST_FOLDERS = ("images/val", "imagenetv2-matched-frequency-format-val", "images", "imagenet-a", "imagenet-r")
+
+
+def load_imagenet_style(root: Path) -> Dataset:
+    """`classnames.txt` ("<wnid> <name>" per line, the label order) and class folders named by wnid (or by label
+    index, ImageNet-V2): ImageNet (`images/train/`, and `images/val/` as test), Sketch (`images/`), -A
+    (`imagenet-a/`), -R (`imagenet-r/`), -V2. A variant with some of the classes (A, R: 200) has those only."""
+    table = _classnames_table(root / "classnames.txt")
+    ids = {w for w, _ in table} | {str(i) for i in range(len(table))}
+    test_dir = next((root / f for f in IMAGENET_TEST_FOLDERS
+                     if (root / f).is_dir() and ids & {p.name for p in (root / f).iterdir()}), None)
+    if test_dir is None:
+        raise DataError(f"{root}: classnames.txt found but no class folders in any of {list(IMAGENET_TEST_FOLDERS)}")
+
+    def folder(split_dir: Path, label: int, wnid: str) -> Path:
+        return split_dir / wnid if (split_dir / wnid).is_dir() else split_dir / str(label)
+
+    present = [(i, w, n) for i, (w, n) in enumerate(table) if folder(test_dir, i, w).is_dir()]
+    classnames = tuple(n for _, _, n in present)
+    splits = {"test": _folder_images([folder(test_dir, i, w) for i, w, _ in present], classnames)}
+    if (root / "images" / "train").is_dir():
+        splits["train"] = _folder_images([folder(root / "images" / "train", i, w) for i, w, _ in present],
+                                         classnames)
+    return Dataset(root.name, classnames, splits)
+
+
+def _classnames_table(path: Path) -> list[tuple[str, str]]:
+    rows = []
+    for number, line in enumerate(path.read_text(encoding="utf-8").splitlines(), start=1):
+        wnid, _, name = line.strip().partition(" ")
+        if line.strip() and not name.strip():
+            raise DataError(f"{path}:{number}: expected '<folder id> <class name>', got {line!r}")
+        if line.strip():
+            rows.append((wnid, name.strip()))
+    return rows
+
+
+def _folder_images(folders: list[Path], classnames: tuple[str, ...]) -> list[Sample]:
+    return [Sample(p, label, classnames[label]) for label, folder in enumerate(folders)
+            for p in sorted(folder.glob("*")) if p.suffix.lower() in IMAGE_SUFFIXES]
+
+
+def load_fgvc(root: Path) -> Dataset:
+    """CoOp's FGVC-Aircraft: `variants.txt` (one class per line, the label order), `images_variant_<split>.txt`
+    ("<image id> <variant>" per line) and `images/<image id>.jpg`."""
+    classnames = tuple(v.strip() for v in (root / "variants.txt").read_text(encoding="utf-8").splitlines()
+                       if v.strip())
+    index = {name: i for i, name in enumerate(classnames)}
+    splits = {}
+    for split in SPLITS:
+        path = root / f"images_variant_{split}.txt"
+        if not path.is_file():
+            continue
+        samples = []
+        for number, line in enumerate(path.read_text(encoding="utf-8").splitlines(), start=1):
+            image, _, variant = line.strip().partition(" ")
+            if variant not in index:
+                raise DataError(f"{path}:{number}: variant {variant!r} is not in variants.txt")
+            samples.append(Sample(root / "images" / f"{image}.jpg", index[variant], variant))
+        splits[split] = samples
+    return Dataset(root.name, classnames, splits)
 
 
 # --- ImageFolder -------------------------------------------------------------------------------------

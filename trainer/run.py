@@ -9,8 +9,10 @@ import argparse
 import dataclasses
 import json
 import logging
+import os
+import tempfile
 import time
-from collections.abc import Mapping
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -24,6 +26,10 @@ log = logging.getLogger("promptserve.train")
 # another domain (its classes must be ones the bundle knows).
 PROTOCOLS = ("all", "base2novel", "crossdataset", "domaingen")
 TRANSFER_PROTOCOLS = ("crossdataset", "domaingen")
+# The service's default backbone (service.config.Settings; a test holds them equal): a bundle trained with the
+# defaults loads into a service started with the defaults.
+DEFAULT_MODEL, DEFAULT_PRETRAINED = "promptserve-tiny", "world-v1"
+CHECKPOINT_SUFFIXES = (".pt", ".pth", ".bin", ".safetensors", ".ckpt")
 NO_WEIGHTS = ("--pretrained is missing: pass --pretrained TAG|PATH (an open_clip tag such as openai, or a "
               "checkpoint file) or --random-weights to train on seeded random weights (accuracy at chance)")
 
@@ -35,38 +41,61 @@ def json_report(args: argparse.Namespace, result: dict[str, Any]) -> str:
 # --- train -------------------------------------------------------------------------------------------
 
 
-def train(args: argparse.Namespace) -> dict[str, Any]:
-    """data → few-shot split → learner → fit → evaluate → export: one training run, its result as a dict."""
-    from service.bundle.codec import Bundle, write_bundle
-    from trainer.engine import train_cached, train_on_images
-    from trainer.fewshot import save_split
-    from trainer.methods import build_learner, make_config
+@dataclass(frozen=True)
+class TrainPlan:
+    """Everything a training run needs but the backbone, checked without torch: a bad flag, path, dataset or
+    output fails in well under a second, before any model loads."""
 
-    started = time.monotonic()
-    output = _check_output(Path(args.output))
+    output: Path
+    split_path: Path
+    config: Any
+    train_cfg: Any
+    dataset: Any
+    targets: dict[str, Any]
+    classnames: tuple[str, ...]
+    samples: list
+    descriptions: list[str | None]
+    pretrained: str | None
+
+
+def plan(args: argparse.Namespace) -> TrainPlan:
+    """The run's checks, in the order a user fixes them: flags, output, weights, data, shots, descriptions."""
+    from trainer.methods import make_config
+
     spec = _check_method_args(args)
     config = make_config(args.method, **_method_options(args))  # a bad option fails before any data is read
-    train_cfg = _train_config(args, spec.train_defaults)
+    train_cfg = _train_config(args)
+    output = check_writable(Path(args.output), "--output")
+    split_path = check_writable(Path(args.save_split or f"{output}.split.json"), "--save-split")
+    check_writable(_report_path(output), "--output")
+    pretrained = _weights(args)
     dataset = _load_dataset(args.data, args.layout, args.split_file)
     targets = _targets(args)
-    classnames, train_samples = _training_set(dataset, args)
-    backbone = _backbone(args.model, args.pretrained, args.weights_seed, args.device)
-    learner = build_learner(args.method, config, backbone, classnames)
-    if learner.needs_image_tower:  # MaPLe: the image tower runs (forward and backward) on every step
-        transform = backbone.preprocess if args.views == 1 else None  # --views 1: clean images, as cached
-        history = train_on_images(learner, backbone, train_samples, train_cfg, transform)
-    else:
-        history = train_cached(learner, _cached_training_data(spec, learner, train_samples, args), train_cfg)
-    manifest, tensors = learner.export()
-    metrics = _train_metrics(args, history, train_cfg)
-    metrics.update(_test_metrics(Bundle(manifest, tensors), backbone, dataset, args))
-    metrics.update(_target_metrics(Bundle(manifest, tensors), backbone, targets, args))
-    save_split(Path(args.save_split or f"{output}.split.json"), train_samples, classnames, args.shots, args.seed,
-               _dataset_root(args))
-    size = write_bundle(output, dataclasses.replace(manifest, metrics=metrics), tensors)
-    result = {"bundle": str(output), "bytes": size, "method": args.method, **metrics,
-              "seconds": round(time.monotonic() - started, 2)}
-    _report_path(output).write_text(json.dumps(result, indent=2) + "\n")
+    classnames, samples = _training_set(dataset, args)
+    return TrainPlan(output, split_path, config, train_cfg, dataset, targets, classnames, samples,
+                     _descriptions(spec, samples, args), pretrained)
+
+
+def train(args: argparse.Namespace) -> dict[str, Any]:
+    """plan (no torch) → backbone → fit → evaluate → export: one training run, its result as a dict."""
+    run = plan(args)
+    from service.bundle.codec import Bundle, write_bundle
+    from trainer.fewshot import save_split
+    from trainer.fit import fit
+
+    backbone = _backbone(args.model, run.pretrained, args.weights_seed, args.device, args.threads)
+    fitted = fit(args.method, run.config, run.train_cfg, backbone, run.classnames, run.samples, run.descriptions)
+    manifest, tensors = fitted.learner.export()
+    metrics = _train_metrics(args, fitted, run.train_cfg)
+    started = time.perf_counter()
+    metrics.update(_test_metrics(Bundle(manifest, tensors), backbone, run.dataset, args))
+    metrics.update(_target_metrics(Bundle(manifest, tensors), backbone, run.targets, args))
+    metrics["evaluate_seconds"] = round(time.perf_counter() - started, 2)
+    save_split(run.split_path, run.samples, run.classnames, args.shots, args.seed, _dataset_root(args))
+    size = write_bundle(run.output, dataclasses.replace(manifest, metrics=metrics), tensors)
+    result = {"bundle": str(run.output), "bytes": size, "method": args.method, **metrics,
+              "seconds": round(time.perf_counter() - getattr(args, "started", started), 2)}
+    _report_path(run.output).write_text(json.dumps(result, indent=2) + "\n")
     return result
 
 
@@ -76,7 +105,7 @@ def _report_path(output: Path) -> Path:
 
 
 def train_summary(args: argparse.Namespace, result: dict[str, Any]) -> str:
-    """One line — method, accuracy, bundle bytes, seconds — or the full result with --json."""
+    """One line — method, accuracy, bundle bytes, wall-clock seconds — or the full result with --json."""
     if args.json:
         return json_report(args, result)
     if "hm" in result:
@@ -86,16 +115,55 @@ def train_summary(args: argparse.Namespace, result: dict[str, Any]) -> str:
     else:
         accuracy = f"no {args.eval_split} split scored"
     targets = "".join(f"; {path} top-1 {t['top1']:.1f}%" for path, t in result.get("targets", {}).items())
-    return (f"{result['method']}: {accuracy}{targets}; bundle {result['bytes']:,} bytes; {result['seconds']:.1f} s; "
-            f"wrote {result['bundle']} (full results: {_report_path(Path(result['bundle']))})")
+    kept = f"; kept epoch {result['kept_epoch']} (held-out)" if "kept_epoch" in result else ""
+    report = _report_path(Path(result["bundle"]))
+    return (f"{result['method']}: {accuracy}{targets}{kept}; bundle {result['bytes']:,} bytes; "
+            f"{result['seconds']:.1f} s; wrote {result['bundle']} (full results: {report})")
+
+
+def check_writable(path: Path, flag: str) -> Path:
+    """`path` as a file the run can create or replace: not a folder, inside a folder it may write (or create)."""
+    if path.is_dir():
+        raise ValueError(f"{flag} {path} is a directory; give a file path such as {path}/task.safetensors")
+    folder = path.parent
+    while not folder.exists():  # atomic_write creates the missing folders: the nearest existing one must allow it
+        folder = folder.parent
+    if not folder.is_dir():
+        raise ValueError(f"{flag} {path}: {folder} is a file, not a folder")
+    if not os.access(folder, os.W_OK | os.X_OK):
+        raise ValueError(f"{flag} {path}: cannot write in {folder} (permission denied); choose another path")
+    if folder == path.parent:
+        try:  # os.access trusts permission bits; a read-only mount or a full disk only shows on writing
+            fd, probe = tempfile.mkstemp(dir=folder, prefix=f".{path.name}.", suffix=".probe")
+            os.close(fd)
+            os.unlink(probe)
+        except OSError as exc:
+            raise ValueError(f"{flag} {path}: cannot write in {folder} ({exc.strerror}); choose another path") from exc
+    return path
+
+
+def _weights(args: argparse.Namespace) -> str | None:
+    """The weights to load: --pretrained, the default model's own tag, or None (--random-weights); a path that
+    does not exist is refused here, a tag the model lacks when open_clip loads (`_backbone`)."""
+    if args.random_weights:
+        return None
+    pretrained = args.pretrained or (DEFAULT_PRETRAINED if args.model == DEFAULT_MODEL else None)
+    if pretrained is None:
+        raise ValueError(NO_WEIGHTS)
+    if _looks_like_path(pretrained) and not Path(pretrained).is_file():
+        raise ValueError(f"--pretrained {pretrained}: no such checkpoint file")
+    return pretrained
+
+
+def _looks_like_path(pretrained: str) -> bool:
+    return os.sep in pretrained or Path(pretrained).suffix in CHECKPOINT_SUFFIXES
 
 
 def _check_method_args(args: argparse.Namespace) -> MethodSpec[Any]:
     """The method's spec, once the flags that depend on the method agree with it (before torch loads)."""
     spec = method(args.method)
-    if (args.pretrained is None) == (not args.random_weights):
-        raise ValueError(NO_WEIGHTS if args.pretrained is None else "--pretrained and --random-weights exclude "
-                                                                     "each other: pass one")
+    if args.pretrained is not None and args.random_weights:
+        raise ValueError("--pretrained and --random-weights exclude each other: pass one")
     describing = bool(args.descriptions or args.allow_missing_descriptions)
     if describing and not spec.trains_on_descriptions:
         raise ValueError("--descriptions and --allow-missing-descriptions are options of --method "
@@ -114,22 +182,14 @@ def _describing_methods() -> list[str]:
     return sorted(name for name, spec in METHODS.items() if spec.trains_on_descriptions)
 
 
-def _cached_training_data(spec: MethodSpec[Any], learner: Any, samples: list[Any], args: argparse.Namespace) -> Any:
-    """What training reads per step (image features, or image tokens), with the images' descriptions if the
-    method trains on them."""
+def _descriptions(spec: MethodSpec[Any], samples: list[Any], args: argparse.Namespace) -> list[str | None]:
+    """Each training image's description, if the method trains on them (else all None)."""
     from trainer.descriptions import descriptions_for, read_descriptions
 
-    descriptions: list[str | None] = [None] * len(samples)
-    if spec.trains_on_descriptions:
-        table = read_descriptions(args.descriptions) if args.descriptions else {}
-        descriptions = descriptions_for(samples, table, args.allow_missing_descriptions)
-    return learner.training_set(samples, descriptions, views=args.views, seed=args.seed, progress=args.progress)
-
-
-def _check_output(output: Path) -> Path:
-    if output.is_dir():
-        raise ValueError(f"--output {output} is a directory; give a bundle file path such as {output}/task.safetensors")
-    return output
+    if not spec.trains_on_descriptions:
+        return [None] * len(samples)
+    table = read_descriptions(args.descriptions) if args.descriptions else {}
+    return descriptions_for(samples, table, args.allow_missing_descriptions)
 
 
 def _load_dataset(data: str, layout: str, split_file: str | None = None) -> Any:
@@ -177,28 +237,29 @@ def _method_options(args: argparse.Namespace) -> dict[str, Any]:
     return options
 
 
-def _train_config(args: argparse.Namespace, defaults: Mapping[str, Any]) -> Any:
-    """TrainConfig from the method's defaults under the given flags; warm-up defaults to at most epochs − 1."""
-    from trainer.configs import TrainConfig
+def _train_config(args: argparse.Namespace) -> Any:
+    """The method's recipe under the training flags given (`trainer.fit.recipe`)."""
+    from trainer.configs import TrainConfig, recipe
 
     names = {f.name for f in dataclasses.fields(TrainConfig)}
-    values = dict(defaults) | {k: v for k, v in vars(args).items() if k in names and v is not None}
-    epochs = values.get("epochs", TrainConfig.epochs)
-    if "warmup_epochs" not in values and TrainConfig.warmup_epochs >= epochs:
-        values["warmup_epochs"] = epochs - 1  # so --epochs 1 trains: the warm-up must leave an epoch of schedule
-        log.info("warm-up lowered to %d epoch(s) for --epochs %d", epochs - 1, epochs)
-    return TrainConfig(**values)
+    given = {k: v for k, v in vars(args).items() if k in names and v is not None}
+    return recipe(args.method, **given)  # --seed and --no-progress fill the fields the CLI does not list
 
 
-def _train_metrics(args: argparse.Namespace, history: list, cfg: Any) -> dict[str, Any]:
-    return {
+def _train_metrics(args: argparse.Namespace, fitted: Any, cfg: Any) -> dict[str, Any]:
+    metrics = {
         "protocol": args.protocol,
         "shots": args.shots,
         "seed": args.seed,
-        "views": args.views,
-        "train": dataclasses.asdict(cfg),
-        "epochs": [{"loss": round(s.loss, 5), "train_acc": round(s.accuracy, 3)} for s in history],
+        "train": {k: v for k, v in dataclasses.asdict(cfg).items() if k != "progress"},
+        "epochs": [{"loss": round(s.loss, 5), "train_acc": round(s.accuracy, 3)}
+                   | ({"held_out_acc": round(s.held_out, 3)} if s.held_out is not None else {})
+                   for s in fitted.history],
+        "train_seconds": round(fitted.seconds, 2),
     }
+    if fitted.held_out:
+        metrics |= {"held_out_images": fitted.held_out, "kept_epoch": fitted.kept_epoch}
+    return metrics
 
 
 def _test_metrics(bundle: Any, backbone: Any, dataset: Any, args: argparse.Namespace) -> dict[str, Any]:
@@ -238,13 +299,15 @@ def _transfer_top1(bundle: Any, backbone: Any, target: Any, protocol: str, split
 
 def evaluate_bundle(args: argparse.Namespace) -> dict[str, Any]:
     """A bundle's accuracy on a dataset split, on the backbone it names (checked to be the one it was made for)."""
+    dataset = _load_dataset(args.data, args.layout, args.split_file)  # data and file checks first: no torch yet
+    if not Path(args.bundle).is_file():
+        raise ValueError(f"--bundle {args.bundle}: no such file")
     from service.bundle.codec import read_bundle
     from trainer.evaluate import evaluate, evaluate_base_novel
 
     bundle = read_bundle(args.bundle)
     ref = bundle.manifest.backbone
-    backbone = _backbone(ref.model, args.pretrained or ref.pretrained, args.weights_seed, args.device)
-    dataset = _load_dataset(args.data, args.layout, args.split_file)
+    backbone = _backbone(ref.model, args.pretrained or ref.pretrained, args.weights_seed, args.device, args.threads)
     if args.protocol == "base2novel":
         return evaluate_base_novel(bundle, backbone, dataset, args.split, args.progress).as_dict()
     if args.protocol == "crossdataset":
@@ -272,7 +335,27 @@ def inspect_bundle(args: argparse.Namespace) -> dict[str, Any]:
     }
 
 
-def _backbone(model: str, pretrained: str | None, seed: int, device: str) -> Any:
+def _backbone(model: str, pretrained: str | None, seed: int, device: str, threads: int | None = None) -> Any:
+    import torch
+
     from service.core.backbone import BackboneSpec, load_backbone
 
+    if threads:
+        torch.set_num_threads(threads)
+    _check_tag(model, pretrained)
     return load_backbone(BackboneSpec(model, pretrained, device=device, seed=seed))
+
+
+def _check_tag(model: str, pretrained: str | None) -> None:
+    """Refuse, in one line naming the tags the model has, a --pretrained that is neither a file nor its tag."""
+    import open_clip
+
+    from service.core.backbone import EMBEDDED_WEIGHTS
+
+    if pretrained is None or Path(pretrained).is_file() or model not in open_clip.list_models():
+        return  # random weights, a checkpoint file, or an unknown model (load_backbone names it)
+    tags = sorted({t for m, t in EMBEDDED_WEIGHTS if m == model and t} | set(open_clip.list_pretrained_tags_by_model(
+        model)))
+    if pretrained not in tags:
+        raise ValueError(f"--pretrained {pretrained!r}: model {model} has no such tag; its tags: "
+                         f"{', '.join(tags) or 'none (pass a checkpoint file)'}")

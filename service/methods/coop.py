@@ -23,6 +23,8 @@ if TYPE_CHECKING:
 
 @dataclass
 class CoOpConfig(PromptConfig):
+    class_specific: bool = field(default=False, metadata={"help": "one context per class (CoOp's CSC) instead of "
+                                                                  "one shared by all classes"})
     export_dtype: str = field(default="float16", metadata={"help": "dtype of the exported ctx",
                                                            "choices": EXPORT_DTYPE_NAMES})
 

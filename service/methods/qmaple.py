@@ -8,7 +8,7 @@ from typing import TYPE_CHECKING
 
 from service.core.bitpack import dequantize
 from service.methods.common import Bits, QuantizerConfig
-from service.methods.maple import DeepPromptSpec, MaPLeConfig, MapleOptions, maple_shapes
+from service.methods.maple import MAPLE_TRAIN_DEFAULTS, DeepPromptSpec, MaPLeConfig, MapleOptions, maple_shapes
 from service.methods.qprompt import quantized_rules
 from service.methods.spec import HALF_OR_FULL, Decoded, Described, TensorRule
 
@@ -36,6 +36,7 @@ class QMaPLeSpec(DeepPromptSpec[QMapleOptions]):
     options_model = QMapleOptions
     config = QMaPLeConfig
     learner = "trainer.methods.qmaple:QMaPLe"
+    train_defaults = MAPLE_TRAIN_DEFAULTS
 
     def tensor_rules(self, b: Described[QMapleOptions]) -> dict[str, TensorRule]:
         text, vision = maple_shapes(b)

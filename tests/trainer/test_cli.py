@@ -15,7 +15,7 @@ from trainer.world import FAMILIES
 from trainer.world.dataset import write_imagefolder
 
 MICRO = ["--model", "test-micro", "--random-weights", "--device", "cpu", "--no-progress"]
-FAST = ["--epochs", "4", "--batch-size", "8", "--warmup-epochs", "1", "--lr", "0.01"]
+FAST = ["--epochs", "4", "--batch-size", "8", "--warmup-epochs", "1", "--lr", "0.01", "--views", "1"]
 
 
 def _run(capsys: pytest.CaptureFixture, *argv: str) -> tuple[int, dict | None, str]:
@@ -190,7 +190,7 @@ def test_rlp_init_follows_the_run_seed(coop_root: Path, tmp_path: Path, capsys) 
         output = tmp_path / f"{name}.safetensors"
         args = ["train", "--method", "rlp", "--data", str(coop_root), "--output", str(output), "--shots", "2",
                 "--seed", seed, "--epochs", "2", "--batch-size", "8", "--warmup-epochs", "0", "--optimizer", "sgd",
-                "--lr", "0.2", *MICRO]
+                "--lr", "0.2", "--views", "1", *MICRO]
         code, _, err = _run(capsys, *args)
         assert code == 0, err
         factors[name] = read_bundle(output).tensors

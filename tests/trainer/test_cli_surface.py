@@ -5,17 +5,20 @@ from __future__ import annotations
 import json
 import subprocess
 import sys
+import tempfile
 from pathlib import Path
 
 import pytest
 
 from service.bundle.codec import read_bundle
+from service.core.backbone import load_backbone
 from service.methods import METHODS
 from tests.helpers import ROOT, make_imagefolder
-from trainer.cli import main
+from trainer import run
+from trainer.cli import build_parser, main
 
 MICRO = ["--model", "test-micro", "--random-weights", "--device", "cpu", "--no-progress"]
-ONE_EPOCH = ["--epochs", "1", "--batch-size", "8", "--lr", "0.01", "--shots", "2"]
+ONE_EPOCH = ["--epochs", "1", "--batch-size", "8", "--lr", "0.01", "--shots", "2", "--views", "1"]
 
 
 def _fresh_main(argv: list[str]) -> tuple[set[str], str]:
@@ -78,7 +81,8 @@ def test_train_help_shows_every_config_option_with_its_defaults_and_choices(caps
     assert "(default: 4; maple, qmaple: 2) [coop, qprompt, rlp, maple, qmaple]" in text
     assert "(default: 1; qmaple: 4) [qprompt, qmaple]" in text
     assert "--export-format {merged,factorized}" in text and "--optimizer {sgd,adamw}" in text
-    assert "(default: 0.002; tgpt: 5e-05)" in text  # TGP-T's own training recipe
+    assert "(default: 0.002; maple, qmaple: 0.0035; rlp: 0.2; tgpt: 5e-05)" in text  # each method's own recipe
+    assert "(default: 8; maple, qmaple, tgpt: 0)" in text  # cached views, or a fresh augmentation every step
     assert "--init-seed" not in text  # filled from --seed
 
 
@@ -165,3 +169,104 @@ def test_an_explicit_warm_up_longer_than_the_run_is_still_refused(tmp_path: Path
     code = main(["train", "--method", "coop", "--layout", "imagefolder", "--data", str(data),
                  "--output", str(tmp_path / "b.safetensors"), *MICRO, *ONE_EPOCH, "--warmup-epochs", "1"])
     assert code == 2 and "warmup_epochs (1) must be fewer than epochs (1)" in capsys.readouterr().err
+
+
+# --- a trainer that guides: checks before torch, one-line errors, the default backbone, -v anywhere ----------
+
+
+def _timed_failure(argv: list[str]) -> tuple[int, float, set[str], str]:
+    """(exit code, seconds inside main, top-level modules loaded, stderr) of main(argv) in a fresh interpreter."""
+    code = ("import sys, time\nstart = time.perf_counter()\nfrom trainer.cli import main\ncode = main(sys.argv[1:])\n"
+            "print(code, time.perf_counter() - start, ' '.join(sorted({m.split('.')[0] for m in sys.modules})))")
+    done = subprocess.run([sys.executable, "-c", code, *argv], capture_output=True, text=True, cwd=ROOT,
+                          env={"PYTHONPATH": str(ROOT)}, timeout=120)
+    exit_code, seconds, *modules = done.stdout.split()
+    return int(exit_code), float(seconds), set(modules), done.stderr
+
+
+def _unwritable(tmp_path: Path) -> str:
+    """A folder no one may write in, root included (/sys refuses new files); the test needs one."""
+    try:
+        Path(tempfile.mkstemp(dir="/sys")[1]).unlink()
+    except OSError:
+        return "/sys/task.safetensors"
+    pytest.skip("no folder here refuses writes to this user")
+
+
+@pytest.mark.parametrize(("case", "message"), [
+    ("missing data", "nowhere: dataset folder not found"),
+    ("output inside a file", "is a file, not a folder"),
+    ("unwritable output", "cannot write in /sys"),
+    ("output is a folder", "is a directory"),
+    ("missing checkpoint", "no such checkpoint file"),
+    ("option of another method", "has no option 'rank'"),
+    ("holdout out of range", "holdout must be in [0, 1)"),
+    ("too many shots", "50 shots were asked"),
+])
+def test_argument_path_and_output_errors_come_before_torch_loads_in_a_second_or_so(tmp_path: Path, case: str,
+                                                                            message: str) -> None:
+    data = make_imagefolder(tmp_path / "data")
+    (tmp_path / "file").write_text("not a folder")
+    args = {"data": str(data), "output": str(tmp_path / "out" / "b.safetensors"), "extra": []}
+    args |= {
+        "missing data": {"data": str(tmp_path / "nowhere")},
+        "output inside a file": {"output": str(tmp_path / "file" / "b.safetensors")},
+        "unwritable output": {"output": _unwritable(tmp_path) if case == "unwritable output" else ""},
+        "output is a folder": {"output": str(tmp_path)},
+        "missing checkpoint": {"extra": ["--model", "ViT-B-16", "--pretrained", str(tmp_path / "vit.pt")]},
+        "option of another method": {"extra": ["--rank", "2"]},
+        "holdout out of range": {"extra": ["--holdout", "1.5"]},
+        "too many shots": {"extra": ["--shots", "50"]},
+    }[case]
+    layout = [] if case == "missing data" else ["--layout", "imagefolder"]
+    code, seconds, modules, err = _timed_failure(["train", "--method", "coop", "--data", args["data"], *layout,
+                                                  "--output", args["output"], *args["extra"]])
+    assert code == 2 and message in err and err.startswith("error: ") and err.count("\n") == 1
+    assert not {"torch", "open_clip"} & modules  # what makes it fast, whatever the machine's load
+    assert seconds < 3.0, f"{case}: {seconds:.2f} s"  # 0.4–0.7 s measured; importing torch alone took 7–17 s
+    assert not (tmp_path / "out").exists()
+
+
+def test_a_pretrained_tag_the_model_lacks_is_one_line_naming_its_tags(tmp_path: Path, capsys) -> None:
+    data = make_imagefolder(tmp_path / "data")
+    code = main(["train", "--method", "coop", "--layout", "imagefolder", "--data", str(data), "--output",
+                 str(tmp_path / "b.safetensors"), "--pretrained", "world-v2", *ONE_EPOCH])
+    err = capsys.readouterr().err
+    assert code == 2 and err == "error: --pretrained 'world-v2': model promptserve-tiny has no such tag; its tags: " \
+                                "world-v1\n"
+
+
+def test_default_backbone_is_the_services_so_default_bundles_load_in_a_default_service(tmp_path: Path,
+                                                                                        capsys) -> None:
+    from service.config import Settings
+    from service.serving.activation import prepare
+
+    settings = Settings()
+    assert (run.DEFAULT_MODEL, run.DEFAULT_PRETRAINED) == (settings.model, settings.pretrained)
+    data = make_imagefolder(tmp_path / "data")
+    output = tmp_path / "b.safetensors"
+    code = main(["train", "--method", "coop", "--layout", "imagefolder", "--data", str(data), "--output", str(output),
+                 "--device", "cpu", "--no-progress", *ONE_EPOCH])
+    assert code == 0, capsys.readouterr().err
+    backbone = load_backbone(settings.backbone_spec())
+    task = prepare("colours", 1, output.read_bytes(), backbone, settings.bundle_limits())
+    assert task.manifest.backbone.model == "promptserve-tiny" and task.manifest.classnames == ("blue", "green",
+                                                                                               "red", "yellow")
+
+
+@pytest.mark.parametrize("argv", [["-v", "inspect", "b"], ["inspect", "b", "-v"], ["inspect", "-v", "b"]])
+def test_verbose_works_before_or_after_the_command(argv: list[str]) -> None:
+    assert build_parser().parse_args(argv).verbose is True
+    assert build_parser().parse_args(["inspect", "b"]).verbose is False
+
+
+def test_one_progress_bar_covers_the_whole_training_run(tmp_path: Path, capsys) -> None:
+    data = make_imagefolder(tmp_path / "data")
+    code = main(["train", "--method", "coop", "--layout", "imagefolder", "--data", str(data), "--output",
+                 str(tmp_path / "b.safetensors"), *MICRO[:-1], "--epochs", "3", "--batch-size", "4", "--shots", "4",
+                 "--views", "1", "--warmup-epochs", "0"])
+    err = capsys.readouterr().err
+    assert code == 0, err
+    bars = {line.split(":")[0] for line in err.replace("\r", "\n").splitlines() if "step" in line}
+    assert bars == {"training coop"}  # one bar, not one per epoch
+    assert "12/12" in err and "epoch=3/3" in err  # 4 classes × 4 shots / batch 4 × 3 epochs

@@ -6,7 +6,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.helpers import COLOURS, make_coop, make_csv, make_imagefolder
+from tests.helpers import COLOURS, make_coop, make_csv, make_imagefolder, write_images
 from trainer.data import DataError, load_coop, load_csv, load_dataset, load_imagefolder, open_image
 from trainer.fewshot import base_novel_split, load_split, sample_few_shot, save_split
 
@@ -110,3 +110,33 @@ def test_base_novel_split_takes_first_half_rounded_up_and_relabels(coop_dataset)
     novel_samples = novel.select(coop_dataset.split("test"))
     assert {s.label for s in novel_samples} == {0, 1}
     assert {s.classname for s in novel_samples} == set(coop_dataset.classnames[2:])
+
+
+def test_coop_imagenet_family_and_fgvc_aircraft_load_without_a_split_file(tmp_path: Path) -> None:
+    names = "".join(f"{c} a {c} thing\n" for c in COLOURS)  # "<wnid> <name>": the colour is the folder id
+    net, adversarial, v2, fgvc = (tmp_path / d for d in ("imagenet", "imagenet-adversarial", "imagenetv2", "fgvc"))
+    write_images(net / "images" / "train", 3, 0)
+    write_images(net / "images" / "val", 2, 1)
+    write_images(adversarial / "imagenet-a", 1, 2, ["yellow", "green"])
+    for i, colour in enumerate(COLOURS):  # ImageNet-V2 names its folders by label index
+        write_images(v2 / "imagenetv2-matched-frequency-format-val", 1, 3, [colour])
+        (v2 / "imagenetv2-matched-frequency-format-val" / colour).rename(v2 / "imagenetv2-matched-frequency-format-val"
+                                                                         / str(i))
+    for root in (net, adversarial, v2):
+        (root / "classnames.txt").write_text(names)
+    imagenet = load_dataset(net, "coop")
+    assert imagenet.classnames == tuple(f"a {c} thing" for c in COLOURS)
+    assert len(imagenet.split("train")) == 12 and len(imagenet.split("test")) == 8
+    assert {s.path.parent.name for s in imagenet.split("test") if s.label == 1} == {"green"}
+    assert load_dataset(adversarial, "coop").classnames == ("a green thing", "a yellow thing")  # classnames.txt order
+    assert [s.classname for s in load_dataset(v2, "coop").split("test")] == [f"a {c} thing" for c in COLOURS]
+    (fgvc / "images").mkdir(parents=True)
+    (fgvc / "variants.txt").write_text("707-320\nA300B4\n")
+    (fgvc / "images_variant_train.txt").write_text("0001 A300B4\n0002 707-320\n")
+    (fgvc / "images_variant_test.txt").write_text("0003 707-320\n")
+    aircraft = load_dataset(fgvc, "coop")
+    assert aircraft.classnames == ("707-320", "A300B4")
+    assert [(s.path.name, s.label) for s in aircraft.split("train")] == [("0001.jpg", 1), ("0002.jpg", 0)]
+    (fgvc / "images_variant_val.txt").write_text("0004 A380\n")
+    with pytest.raises(DataError, match="'A380' is not in variants.txt"):
+        load_dataset(fgvc, "coop")

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import json
 import logging
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
 from dataclasses import asdict
 from typing import Any, ClassVar, Protocol
 
@@ -24,7 +24,7 @@ from service.core.backbone import Backbone
 from service.core.records import PromptLayout
 from service.methods.common import EXPORT_DTYPE_NAMES, PromptConfig
 from trainer.data import Sample
-from trainer.features import CachedSet, encode_samples
+from trainer.features import CLEAN, CachedSet, Views, encode_samples, fresh_set
 
 log = logging.getLogger(__name__)
 
@@ -47,11 +47,14 @@ class Learner(Protocol):
     """A method's learner, as the training loops, the run and the export use it (an nn.Module)."""
 
     method: ClassVar[str]
-    needs_image_tower: ClassVar[bool]  # trains through the image tower each step (else from a cached set)
 
     def __init__(self, config: Any, backbone: Backbone, classnames: tuple[str, ...]) -> None: ...
 
     def parameters(self, recurse: bool = True) -> Iterator[nn.Parameter]: ...
+
+    def state_dict(self) -> dict[str, Any]: ...
+
+    def load_state_dict(self, state_dict: Mapping[str, Any], strict: bool = True, assign: bool = False) -> Any: ...
 
     def train(self, mode: bool = True) -> Any: ...
 
@@ -59,13 +62,9 @@ class Learner(Protocol):
 
     def trainable_parameters(self) -> int: ...
 
-    def training_set(self, samples: list[Sample], descriptions: list[str | None], views: int, seed: int,
-                     progress: bool) -> CachedSet:
-        """What the cached loop reads each step (image features, or image tokens)."""
-        ...
-
-    def image_features(self, pixels: torch.Tensor) -> torch.Tensor:
-        """Normalized image features through the learner's own image forward (`needs_image_tower` learners)."""
+    def training_set(self, samples: list[Sample], descriptions: list[str | None], views: Views = CLEAN,
+                     progress: bool = False) -> CachedSet:
+        """What the loop reads each step (image features or tokens, cached or encoded afresh)."""
         ...
 
     def loss(self, inputs: Any, labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -85,7 +84,6 @@ class PromptLearner(nn.Module):
     """Class features from a learned context; subclasses define `context()` and `export_tensors()`."""
 
     method: ClassVar[str]
-    needs_image_tower: ClassVar[bool] = False
 
     def __init__(self, config: PromptConfig, backbone: Backbone, classnames: tuple[str, ...]):
         super().__init__()
@@ -121,10 +119,14 @@ class PromptLearner(nn.Module):
         """Normalized image features of preprocessed pixels; methods that prompt the image tower override this."""
         return self.backbone.encode_images(pixels)
 
-    def training_set(self, samples: list[Sample], descriptions: list[str | None], views: int, seed: int,
-                     progress: bool) -> CachedSet:
-        """Every image's features under `views` views, cached once (the image tower is frozen)."""
-        return encode_samples(self.backbone, samples, views=views, seed=seed, progress=progress)
+    def training_set(self, samples: list[Sample], descriptions: list[str | None], views: Views = CLEAN,
+                     progress: bool = False) -> CachedSet:
+        """Every image's features under `views.count` views, cached once (the image tower is frozen); at 0 views,
+        encoded afresh from a new augmentation every step."""
+        if views.count == 0:
+            return fresh_set(self.backbone, samples, views, lambda pixels, idx: self.backbone.encode_images(pixels))
+        return encode_samples(self.backbone, samples, views.count, views.seed, progress=progress,
+                              crop_scale=views.crop_scale)
 
     def loss(self, image_features: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """(training loss, logits) of one batch: cross-entropy over the class logits."""

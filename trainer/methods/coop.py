@@ -1,6 +1,10 @@
-"""CoOp (Zhou et al., 2022): one learned context shared by every class, "<ctx> {class}."."""
+"""CoOp (Zhou et al., 2022): one learned context shared by every class, "<ctx> {class}.", or one per class
+(class-specific context, CSC: [C, n_ctx, d], each class's row starting from the same phrase, or from its own
+N(0, init_std) draw without one)."""
 
 from __future__ import annotations
+
+import dataclasses
 
 import torch
 from torch import nn
@@ -16,7 +20,12 @@ class CoOp(PromptLearner):
 
     def __init__(self, config: CoOpConfig, backbone: Backbone, classnames: tuple[str, ...]):
         super().__init__(config, backbone, classnames)
-        self.ctx = nn.Parameter(initial_context(config, backbone))
+        ctx = initial_context(config, backbone)
+        if config.class_specific:
+            self.layout = dataclasses.replace(self.layout, class_specific=True)
+            ctx = (ctx.expand(len(self.classnames), -1, -1).clone() if config.ctx_init
+                   else torch.randn(len(self.classnames), *ctx.shape) * config.init_std)
+        self.ctx = nn.Parameter(ctx)
 
     def context(self) -> torch.Tensor:
         return self.ctx

@@ -22,6 +22,8 @@ from torch import nn
 from service.core.backbone import Backbone
 from service.core.vision_prompts import prompted_features
 from service.methods.maple import MaPLeConfig
+from trainer.data import Sample
+from trainer.features import CLEAN, CachedSet, Views, fresh_set
 from trainer.methods.base import EXPORT_DTYPES, PromptLearner
 
 log = logging.getLogger(__name__)
@@ -46,7 +48,6 @@ def split_init(config: MaPLeConfig) -> tuple[str | None, str]:
 
 class MaPLe(PromptLearner):
     method = "maple"
-    needs_image_tower = True
     config: MaPLeConfig
 
     def __init__(self, config: MaPLeConfig, backbone: Backbone, classnames: tuple[str, ...]):
@@ -95,6 +96,12 @@ class MaPLe(PromptLearner):
 
     def image_features(self, pixels: torch.Tensor) -> torch.Tensor:
         return prompted_features(self.backbone.model.visual, pixels.to(self.backbone.device), self.vision_prompts())
+
+    def training_set(self, samples: list[Sample], descriptions: list[str | None], views: Views = CLEAN,
+                     progress: bool = False) -> CachedSet:
+        """Images run through the prompted tower (forward and backward) every step: clean at one view, else a
+        fresh augmentation every step (the tower changes as it trains, so no view can be cached)."""
+        return fresh_set(self.backbone, samples, views, lambda pixels, idx: self.image_features(pixels))
 
     def export_tensors(self) -> dict[str, torch.Tensor]:
         dtype = EXPORT_DTYPES[self.config.export_dtype]

@@ -29,7 +29,7 @@ from service.core.bonder import TGPTDims, TGPTModel, group_logits, logits_from_p
 from service.core.text_encoder import PromptTextEncoder
 from service.methods.tgpt import CATEGORY_TEMPLATE, TGPTConfig
 from trainer.data import Sample
-from trainer.features import encode_views
+from trainer.features import CLEAN, FreshSet, Views, encode_views, fresh_set
 from trainer.methods.base import EXPORT_DTYPES, TRAINER_VERSION, config_json
 
 log = logging.getLogger(__name__)
@@ -93,7 +93,6 @@ def vocab_loss(rows: torch.Tensor, targets: torch.Tensor, vocab: torch.Tensor, s
 
 class TGPT(nn.Module):
     method: ClassVar[str] = "tgpt"
-    needs_image_tower: ClassVar[bool] = False
     category_targets: torch.Tensor  # a registered buffer, declared so it types as a tensor, not `Tensor | Module`
 
     def __init__(self, config: TGPTConfig, backbone: Backbone, classnames: tuple[str, ...]):
@@ -165,19 +164,24 @@ class TGPT(nn.Module):
                                   cfg.vocab_chunk)
         return F.cross_entropy(logits, labels) + category_loss + content_loss, logits
 
-    def image_features(self, pixels: torch.Tensor) -> torch.Tensor:
-        return self.backbone.encode_images(pixels)
+    def training_set(self, samples: list[Sample], descriptions: list[str | None], views: Views = CLEAN,
+                     progress: bool = False) -> TokenSet | FreshSet:
+        """Every image's tokens and pooled feature per view, cached, and its targets; at 0 views, tokens
+        encoded afresh from a new augmentation every step (the reference's recipe: caching many views of
+        [197, 512] tokens per image would not fit in memory at ViT-B/16 scale)."""
+        targets = token_targets(self.backbone.text, descriptions, self.config.content_queries)
+        if views.count == 0:
+            def fresh(pixels: torch.Tensor, idx: torch.Tensor) -> TokenBatch:
+                out = self.backbone.encode_image_tokens(pixels)
+                return TokenBatch(out.tokens, out.pooled, targets[idx])
 
-    def training_set(self, samples: list[Sample], descriptions: list[str | None], views: int = 1, seed: int = 0,
-                     progress: bool = False) -> TokenSet:
-        """The cached training set: every image's tokens and pooled feature per view, and its targets."""
+            return fresh_set(self.backbone, samples, views, fresh)
+
         def encode(pixels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
             out = self.backbone.encode_image_tokens(pixels)
             return out.tokens.cpu(), out.pooled.cpu()
 
-        tokens, pooled = encode_views(encode, self.backbone, samples, views, seed, progress=progress,
-                                      desc="image tokens")
-        targets = token_targets(self.backbone.text, descriptions, self.config.content_queries)
+        tokens, pooled = encode_views(encode, self.backbone, samples, views, progress=progress, desc="image tokens")
         return TokenSet(tokens, pooled, torch.tensor([s.label for s in samples]), targets)
 
     def export(self, metrics: dict[str, Any] | None = None) -> tuple[Manifest, dict[str, torch.Tensor]]:

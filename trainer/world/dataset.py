@@ -9,6 +9,7 @@ images per class) and deterministic in ``seed``; use different seeds for train a
 
 from __future__ import annotations
 
+import json
 import logging
 from pathlib import Path
 
@@ -75,24 +76,53 @@ def make_dataset(
 
 def write_imagefolder(
     root: str | Path, family: str, n_per_class: int, seed: int, style: str = "photo", size: int = 64,
-    descriptions: bool = False,
+    descriptions: bool = False, confound: bool = False,
 ) -> dict[str, int]:
     """Write ``root/<classname>/<index>.png`` (an ImageFolder tree); returns images per class. With
     ``descriptions``, also ``root/descriptions.tsv``: each image's full caption (TGP-T's training text)."""
     root = Path(root)
-    counts: dict[str, int] = {}
     names = family_classnames(family)
-    lines = []
-    for k, (spec, label) in enumerate(family_specs(family, n_per_class, seed)):
-        d = root / names[label]
-        d.mkdir(parents=True, exist_ok=True)
-        render(spec, style=style, size=size).save(d / f"{k:06d}.png")
-        counts[names[label]] = counts.get(names[label], 0) + 1
-        lines.append(f"{names[label]}/{k:06d}.png\t{caption(spec, style)}\t{names[label]}\n")
+    rows = _write_images(root, family, n_per_class, seed, style, size, confound)
     if descriptions:
-        (root / "descriptions.tsv").write_text("".join(lines), encoding="utf-8")
-    log.info("wrote %d images of family %s (%s) under %s", sum(counts.values()), family, style, root)
+        (root / "descriptions.tsv").write_text("".join(f"{rel}\t{text}\t{names[label]}\n" for rel, label, text in rows),
+                                               encoding="utf-8")
+    counts: dict[str, int] = {}
+    for _, label, _ in rows:
+        counts[names[label]] = counts.get(names[label], 0) + 1
+    log.info("wrote %d images of family %s (%s) under %s", len(rows), family, style, root)
     return counts
+
+
+def write_coop(
+    root: str | Path, family: str, per_split: dict[str, int], style: str = "photo", size: int = 64,
+    confound_train: bool = False,
+) -> Path:
+    """A CoOp-layout dataset (``split_zhou_<family>.json``, images under ``images/<split>/<class>/``, the training
+    images' captions in ``descriptions.tsv``): ``per_split`` images per class for each split, each split drawn
+    from its own seed (train 1, val 3, test 2); ``confound_train`` confounds the training split only."""
+    root, names = Path(root), family_classnames(family)
+    doc, captions = {}, []
+    for split, count in per_split.items():
+        seed = {"train": 1, "val": 3, "test": 2}[split]
+        rows = _write_images(root / "images" / split, family, count, seed, style, size,
+                             confound_train and split == "train")
+        doc[split] = [[f"{split}/{rel}", label, names[label]] for rel, label, _ in rows]
+        captions += [f"images/{split}/{rel}\t{text}\t{names[label]}\n" for rel, label, text in rows if split == "train"]
+    (root / "descriptions.tsv").write_text("".join(captions), encoding="utf-8")
+    (root / f"split_zhou_{family}.json").write_text(json.dumps(doc))
+    return root
+
+
+def _write_images(root: Path, family: str, n_per_class: int, seed: int, style: str, size: int,
+                  confound: bool) -> list[tuple[str, int, str]]:
+    """Render and save ``root/<class>/<index>.png``; (relative path, label, caption) per image."""
+    names = family_classnames(family)
+    rows = []
+    for k, (spec, label) in enumerate(family_specs(family, n_per_class, seed, confound=confound)):
+        (root / names[label]).mkdir(parents=True, exist_ok=True)
+        render(spec, style=style, size=size).save(root / names[label] / f"{k:06d}.png")
+        rows.append((f"{names[label]}/{k:06d}.png", label, caption(spec, style)))
+    return rows
 
 
 def render_pool(specs: list[SampleSpec], styles: list[str] | str = "photo", size: int = 64) -> np.ndarray:

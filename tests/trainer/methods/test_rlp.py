@@ -17,7 +17,7 @@ from service.methods import BundleError
 from service.serving.text_features import text_features
 from tests.helpers import predict_from_features
 from trainer.configs import TrainConfig
-from trainer.engine import train_cached
+from trainer.engine import train_learner
 from trainer.methods import build_learner, make_config
 from trainer.methods.rlp import LowRankDelta
 
@@ -76,7 +76,7 @@ SGD = TrainConfig(epochs=3, batch_size=16, optimizer="sgd", lr=0.2, warmup_epoch
 
 def _trained_factors(backbone, features, seed: int) -> dict[str, torch.Tensor]:
     learner = build_learner("rlp", make_config("rlp", init_seed=seed), backbone, ("red", "green", "blue", "yellow"))
-    train_cached(learner, features, TrainConfig(**{**vars(SGD), "seed": seed}))
+    train_learner(learner, features, TrainConfig(**{**vars(SGD), "seed": seed}))
     return learner.exported_factors()
 
 

@@ -11,7 +11,7 @@ from service.core.open_clip_compat import prompt_capable_vit, vit_pooled_and_tok
 from service.serving.heads import ImageRows, build_head
 from trainer.configs import TrainConfig
 from trainer.data import Sample, open_image
-from trainer.engine import train_cached
+from trainer.engine import train_learner
 from trainer.methods import build_learner, make_config
 from trainer.methods.tgpt import IGNORE, TokenBatch, vocab_loss
 from trainer.world.dataset import write_imagefolder
@@ -96,7 +96,7 @@ def test_learner_logits_equal_the_service_logits_of_its_exported_bundle(tiny_bac
     samples, captions = world
     tgpt = learner(tiny_backbone)
     data = tgpt.training_set(samples, captions)
-    train_cached(tgpt, data, TrainConfig(epochs=1, batch_size=6, optimizer="adamw", lr=1e-3, warmup_epochs=0))
+    train_learner(tgpt, data, TrainConfig(epochs=1, batch_size=6, optimizer="adamw", lr=1e-3, warmup_epochs=0))
     tokens, pooled = data.tokens[:, 0], data.pooled[:, 0]
     with torch.no_grad():
         learned = tgpt(tokens, pooled)

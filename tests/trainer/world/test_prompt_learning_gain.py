@@ -15,7 +15,7 @@ from service.bundle.manifest import Manifest
 from service.core.backbone import BackboneSpec, load_backbone
 from service.serving.text_features import text_features
 from trainer.configs import TrainConfig
-from trainer.engine import train_cached
+from trainer.engine import train_learner
 from trainer.features import FeatureSet
 from trainer.methods import build_learner, make_config
 from trainer.world import FAMILIES
@@ -47,7 +47,7 @@ def test_learned_prompt_beats_zero_shot_on_base_classes(tiny, method, options):
     train, test = faint_features(tiny, 16, seed=1), faint_features(tiny, 15, seed=2)
     zero_shot = accuracy(Bundle(Manifest("zeroshot", tiny.ref(), BASE), {}), tiny, test)
     learner = build_learner(method, make_config(method, n_ctx=4, **options), tiny, BASE)
-    train_cached(learner, train, TrainConfig(epochs=30, lr=0.02, seed=1))
+    train_learner(learner, train, TrainConfig(epochs=30, lr=0.02, seed=1))
     exported = decode_bundle(encode_bundle(*learner.export()))
     learned = accuracy(exported, tiny, test)
     assert 0.3 < zero_shot < 0.95, "the faint world should leave zero-shot room to improve"

@@ -12,7 +12,7 @@ import torch
 
 from service.core.backbone import BackboneSpec, load_backbone
 from trainer.configs import TrainConfig
-from trainer.engine import train_cached
+from trainer.engine import train_learner
 from trainer.features import FeatureSet
 from trainer.methods import build_learner, make_config
 from trainer.world import FAMILIES
@@ -39,7 +39,7 @@ def faint_base_colours(tiny) -> FeatureSet:
 @pytest.mark.parametrize("bits", [1, 2, 4])
 def test_default_threshold_reclusters_during_training_at_every_bit_width(tiny, faint_base_colours, bits: int):
     learner = build_learner("qprompt", make_config("qprompt", bits=bits, min_steps=MIN_STEPS), tiny, BASE)
-    train_cached(learner, faint_base_colours, TrainConfig(epochs=EPOCHS, lr=0.02, seed=1))
+    train_learner(learner, faint_base_colours, TrainConfig(epochs=EPOCHS, lr=0.02, seed=1))
     steps = EPOCHS * len(faint_base_colours.labels) // 32
     count = learner.quantizer.clusterings
     print(f"{bits}-bit: {count} re-clusterings in {steps} steps")
