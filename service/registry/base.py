@@ -21,6 +21,11 @@ TASK_NAME = re.compile(TASK_NAME_PATTERN)
 ALIAS_PATTERN = r"^[a-z][a-z0-9_-]{0,31}$"
 _ALIAS = re.compile(ALIAS_PATTERN)
 VERSION_REF_PATTERN = r"^([0-9]{1,9}|[a-z][a-z0-9_-]{0,31})$"
+SHA256 = re.compile(r"^[0-9a-f]{64}$")
+# What a version's artefact is keyed by beside its content (service.serving.artefacts: a hash of the backbone's
+# fingerprints and the precision the artefact was computed in).
+ARTEFACT_KEY = re.compile(r"^[0-9a-f]{16,64}$")
+MAX_ARTEFACT_BYTES = 64 * 1024 * 1024  # larger than any a bundle within the format's limits can have
 
 
 class UnknownTask(KeyError):
@@ -78,11 +83,21 @@ class TaskState:
     aliases: dict[str, int]
     stored: dict[int, str] = field(default_factory=dict)
     changed_at: float | None = None
+    method: str = ""  # of the active version, when the registry recorded it
+
+    @property
+    def active_sha256(self) -> str:
+        return self.stored.get(self.active, "")
 
 
 class Stored(NamedTuple):
     version: int
     created: bool  # False: identical bytes were already stored as `version`
+
+
+def check_artefact_ref(sha256: str, key: str) -> None:
+    if not SHA256.match(sha256) or not ARTEFACT_KEY.match(key):
+        raise ValueError(f"artefact reference {sha256!r}/{key!r} is not a sha256 and a hex key")
 
 
 def prunable(versions: Iterable[int], keep: int, protected: set[int]) -> list[int]:
@@ -147,6 +162,17 @@ class Registry(abc.ABC):
         step no other writer can interleave with; False (nothing written) otherwise. Deleting every task later
         does not make a registry fresh again."""
 
+    @abc.abstractmethod
+    def store_artefact(self, task: str, sha256: str, key: str, data: bytes) -> bool:
+        """Keep `data` (at most MAX_ARTEFACT_BYTES), computed from the stored version whose bundle has `sha256`,
+        under `key`, replacing one stored before; it goes when that version is pruned or the task deleted. False
+        (nothing kept) if no stored version of the task has that content."""
+
+    @abc.abstractmethod
+    def load_artefact(self, task: str, sha256: str, key: str) -> bytes | None:
+        """What `store_artefact` kept for that version content and key, None if nothing. The bytes are whatever
+        the storage holds: callers verify them."""
+
     def close(self) -> None:
         """Release connections (a no-op for registries that hold none)."""
         return None
@@ -174,8 +200,15 @@ class Registry(abc.ABC):
     def snapshot(self) -> dict[str, TaskState]:
         return {task: self._state(task, active) for task, active in self.active_versions().items()}
 
+    def index(self) -> tuple[dict[str, TaskState], dict[str, str]]:
+        """`snapshot` and `damaged_tasks` together: what a replica reads to follow the registry, in as few reads
+        as the storage allows (one query, one directory pass), however many tasks."""
+        return self.snapshot(), self.damaged_tasks()
+
     def _state(self, task: str, active: int) -> TaskState:
-        return TaskState(active, self.aliases(task), {v.version: v.sha256 for v in self.versions(task)})
+        versions = self.versions(task)
+        method = next((v.method for v in versions if v.version == active), "")
+        return TaskState(active, self.aliases(task), {v.version: v.sha256 for v in versions}, method=method)
 
     def changes(self, poll_s: float) -> Generator[str | None, None, None]:
         """Names of tasks that other writers change, as they commit, and None at least every `poll_s`.

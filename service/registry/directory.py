@@ -4,12 +4,13 @@ Every write is atomic (temp file, fsync, rename), so a crash leaves either the o
 restart finds every task with its active version. Writers are serialized across threads and processes by an
 flock on `<root>/.lock`.
 
-Layout: <root>/<task>/<version:08d>.bundle and <root>/<task>/ACTIVE (the active version number);
-<version:08d>.json beside each bundle holds its sha256, size, created time and method, and <task>/ALIASES
-maps alias names to versions (JSON). <root>/.high-water/<task> holds the last version number issued to a task;
-it outlives the task's deletion, so a number once issued is never issued again (a replica that cached the old
-bundle under that number could not tell). A registry that ever held a task has one, which is also how demo
-tasks are seeded only into a registry that never held any.
+Layout: <root>/<task>/<version:08d>.bundle and <root>/<task>/ACTIVE (the active version number); <version:08d>.json
+beside each bundle holds its sha256, size, created time and method, and <task>/ALIASES maps alias names to versions
+(JSON); <task>/artefacts/<sha256>.<key> holds what replicas computed from the version with that content (its class
+text features), pruned and deleted with it. <root>/.high-water/<task> holds the last version number issued to a
+task; it outlives the task's deletion, so a number once issued is never issued again (a replica that cached the old
+bundle under that number could not tell). A registry that ever held a task has one, which is also how demo tasks are
+seeded only into a registry that never held any.
 
 Every side file is read through a typed model with a size bound, so whatever a disk or an operator left there
 is either the record the registry wrote or `RegistryDamage` naming the file: a damaged ACTIVE keeps that task
@@ -38,6 +39,7 @@ from pydantic import BaseModel, ConfigDict, Field, StringConstraints, TypeAdapte
 from service.core.fsio import atomic_write, make_dirs
 from service.registry.base import (
     ALIAS_PATTERN,
+    MAX_ARTEFACT_BYTES,
     TASK_NAME,
     Registry,
     RegistryDamage,
@@ -47,6 +49,7 @@ from service.registry.base import (
     VersionInfo,
     bundle_sha256,
     check_alias,
+    check_artefact_ref,
     check_task_name,
     prunable,
 )
@@ -54,6 +57,7 @@ from service.registry.base import (
 log = logging.getLogger(__name__)
 _VERSION_FILE = re.compile(r"^(\d{8})\.bundle$")
 HIGH_WATER = ".high-water"
+ARTEFACTS = "artefacts"
 T = TypeVar("T")
 
 # The side files as the registry writes them; anything else is damage. Sizes bound what a read may cost.
@@ -218,47 +222,79 @@ class DirectoryRegistry(Registry):
         return path.read_bytes()
 
     def active_versions(self) -> dict[str, int]:
-        return self._scan(side_files=False)[0]
-
-    def damaged_tasks(self) -> dict[str, str]:
-        return self._scan(side_files=True)[1]
-
-    def _scan(self, *, side_files: bool) -> tuple[dict[str, int], dict[str, str]]:
-        """Every task directory's ACTIVE record, and what is damaged in each task (ACTIVE; with `side_files` also
-        ALIASES and each version's metadata); anything else in the root (dot-files, stray names) is ignored."""
-        active, damaged = {}, {}
-        for entry in sorted(self.root.iterdir()):
-            if not TASK_NAME.match(entry.name) or not entry.is_dir():
-                continue  # a stray file, even one named like a task, holds no task (a new upload sets it aside)
-            problems = self._problems(entry.name) if side_files else []
+        """Every task directory's ACTIVE record (a damaged one leaves its task out; `index` says why)."""
+        active = {}
+        for entry in self._task_dirs():
             try:
                 version = self._read_active(entry)
-            except RegistryDamage as exc:
-                problems.insert(0, str(exc))
-                version = None
+            except RegistryDamage:
+                continue
             if version is not None:
                 active[entry.name] = version
+        return active
+
+    def damaged_tasks(self) -> dict[str, str]:
+        return self.index()[1]
+
+    def snapshot(self) -> dict[str, TaskState]:
+        return self.index()[0]
+
+    def task_state(self, task: str) -> TaskState | None:
+        return self._read_task(self._task_dir(task))[0] if self._task_dir(task).is_dir() else None
+
+    def index(self) -> tuple[dict[str, TaskState], dict[str, str]]:
+        """Every task's state and what is damaged in each, in one pass over the directory: per task, ACTIVE,
+        ALIASES and each version's metadata are read once. Anything else in the root (dot-files, stray names)
+        is ignored."""
+        states, damaged = {}, {}
+        for entry in self._task_dirs():
+            state, problems = self._read_task(entry)
+            if state is not None:
+                states[entry.name] = state
             if problems:
                 shown = "; ".join(problems[:3]) + (f"; and {len(problems) - 3} more" if len(problems) > 3 else "")
                 damaged[entry.name] = f"registry entry is damaged: {shown}"
-        return active, damaged
+        return states, damaged
 
-    def _problems(self, task: str) -> list[str]:
-        """What is damaged among a task's aliases and version metadata (each still readable around the damage)."""
-        problems = []
+    def _task_dirs(self) -> list[Path]:
+        # a stray file, even one named like a task, holds no task (a new upload sets it aside)
+        return [entry for entry in sorted(self.root.iterdir()) if TASK_NAME.match(entry.name) and entry.is_dir()]
+
+    def _read_task(self, task_dir: Path) -> tuple[TaskState | None, list[str]]:
+        """A task's state (None without a readable active version), and what is damaged among its ACTIVE, ALIASES
+        and version files (each still read around the damage)."""
+        task, problems = task_dir.name, []
         try:
-            self._read_aliases(task)
+            aliases = self._read_aliases(task)
         except RegistryDamage as exc:
             problems.append(str(exc))
+            aliases = {}
+        infos = []
         for version in self._versions(task):
             bundle = self._bundle_path(task, version)
             if bundle.is_symlink() or not bundle.is_file():
                 problems.append(f"{bundle.name} is not a regular file")
             try:
-                self._read_info(task, version)
+                info = self._read_info(task, version)
             except RegistryDamage as exc:
                 problems.append(str(exc))
-        return problems
+                info = None
+            try:
+                infos.append(info or self._derived_info(task, version))
+            except FileNotFoundError:  # pruned, or the task deleted, while read
+                continue
+        try:
+            active = self._read_active(task_dir)
+            changed_at: float | None = (task_dir / "ACTIVE").stat().st_mtime if active is not None else None
+        except RegistryDamage as exc:
+            problems.insert(0, str(exc))
+            active = None
+        except OSError:  # deleted meanwhile
+            return None, problems
+        if active is None:
+            return None, problems
+        method = next((info.method for info in infos if info.version == active), "")
+        return TaskState(active, aliases, {info.version: info.sha256 for info in infos}, changed_at, method), problems
 
     def _read_active(self, task_dir: Path) -> int | None:
         """The active version recorded in `task_dir`, None when it has none yet (stored, never activated)."""
@@ -269,14 +305,6 @@ class DirectoryRegistry(Registry):
         if not (task_dir / f"{version:08d}.bundle").is_file():
             raise RegistryDamage(f"ACTIVE names version {version}, which has no bundle file")
         return version
-
-    def _state(self, task: str, active: int) -> TaskState:
-        state = super()._state(task, active)
-        try:
-            changed_at: float | None = (self._task_dir(task) / "ACTIVE").stat().st_mtime
-        except OSError:
-            changed_at = None
-        return TaskState(state.active, state.aliases, state.stored, changed_at)
 
     def delete(self, task: str) -> None:
         with self._locked():
@@ -396,7 +424,45 @@ class DirectoryRegistry(Registry):
                     if path.is_dir() and not path.is_symlink():
                         self._set_aside(path)  # damage in the way: kept, never deleted blindly
                     path.unlink(missing_ok=True)
+            if doomed:
+                self._drop_orphan_artefacts(task)
             return doomed
+
+    def _artefact_path(self, task: str, sha256: str, key: str) -> Path:
+        check_artefact_ref(sha256, key)
+        return self._task_dir(task) / ARTEFACTS / f"{sha256}.{key}"
+
+    def store_artefact(self, task: str, sha256: str, key: str, data: bytes) -> bool:
+        if len(data) > MAX_ARTEFACT_BYTES:
+            raise ValueError(f"an artefact of {len(data)} bytes exceeds {MAX_ARTEFACT_BYTES}")
+        path = self._artefact_path(task, sha256, key)
+        with self._locked():
+            if self.find_version(task, sha256) is None:
+                return False
+            self._set_aside_if_damaged(path.parent, expect_dir=True)
+            self._set_aside_if_damaged(path, expect_dir=False)
+            atomic_write(path, data)
+            return True
+
+    def load_artefact(self, task: str, sha256: str, key: str) -> bytes | None:
+        path = self._artefact_path(task, sha256, key)
+        try:
+            if path.is_symlink() or not path.is_file():
+                return None
+            with open(path, "rb") as f:
+                return f.read(MAX_ARTEFACT_BYTES + 1)  # a larger one fails verification, unread beyond this
+        except OSError:  # gone meanwhile, or unreadable: recomputed by the caller
+            return None
+
+    def _drop_orphan_artefacts(self, task: str) -> None:
+        """Artefacts of contents no stored version has any more (under the writers' lock)."""
+        folder = self._task_dir(task) / ARTEFACTS
+        if not folder.is_dir() or folder.is_symlink():
+            return
+        kept = {info.sha256 for info in self.versions(task)}
+        for path in folder.iterdir():
+            if path.name.split(".")[0] not in kept and path.is_file() and not path.is_symlink():
+                path.unlink(missing_ok=True)
 
 
 def _read_record(path: Path, record: TypeAdapter[T], max_bytes: int) -> T:

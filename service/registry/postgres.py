@@ -1,11 +1,11 @@
 """A registry in PostgreSQL, shared by every replica (psycopg 3, connections from a psycopg_pool pool).
 
-Tables: `tasks` (one row per task name, holding the next version number, kept after a delete so numbers
-are never reused, and so a registry that ever held a task is never seeded again), `versions` (the bundle
-bytes with sha256, size, method and created time), `active` (the active pointer and when it moved) and
-`aliases`. Every change runs in one transaction that ends with a NOTIFY on `promptserve_changes` carrying the
-task name, so listening replicas apply it as it commits. The schema is created or migrated on start under an
-advisory lock (table `schema_version`), so replicas may start together.
+Tables: `tasks` (one row per task name, holding the next version number, kept after a delete so numbers are never
+reused, and so a registry that ever held a task is never seeded again), `versions` (the bundle bytes with sha256,
+size, method and created time), `active` (the active pointer and when it moved) and `aliases`, and `artefacts` (what
+replicas computed from a version, deleted with it). Every change runs in one transaction that ends with a NOTIFY on
+`promptserve_changes` carrying the task name, so listening replicas apply it as it commits. The schema is created or
+migrated on start under an advisory lock (table `schema_version`), so replicas may start together.
 
 Nothing waits on the database without a bound: connections carry a connect timeout, TCP keepalives, an
 `application_name`, and server-side statement, lock and idle-in-transaction timeouts; and since a server that
@@ -34,6 +34,7 @@ from psycopg.conninfo import conninfo_to_dict
 from psycopg_pool import ConnectionPool, PoolTimeout
 
 from service.registry.base import (
+    MAX_ARTEFACT_BYTES,
     Registry,
     RegistryUnavailable,
     Stored,
@@ -42,6 +43,7 @@ from service.registry.base import (
     VersionInfo,
     bundle_sha256,
     check_alias,
+    check_artefact_ref,
     check_task_name,
     prunable,
 )
@@ -83,6 +85,18 @@ MIGRATIONS = [
     """,
     # 2: when the active pointer last moved (replicas measure propagation lag from it)
     "ALTER TABLE active ADD COLUMN changed_at timestamptz NOT NULL DEFAULT clock_timestamp();",
+    # 3: what replicas computed from a version (its class text features), by content and key; goes with it
+    """
+    CREATE TABLE artefacts (
+        task text NOT NULL,
+        sha256 text NOT NULL,
+        key text NOT NULL,
+        data bytea NOT NULL,
+        created timestamptz NOT NULL DEFAULT now(),
+        PRIMARY KEY (task, sha256, key),
+        FOREIGN KEY (task, sha256) REFERENCES versions (task, sha256) ON DELETE CASCADE
+    );
+    """,
 ]
 # The driver errors that mean "not now" rather than "no": the server is down, paused, restarting, too slow,
 # or a lock is held too long. Their messages name the host, so they go to the log, not to clients.
@@ -338,6 +352,27 @@ class PostgresRegistry(Registry):
                 self._notify(cur, task)  # replicas drop what they prepared of these versions
             return doomed
 
+    def store_artefact(self, task: str, sha256: str, key: str, data: bytes) -> bool:
+        check_artefact_ref(sha256, key)
+        if len(data) > MAX_ARTEFACT_BYTES:
+            raise ValueError(f"an artefact of {len(data)} bytes exceeds {MAX_ARTEFACT_BYTES}")
+        try:
+            with self._transaction() as cur:
+                cur.execute("INSERT INTO artefacts (task, sha256, key, data) VALUES (%s, %s, %s, %s) "
+                            "ON CONFLICT (task, sha256, key) DO UPDATE SET data = EXCLUDED.data, created = now()",
+                            (check_task_name(task), sha256, key, data))
+        except psycopg.errors.ForeignKeyViolation:  # no stored version has that content (pruned meanwhile)
+            return False
+        return True
+
+    def load_artefact(self, task: str, sha256: str, key: str) -> bytes | None:
+        check_artefact_ref(sha256, key)
+        with self._transaction() as cur:
+            cur.execute("SELECT data FROM artefacts WHERE task = %s AND sha256 = %s AND key = %s",
+                        (check_task_name(task), sha256, key))
+            row = cur.fetchone()
+        return None if row is None else bytes(row[0])
+
     def task_state(self, task: str) -> TaskState | None:
         return self.snapshot(task).get(task)
 
@@ -346,10 +381,12 @@ class PostgresRegistry(Registry):
         with self._transaction() as cur:
             cur.execute("SELECT a.task, a.version, extract(epoch FROM a.changed_at)::float8, "
                         "coalesce((SELECT jsonb_object_agg(l.alias, l.version) FROM aliases l WHERE l.task = a.task),"
-                        " '{}'), (SELECT jsonb_object_agg(v.version, v.sha256) FROM versions v WHERE v.task = a.task) "
+                        " '{}'), (SELECT jsonb_object_agg(v.version, v.sha256) FROM versions v WHERE v.task = a.task), "
+                        "(SELECT v.method FROM versions v WHERE v.task = a.task AND v.version = a.version) "
                         "FROM active a WHERE %s::text IS NULL OR a.task = %s", (task, task))
-            return {name: TaskState(version, dict(aliases), {int(v): sha for v, sha in stored.items()}, changed_at)
-                    for name, version, changed_at, aliases, stored in cur.fetchall()}
+            return {name: TaskState(version, dict(aliases), {int(v): sha for v, sha in stored.items()}, changed_at,
+                                    method or "")
+                    for name, version, changed_at, aliases, stored, method in cur.fetchall()}
 
     def changes(self, poll_s: float) -> Generator[str | None, None, None]:
         """LISTEN on its own connection: yields None once listening (then every `poll_s`), task names as

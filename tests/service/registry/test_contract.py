@@ -149,3 +149,41 @@ def test_directory_versions_stored_before_metadata_still_list(tmp_path):
     (tmp_path / "birds" / "00000001.json").unlink()
     [info] = registry.versions("birds")
     assert (info.version, info.sha256, info.size, info.method) == (1, bundle_sha256(b"old"), 3, "")
+
+
+KEY = "0123456789abcdef0123456789abcdef"
+
+
+def test_artefacts_are_kept_per_version_content_and_key_and_go_with_their_version(registry):
+    for data in (b"one", b"two", b"three"):
+        registry.activate("birds", registry.store("birds", data))
+    one, three = bundle_sha256(b"one"), bundle_sha256(b"three")
+    assert registry.load_artefact("birds", one, KEY) is None
+    assert registry.store_artefact("birds", one, KEY, b"features of one")
+    assert registry.store_artefact("birds", three, KEY, b"features of three")
+    assert registry.store_artefact("birds", one, KEY, b"replaced")  # a damaged one is rewritten in place
+    assert registry.load_artefact("birds", one, KEY) == b"replaced"
+    assert registry.load_artefact("birds", one, "f" * 32) is None  # another backbone or precision: another key
+    assert registry.load_artefact("cars", one, KEY) is None  # per task
+    assert not registry.store_artefact("birds", bundle_sha256(b"never stored"), KEY, b"x")  # of no stored version
+    assert registry.prune("birds", keep=1) == [1, 2]
+    assert registry.load_artefact("birds", one, KEY) is None  # pruned with its version
+    assert registry.load_artefact("birds", three, KEY) == b"features of three"
+    registry.delete("birds")
+    registry.activate("birds", registry.store("birds", b"three"))
+    assert registry.load_artefact("birds", three, KEY) is None  # deleted with the task
+
+
+def test_artefact_references_are_checked_before_any_storage_is_touched(registry):
+    registry.activate("birds", registry.store("birds", b"one"))
+    for sha256, key in [("../../etc", KEY), (bundle_sha256(b"one"), "../x"), (bundle_sha256(b"one"), "KEY")]:
+        with pytest.raises(ValueError):
+            registry.load_artefact("birds", sha256, key)
+        with pytest.raises(ValueError):
+            registry.store_artefact("birds", sha256, key, b"x")
+
+
+def test_the_snapshot_carries_each_active_versions_method(registry):
+    registry.activate("birds", registry.store("birds", b"one", "coop"))
+    registry.activate("cars", registry.store("cars", b"one", "maple"))
+    assert {name: state.method for name, state in registry.snapshot().items()} == {"birds": "coop", "cars": "maple"}
