@@ -49,7 +49,8 @@ class TaskSummary:
     name: str
     method: str
     version: int
-    num_classes: int
+    num_classes: int | None  # None while the task is not in memory on the replica that answered (cold)
+    warm: bool = True
 
 
 @dataclass(frozen=True)

@@ -180,7 +180,8 @@ def _table(rows: Sequence[tuple[str, ...]]) -> str:
 
 
 def _tasks_table(tasks: list[TaskSummary]) -> str:
-    return _table([("TASK", "METHOD", "VERSION", "CLASSES")] + [(t.name, t.method, str(t.version), str(t.num_classes))
+    return _table([("TASK", "METHOD", "VERSION", "CLASSES")] + [(t.name, t.method, str(t.version),
+                                                                 "-" if t.num_classes is None else str(t.num_classes))
                                                                 for t in tasks])
 
 

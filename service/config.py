@@ -55,6 +55,17 @@ class Settings(BaseSettings):
     pin_preparations_per_minute: int = Field(6, ge=0, description="versions that `?version=` pins may have "
                                              "prepared on demand a minute, per client and per task (prepared "
                                              "ones are free); beyond, 429. 0: only prepared versions can be pinned")
+    feature_memory_bytes: int = Field(1024 * MiB, ge=0, description="memory the warm tasks' heads (class text "
+                                      "features, prompts) may hold together; beyond, the least recently used are "
+                                      "evicted and reload from their stored artefacts on next use. 0: no limit")
+    startup_warmup_s: float = Field(5.0, ge=0, description="at start, after the registry's index is read, tasks are "
+                                    "activated (most recently changed first) for at most this long before the "
+                                    "replica reports ready; the rest activate in the background or on first use")
+    background_warmup: bool = Field(True, description="after start, keep activating cold tasks at the lowest CPU "
+                                    "priority while the feature memory budget has room")
+    cold_start_timeout_s: float = Field(30.0, gt=0, description="a request for a task not in memory waits this "
+                                        "long for its activation, then answers 503 with Retry-After (the "
+                                        "activation goes on)")
     demo: bool = Field(True, description="seed zero-shot demo tasks (shapes, colours) into a registry that never "
                        "held a task (once: not again after every task was deleted)")
 

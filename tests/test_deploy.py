@@ -265,6 +265,13 @@ def test_kubernetes_probes_ports_and_settings_are_real(manifests, openapi):
     # Started = the process serves; never the registry, so a pod started during a database outage waits
     # unready instead of being restarted in a loop. Ready = tasks restored; a damaged task never holds it back.
     assert container["startupProbe"]["httpGet"]["path"] == "/healthz"
+    # Starting no longer scales with the task count (the index is read, tasks activate on first use): the
+    # startup window is a fixed few minutes, and covers the startup warm-up many times over.
+    startup = container["startupProbe"]
+    window = startup["periodSeconds"] * startup["failureThreshold"]
+    settings = Settings(**{k.removeprefix("PROMPTSERVE_").lower(): v
+                           for k, v in manifests["ConfigMap"]["data"].items()})
+    assert window <= 300 and window >= 10 * settings.startup_warmup_s
     assert container["readinessProbe"]["httpGet"]["path"] == "/readyz?require_registry=false&require_tasks=false"
     port = container["ports"][0]["containerPort"]
     assert str(port) == manifests["ConfigMap"]["data"]["PROMPTSERVE_PORT"] == pod["metadata"]["annotations"][
@@ -358,7 +365,9 @@ def test_the_memory_limit_covers_what_admission_lets_in(manifests):
     settings = Settings(**{k.removeprefix("PROMPTSERVE_").lower(): v
                            for k, v in manifests["ConfigMap"]["data"].items()})
     largest_body = max(settings.max_classify_body_bytes, settings.max_bundle_bytes)
-    worst = PROCESS_MIB * MiB + settings.max_inflight_requests * largest_body * WORKING_FACTOR
+    worst = (PROCESS_MIB * MiB + settings.max_inflight_requests * largest_body * WORKING_FACTOR
+             + settings.feature_memory_bytes)
+    assert 0 < settings.feature_memory_bytes  # unbounded features could outgrow any limit
     limit = container["resources"]["limits"]["memory"]
     assert limit.endswith("Gi") and int(limit[:-2]) * 2**30 >= worst, (limit, worst / 2**30)
     assert container["resources"]["requests"]["memory"] == limit  # never evicted for using what it was granted

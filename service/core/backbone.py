@@ -35,6 +35,7 @@ from service.core.open_clip_compat import (
     deep_prompt_depth_limit,
     image_tower_width,
     prompt_capable_vit,
+    text_cast_dtype,
     text_embed_dim,
     vit_pooled_and_tokens,
 )
@@ -236,6 +237,12 @@ class Backbone:
         depth = 0 if vision_width is None else deep_prompt_depth_limit(self.model)
         return BackboneSizes(self.text.width, self.text.context_length, text_embed_dim(self.text.tower),
                              vision_width, depth, token_prompts)
+
+    @property
+    def text_precision(self) -> str:
+        """Where and in what dtype the text tower computes (e.g. cpu-float32): stored class text features are only
+        reused by a backbone that computes them the same way."""
+        return f"{self.device.type}-{str(text_cast_dtype(self.text.tower)).removeprefix('torch.')}"
 
     @functools.cached_property
     def image_fingerprint(self) -> str:

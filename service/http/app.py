@@ -6,6 +6,7 @@ import asyncio
 import copy
 import logging
 import os
+import time
 from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
 from operator import attrgetter
@@ -39,6 +40,7 @@ from service.serving.preparation import PinBudget, PinWorker
 from service.serving.propagation import Propagator
 from service.serving.runtime import ClassifyRuntime
 from service.serving.tasks import TaskManager
+from service.serving.warmup import BackgroundWarmup, ColdStarts
 from service.serving.zero_shot import ZeroShotCache
 
 log = logging.getLogger(__name__)
@@ -46,11 +48,13 @@ MAX_QUEUED_PINS = 16  # pinned versions waiting to be prepared; beyond, 429 (doc
 
 
 def build_state(settings: Settings, metrics: Metrics, backbone: Backbone | None = None) -> AppState:
-    """Load the backbone (unless given), restore every task, and seed the demo task on a fresh registry.
-    If the registry is unreachable, the propagation thread restores them once it answers."""
+    """Load the backbone (unless given), read the registry's index of tasks and warm what the startup warm-up
+    allows, and seed the demo task on a fresh registry. If the registry is unreachable, the propagation thread
+    restores them once it answers."""
     backbone = backbone or load_backbone(settings.backbone_spec())
     registry = open_registry(settings.registry, settings.registry_timeout_s, settings.registry_pool_size)
-    tasks = TaskManager(backbone, registry, settings.bundle_limits())
+    tasks = TaskManager(backbone, registry, settings.bundle_limits(), settings.feature_memory_bytes,
+                        on_cold_load=metrics.cold_load.observe)
     tasks.prepared_cache_size = settings.prepared_versions
     runtime = ClassifyRuntime(backbone)
     batcher = MicroBatcher(runtime, attrgetter("rows"), max_rows=settings.batch_max_images,
@@ -66,11 +70,16 @@ def build_state(settings: Settings, metrics: Metrics, backbone: Backbone | None 
     pins = PinBudget(s.pin_preparations_per_minute, max_queued=MAX_QUEUED_PINS)
     zero_shot_cache = ZeroShotCache(backbone, tasks.limits, settings.zero_shot_cache_size)
     state = AppState(settings, backbone, tasks, metrics, runtime, pipeline, anyio.CapacityLimiter(1), PinWorker(), pins,
-                     propagation, zero_shot_cache)
+                     propagation, zero_shot_cache, ColdStarts(tasks, settings.cold_start_timeout_s),
+                     BackgroundWarmup(tasks))
     metrics.watch_fleet(propagation.health, tasks.failure_counts)
+    metrics.watch_tasks(tasks)
     propagation.after_sync = _after_sync(state)
-    propagation.after_apply = state.refresh_task_gauges
-    propagation.resync()
+    if propagation.resync():
+        started = time.monotonic()
+        warmed = tasks.warm_up(deadline=started + settings.startup_warmup_s)
+        log.info("%d task(s) listed, %d activated in %.1f s before ready", len(tasks.names()), warmed,
+                 time.monotonic() - started)
     return state
 
 
@@ -86,7 +95,6 @@ def _after_sync(state: AppState) -> Callable[[], None]:
                 demo_pending.clear()
             except RegistryUnavailable as exc:  # offered again after the next resync
                 log.warning("demo tasks not seeded yet: %s", exc)
-        state.refresh_task_gauges()
 
     return after_sync
 
@@ -103,11 +111,15 @@ def create_app(settings: Settings | None = None, backbone: Backbone | None = Non
         app.state.promptserve = state
         batch_worker = asyncio.create_task(state.pipeline.batcher.run())
         state.propagation.start()
+        if settings.background_warmup:
+            state.warmup.start()
         try:
             yield
         finally:
             batch_worker.cancel()
             await anyio.to_thread.run_sync(state.propagation.stop)
+            await anyio.to_thread.run_sync(state.warmup.stop)
+            state.cold_starts.close()
             state.pin_worker.close()
             await anyio.to_thread.run_sync(state.tasks.registry.close)
 

@@ -31,6 +31,7 @@ from service.serving.preparation import PinBudget, PinRefused, PinWorker
 from service.serving.propagation import Propagator
 from service.serving.runtime import ClassifyRuntime
 from service.serving.tasks import TaskManager
+from service.serving.warmup import BackgroundWarmup, ColdStarts
 from service.serving.zero_shot import ZeroShotCache
 
 
@@ -49,13 +50,9 @@ class AppState:
     pins: PinBudget  # which pinned requests may have a version prepared
     propagation: Propagator  # keeps this replica in step with the registry
     zero_shot: ZeroShotCache  # request-time label sets (POST /v1/zero-shot)
+    cold_starts: ColdStarts  # cold tasks activated for requests, with a bounded wait
+    warmup: BackgroundWarmup
     started_at: float = field(default_factory=time.time)
-
-    def refresh_task_gauges(self) -> None:
-        self.metrics.cached_tasks.set(len(self.tasks.all()))
-        self.metrics.active_version.clear()
-        for task in self.tasks.all():
-            self.metrics.active_version.labels(task.name).set(task.version)
 
     def not_ready_reason(self, *, require_registry: bool = True, require_tasks: bool = True) -> str | None:
         """Why this replica is not ready: registry unreachable or never synced, or a task that failed to restore."""
@@ -85,7 +82,7 @@ async def pinned_task(request: Request, state: AppState, task: str, ref: str) ->
     """A stored version (number or alias) of a task, the active one untouched: answered at once if it is active or
     prepared; else prepared by the pin worker (never ahead of an upload), within the client's and the task's
     budget (service/serving/preparation.py)."""
-    state.tasks.get(task)  # 404 for a task this replica does not serve
+    state.tasks.listed(task)  # 404 for a task this replica does not serve
     version = state.tasks.resolve(task, ref)
     ready = state.tasks.ready(task, version)
     if ready is not None:
@@ -103,6 +100,12 @@ async def pinned_task(request: Request, state: AppState, task: str, ref: str) ->
         raise ServiceError(422, "invalid_bundle", f"version {ref} of {task!r} cannot be served: {exc}") from exc
     finally:
         state.pins.done(client)
+
+
+async def active_task(state: AppState, task: str) -> ActiveTask:
+    """The task's active version: at once when it is in memory, else after its activation (bounded wait, then
+    503 task_warming); 404 for a task this replica does not serve."""
+    return await state.cold_starts.get(task)
 
 
 bearer = HTTPBearer(auto_error=False, description="Bearer token from PROMPTSERVE_ADMIN_TOKEN / _CLASSIFY_TOKEN")

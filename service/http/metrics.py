@@ -5,12 +5,13 @@ from __future__ import annotations
 import time
 from collections.abc import Callable, Iterable, Sequence
 
-from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, PlatformCollector, ProcessCollector
-from prometheus_client.core import GaugeMetricFamily, Metric
+from prometheus_client import CollectorRegistry, Counter, Histogram, PlatformCollector, ProcessCollector
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 from prometheus_client.registry import Collector
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from service.serving.propagation import RegistryHealth
+from service.serving.tasks import TaskManager
 
 
 class Metrics:
@@ -26,10 +27,6 @@ class Metrics:
         self.latency = Histogram("promptserve_request_seconds", "HTTP request latency", ["route"],
                                  registry=self.registry)
         self.images = Counter("promptserve_images_classified", "Images classified", ["task"], registry=self.registry)
-        self.cached_tasks = Gauge("promptserve_cached_tasks", "Tasks with cached text features",
-                                  registry=self.registry)
-        self.active_version = Gauge("promptserve_active_version", "Active bundle version", ["task"],
-                                    registry=self.registry)
         self.batch_rows = Histogram("promptserve_batch_rows", "Rows (image forwards) per micro-batch",
                                     buckets=(1, 2, 3, 4, 6, 8, 12, 16, 24, 32, 64, 128, 256), registry=self.registry)
         self.queue_depth = Histogram("promptserve_batch_queue_depth", "Rows still queued when a micro-batch starts",
@@ -41,10 +38,19 @@ class Metrics:
             "promptserve_propagation_lag_seconds", "From a change committed to the registry (by any replica) to "
             "this replica serving it", buckets=(0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 300),
             registry=self.registry)
+        self.cold_load = Histogram(
+            "promptserve_cold_load_seconds", "From a request (or the warm-up) needing a task not in memory to its "
+            "active version being warm", buckets=(0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30),
+            registry=self.registry)
 
     def watch_fleet(self, health: RegistryHealth, failures: Callable[[], dict[str, int]]) -> None:
         """Registry reachability, last sync and tasks not serving what the registry holds, read at each scrape."""
         self.registry.register(_FleetCollector(health, failures))
+
+    def watch_tasks(self, tasks: TaskManager) -> None:
+        """Tasks listed and warm, their memory against the budget, evictions and where features came from, read
+        at each scrape (one pass over the listing, however many tasks)."""
+        self.registry.register(_TasksCollector(tasks))
 
     def observe_batch(self, rows: int, waits: Sequence[float], queued_rows: int) -> None:
         self.batch_rows.observe(rows)
@@ -54,11 +60,10 @@ class Metrics:
 
     def forget_task(self, task: str) -> None:
         """Drop a deleted task's series, so label values stay bounded by the tasks that exist."""
-        for gauge in (self.images, self.active_version):
-            try:
-                gauge.remove(task)
-            except KeyError:
-                pass
+        try:
+            self.images.remove(task)
+        except KeyError:
+            pass
 
 
 class _FleetCollector(Collector):
@@ -81,6 +86,40 @@ class _FleetCollector(Collector):
         for reason, count in self.failures().items():
             failed.add_metric([reason], count)
         yield failed
+
+
+class _TasksCollector(Collector):
+    def __init__(self, tasks: TaskManager):
+        self.tasks = tasks
+
+    def describe(self) -> Iterable[Metric]:
+        return []  # families are built at scrape time
+
+    def collect(self) -> Iterable[Metric]:
+        tasks = self.tasks
+        yield GaugeMetricFamily("promptserve_tasks", "Tasks this replica serves (listed from the registry), warm or "
+                                "cold", value=len(tasks.names()))
+        yield GaugeMetricFamily("promptserve_cached_tasks", "Warm tasks: active version in memory (text features "
+                                "cached)", value=len(tasks.all()))
+        yield GaugeMetricFamily("promptserve_feature_memory_bytes", "Memory the warm tasks' heads hold",
+                                value=tasks.warm_bytes)
+        yield GaugeMetricFamily("promptserve_feature_memory_budget_bytes", "PROMPTSERVE_FEATURE_MEMORY_BYTES (0: no "
+                                "limit)", value=tasks.feature_memory_bytes)
+        yield CounterMetricFamily("promptserve_task_evictions", "Warm tasks evicted beyond the memory budget",
+                                  value=tasks.counts["evictions"])
+        features = CounterMetricFamily("promptserve_task_features", "Class text features of prepared versions, by "
+                                       "where they came from: artefact (stored by a replica), computed (here), "
+                                       "stored (computed here and stored for the others)", labels=["source"])
+        for source in ("artefact", "computed"):
+            features.add_metric([source], tasks.counts[f"features_{source}"])
+        features.add_metric(["stored"], tasks.counts["artefacts_stored"])
+        yield features
+        active = GaugeMetricFamily("promptserve_active_version", "Active bundle version", labels=["task"])
+        for name in tasks.names():
+            version = tasks.active_version(name)
+            if version is not None:
+                active.add_metric([name], version)
+        yield active
 
 
 HTTP_METHODS = frozenset({"GET", "HEAD", "POST", "PUT", "PATCH", "DELETE", "OPTIONS"})

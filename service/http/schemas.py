@@ -25,7 +25,9 @@ class TaskSummary(BaseModel):
     name: str
     method: str
     version: int = Field(description="the active version")
-    num_classes: int
+    num_classes: int | None = Field(description="null while the task is not in memory on this replica (cold)")
+    warm: bool = Field(True, description="whether the active version is in memory here (false: it is activated on "
+                       "first use, from its stored features)")
 
 
 class TaskDetail(TaskSummary):
@@ -192,7 +194,10 @@ class Readiness(BaseModel):
     reason: str | None = Field(None, description="why the replica is not ready (e.g. the registry is unreachable)")
     registry: dict[str, Any] = Field(default_factory=dict, description="reachable, restored, error, down_since, "
                                      "last_sync")
-    tasks: int
+    tasks: int = Field(description="tasks this replica serves (in the registry's index), warm or cold")
+    warm_tasks: int = Field(0, description="tasks whose active version is in memory")
+    feature_memory_bytes: int = Field(0, description="memory the warm tasks' heads hold")
+    feature_memory_budget_bytes: int = Field(0, description="PROMPTSERVE_FEATURE_MEMORY_BYTES (0: no limit)")
     failed_tasks: dict[str, str] = Field(description="tasks whose active version could not be restored, or whose "
                                          "registry entry is damaged (aliases, version metadata), and why")
     waiting_tasks: dict[str, str] = Field(default_factory=dict, description="tasks whose active version the "

@@ -44,6 +44,8 @@ class TaskHead(Protocol):
     forward: ClassVar[ImageForward]
     # True: `score` gives logits over classes (answered as probabilities); False: features, answered as they are
     scores_classes: ClassVar[bool]
+    # True: built around class text features [C, D], which `build` takes ready-made (a stored artefact) if given
+    caches_text_features: ClassVar[bool]
 
     @property
     def vision_prompts(self) -> torch.Tensor | None:
@@ -51,8 +53,9 @@ class TaskHead(Protocol):
         ...
 
     @classmethod
-    def build(cls, bundle: Bundle, backbone: Backbone) -> TaskHead:
-        """The head of a decoded, compatible bundle (raises BundleError if it cannot serve)."""
+    def build(cls, bundle: Bundle, backbone: Backbone, text_features: torch.Tensor | None = None) -> TaskHead:
+        """The head of a decoded, compatible bundle (raises BundleError if it cannot serve); `text_features`, when
+        given, are the bundle's class text features computed before (checked by the caller)."""
         ...
 
     @classmethod
@@ -61,10 +64,10 @@ class TaskHead(Protocol):
         ...
 
 
-def checked_text_features(bundle: Bundle, backbone: Backbone) -> torch.Tensor:
-    """`text_features`, refused when not finite: finite inputs can still overflow inside the encoder, and such a
-    bundle would answer null probabilities."""
-    features = text_features(bundle, backbone)
+def checked_text_features(bundle: Bundle, backbone: Backbone, stored: torch.Tensor | None = None) -> torch.Tensor:
+    """`stored`, or `text_features` computed now, refused when not finite: finite inputs can still overflow inside
+    the encoder, and such a bundle would answer null probabilities."""
+    features = stored if stored is not None else text_features(bundle, backbone)
     if not torch.isfinite(features).all():
         raise BundleError("tensors", "the bundle's text features are not finite (its values overflow the encoder)")
     return features
@@ -86,12 +89,13 @@ class TextSideHead:
 
     forward: ClassVar[ImageForward] = ImageForward.PLAIN
     scores_classes: ClassVar[bool] = True
+    caches_text_features: ClassVar[bool] = True
     text_features: torch.Tensor  # [C, D], L2-normalized
     vision_prompts: None = None
 
     @classmethod
-    def build(cls, bundle: Bundle, backbone: Backbone) -> TextSideHead:
-        return cls(checked_text_features(bundle, backbone))
+    def build(cls, bundle: Bundle, backbone: Backbone, text_features: torch.Tensor | None = None) -> TextSideHead:
+        return cls(checked_text_features(bundle, backbone, text_features))
 
     @classmethod
     def score(cls, items: Sequence[tuple[TaskHead, ImageRows]], backbone: Backbone) -> list[torch.Tensor]:
@@ -105,15 +109,16 @@ class VisionSideHead:
 
     forward: ClassVar[ImageForward] = ImageForward.PROMPTED
     scores_classes: ClassVar[bool] = True
+    caches_text_features: ClassVar[bool] = True
     text_features: torch.Tensor  # [C, D], L2-normalized
     vision_prompts: torch.Tensor  # [J, n, d_v], float32
 
     @classmethod
-    def build(cls, bundle: Bundle, backbone: Backbone) -> VisionSideHead:
+    def build(cls, bundle: Bundle, backbone: Backbone, text_features: torch.Tensor | None = None) -> VisionSideHead:
         prompts = bundle.vision_prompts()
         if prompts is None:
             raise BundleError("method", f"method {bundle.manifest.method!r} declares no vision prompts")
-        return cls(checked_text_features(bundle, backbone), prompts)
+        return cls(checked_text_features(bundle, backbone, text_features), prompts)
 
     @classmethod
     def score(cls, items: Sequence[tuple[TaskHead, ImageRows]], backbone: Backbone) -> list[torch.Tensor]:
@@ -128,11 +133,13 @@ class ImageConditionedHead:
 
     forward: ClassVar[ImageForward] = ImageForward.PLAIN_WITH_TOKENS
     scores_classes: ClassVar[bool] = True
+    caches_text_features: ClassVar[bool] = False
     model: TGPTModel
     vision_prompts: None = None
 
     @classmethod
-    def build(cls, bundle: Bundle, backbone: Backbone) -> ImageConditionedHead:
+    def build(cls, bundle: Bundle, backbone: Backbone, text_features: torch.Tensor | None = None
+              ) -> ImageConditionedHead:
         return cls(bundle.image_model().to(backbone.device))
 
     @classmethod
@@ -155,10 +162,11 @@ class EmbeddingHead:
 
     forward: ClassVar[ImageForward] = ImageForward.PLAIN
     scores_classes: ClassVar[bool] = False
+    caches_text_features: ClassVar[bool] = False
     vision_prompts: None = None
 
     @classmethod
-    def build(cls, bundle: Bundle, backbone: Backbone) -> EmbeddingHead:
+    def build(cls, bundle: Bundle, backbone: Backbone, text_features: torch.Tensor | None = None) -> EmbeddingHead:
         return cls()  # nothing comes from a bundle
 
     @classmethod
@@ -173,6 +181,19 @@ HEADS: dict[Kind, type[TextSideHead] | type[VisionSideHead] | type[ImageConditio
 }
 
 
+def head_class(bundle: Bundle) -> type[TextSideHead] | type[VisionSideHead] | type[ImageConditionedHead]:
+    """The head class of the bundle's method kind."""
+    return HEADS[bundle.spec.kind]
+
+
 def build_head(bundle: Bundle, backbone: Backbone) -> TaskHead:
-    """The head of the bundle's method kind."""
-    return HEADS[bundle.spec.kind].build(bundle, backbone)
+    """The head of the bundle's method kind, its class text features (if any) computed now."""
+    return head_class(bundle).build(bundle, backbone)
+
+
+def held_bytes(head: TaskHead) -> int:
+    """The memory a head holds in tensors (its features, prompts and any model's parameters and buffers)."""
+    tensors = [value for value in vars(head).values() if isinstance(value, torch.Tensor)]
+    if isinstance(head, ImageConditionedHead):
+        tensors += [*head.model.parameters(), *head.model.buffers()]
+    return sum(t.numel() * t.element_size() for t in tensors)

@@ -33,7 +33,7 @@ class PinWorker:
     """One dedicated thread, at the lowest CPU priority, for preparing pinned versions."""
 
     def __init__(self) -> None:
-        self._executor = ThreadPoolExecutor(1, thread_name_prefix="pin-preparation", initializer=_lowest_priority)
+        self._executor = ThreadPoolExecutor(1, thread_name_prefix="pin-preparation", initializer=lowest_priority)
         self.queued = 0  # waiting or running
 
     async def run(self, func: Callable[..., T], *args: Any) -> T:
@@ -47,12 +47,12 @@ class PinWorker:
         self._executor.shutdown(wait=False, cancel_futures=True)
 
 
-def _lowest_priority() -> None:
+def lowest_priority() -> None:
     """Nice 19 for this thread (Linux schedules threads by their own nice value; threads it starts inherit it)."""
     try:
         os.setpriority(os.PRIO_PROCESS, threading.get_native_id(), 19)
     except OSError as exc:  # not permitted here: pins still run, at normal priority
-        log.warning("pin preparation runs at normal CPU priority: %s", exc)
+        log.warning("%s runs at normal CPU priority: %s", threading.current_thread().name, exc)
 
 
 class PinRefused(Exception):

@@ -6,6 +6,13 @@ view of each task's aliases and an LRU of prepared inactive versions (pinned req
 both matched to the registry by content (sha256), so nothing pruned, deleted or replaced keeps answering. A
 version the registry could not deliver is retried by the caller (`service.serving.propagation`), never
 recorded as damage; only one that cannot be served is.
+
+Tasks at scale: the manager lists every task the registry holds (`_index`, from one snapshot read) but holds
+only some in memory (*warm*). A *cold* task is activated on first use (`get`, or `warm_up` in the background),
+from its stored artefact when one verifies (`service.serving.artefacts`: features computed once per fleet);
+what a replica computes it stores for the others. Warm tasks' memory is capped by `feature_memory_bytes`: the
+least recently used are evicted (cold again) when an activation goes over it. A registry change to a cold task
+only updates the listing; a warm one is prepared and swapped as before.
 """
 
 from __future__ import annotations
@@ -14,7 +21,7 @@ import dataclasses
 import logging
 import threading
 import time
-from collections import OrderedDict, defaultdict
+from collections import Counter, OrderedDict, defaultdict
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 
@@ -30,6 +37,7 @@ from service.registry.base import (
     check_task_name,
 )
 from service.serving.activation import ActiveTask, BundleLimits, prepare
+from service.serving.artefacts import ArtefactKey
 
 log = logging.getLogger(__name__)
 # Why a task is not serving what the registry says, in a few fixed classes (metric labels stay bounded):
@@ -41,11 +49,22 @@ FAILURE_KINDS = ("bundle", "damaged", "waiting")
 class TaskManager:
     """Holds the active task of every name; swaps are single dict assignments, so readers see one version."""
 
-    def __init__(self, backbone: Backbone, registry: Registry, limits: BundleLimits):
+    def __init__(self, backbone: Backbone, registry: Registry, limits: BundleLimits, feature_memory_bytes: int = 0,
+                 on_cold_load: Callable[[float], None] = lambda seconds: None):
         self.backbone = backbone
         self.registry = registry
         self.limits = limits
-        self._active: dict[str, ActiveTask] = {}
+        self.artefact_key = ArtefactKey.of(backbone)
+        # Warm tasks (the active version prepared, in memory), least recently used first, and what they hold; the
+        # registry's state of every task this replica serves, warm or cold.
+        self._active: OrderedDict[str, ActiveTask] = OrderedDict()
+        self._index: dict[str, TaskState] = {}
+        self._warm_lock = threading.Lock()
+        self.warm_bytes = 0
+        self.feature_memory_bytes = feature_memory_bytes  # 0: no budget
+        self.on_cold_load = on_cold_load  # seconds a request (or the warm-up) waited for a cold task
+        self.counts: Counter[str] = Counter()  # evictions, cold loads, features from artefacts / computed / stored
+        self._uses: Counter[str] = Counter()  # requests per task since start: the warm-up goes most-used first
         self._task_locks: defaultdict[str, threading.Lock] = defaultdict(threading.Lock)
         # Tasks not serving what the registry holds: `restore_failures` for a version that cannot be served
         # (not retried until the registry moves on; `failure_kinds` says "bundle" or "damaged"), `waiting` for
@@ -68,13 +87,100 @@ class TaskManager:
         self._prepare_locks: dict[tuple[str, int], tuple[threading.Lock, int]] = {}
 
     def get(self, name: str) -> ActiveTask:
-        try:
-            return self._active[name]
-        except KeyError:
-            raise UnknownTask(f"no task named {name!r}") from None
+        """The active version of `name`, activated first if the task is cold (this may take a while: the HTTP
+        layer calls `warm` and activates cold tasks off the event loop)."""
+        task = self.warm(name)
+        return task if task is not None else self.activate_cold(name)
+
+    def warm(self, name: str) -> ActiveTask | None:
+        """The active version of `name` if it is in memory (marked as just used), None if the task is cold;
+        UnknownTask if this replica serves no such task."""
+        task = self._active.get(name)
+        if task is None:
+            self.listed(name)
+        with self._warm_lock:
+            self._uses[name] += 1
+            if task is not None and name in self._active:
+                self._active.move_to_end(name)
+        return task
+
+    def listed(self, name: str) -> TaskState:
+        """The registry's state of a task this replica serves (warm or cold), else UnknownTask."""
+        state = self._index.get(name)
+        if state is None:
+            raise UnknownTask(f"no task named {name!r}")
+        return state
+
+    def active_version(self, name: str) -> int | None:
+        """The version this replica answers `name` with: the warm one's (which keeps serving while a newer one
+        cannot be prepared), else the registry's; None for a task it does not serve."""
+        warm, state = self._active.get(name), self._index.get(name)
+        return warm.version if warm is not None else None if state is None else state.active
+
+    def in_memory(self, name: str) -> ActiveTask | None:
+        """The task's active version if it is warm (not marked as used: for listings)."""
+        return self._active.get(name)
+
+    def names(self) -> list[str]:
+        """Every task this replica serves, warm or cold, in name order (not those whose active version failed to
+        activate: `failed_tasks` lists them)."""
+        return sorted(n for n in list(self._index) if n in self._active or n not in self.restore_failures)
 
     def all(self) -> list[ActiveTask]:
-        return sorted(self._active.values(), key=lambda t: t.name)
+        """The warm tasks, in name order."""
+        with self._warm_lock:  # other threads swap and evict meanwhile
+            warm = list(self._active.values())
+        return sorted(warm, key=lambda t: t.name)
+
+    def activate_cold(self, name: str) -> ActiveTask:
+        """Bring a cold task's active version into memory (from its stored artefact when it verifies), evicting
+        the least recently used ones beyond the memory budget. Concurrent calls for one task share one load."""
+        start = time.perf_counter()
+        with self._task_locks[name]:
+            task = self._active.get(name)
+            if task is not None:
+                return task
+            state = self.listed(name)
+            if self._failed_versions.get(name) == (state.active, state.active_sha256):
+                raise UnknownTask(f"task {name!r} cannot be served here: {self.restore_failures.get(name, '')}")
+            self._load_active(name, state)
+            task = self._active.get(name)
+            if task is None:
+                raise UnknownTask(f"task {name!r} cannot be served here: {self.restore_failures.get(name, '')}")
+        self.counts["cold_loads"] += 1
+        self.on_cold_load(time.perf_counter() - start)
+        return task
+
+    def cold_names(self) -> list[str]:
+        """Cold tasks, in the order a warm-up takes them: most used here first, then most recently changed."""
+        cold = [(name, state) for name, state in list(self._index.items())
+                if name not in self._active and name not in self.restore_failures]
+        return [name for name, _ in sorted(cold, key=lambda c: (-self._uses[c[0]], -(c[1].changed_at or 0), c[0]))]
+
+    def warm_up(self, deadline: float | None = None, stop: threading.Event | None = None) -> int:
+        """Activate cold tasks (`cold_names` order) while the memory budget has room for another of the average
+        warm size, until `deadline` (time.monotonic) or `stop`; returns how many it activated."""
+        warmed = 0
+        for name in self.cold_names() if self._room_for_another() else []:
+            if (deadline is not None and time.monotonic() >= deadline) or (stop is not None and stop.is_set()):
+                break
+            if not self._room_for_another():
+                break
+            try:
+                self.activate_cold(name)
+                warmed += 1
+            except UnknownTask:  # deleted meanwhile, or cannot be served (recorded)
+                continue
+            except RegistryUnavailable:  # not now: the next warm-up tries again
+                break
+        return warmed
+
+    def _room_for_another(self) -> bool:
+        if not self.feature_memory_bytes:
+            return True
+        with self._warm_lock:
+            average = self.warm_bytes / len(self._active) if self._active else 0
+            return self.warm_bytes + average <= self.feature_memory_bytes
 
     def failed_tasks(self) -> dict[str, str]:
         """Every task something is wrong with, and what: not restored, or a damaged registry entry."""
@@ -84,9 +190,35 @@ class TaskManager:
         self._clear_failure(name)
         self.registry_damage.pop(name, None)
 
-    def prepare(self, name: str, version: int, data: bytes) -> ActiveTask:
-        """Decode, check and build the head; touches no shared state."""
-        return prepare(name, version, data, self.backbone, self.limits)
+    def prepare(self, name: str, version: int, data: bytes, artefact: bytes | None = None) -> ActiveTask:
+        """Decode, check and build the head (with the features `artefact` holds if it verifies); touches no
+        shared state."""
+        task = prepare(name, version, data, self.backbone, self.limits, artefact)
+        if task.features_from:
+            self.counts[f"features_{task.features_from}"] += 1
+        return task
+
+    def _stored_artefact(self, name: str, sha256: str) -> bytes | None:
+        """The artefact the registry holds for this content and backbone; None (computed instead) if it has
+        none or cannot give it now."""
+        try:
+            return self.registry.load_artefact(name, sha256, self.artefact_key.id)
+        except (RegistryUnavailable, OSError) as exc:
+            log.warning("task %s: stored features could not be read (%s); computing them", name, exc)
+            return None
+
+    def _store_artefact(self, task: ActiveTask) -> None:
+        """Store the features this replica computed for a stored version, for the other replicas and restarts;
+        a failure costs them a recomputation, never the version."""
+        payload = task.artefact(self.artefact_key)
+        if payload is None:
+            return
+        try:
+            if self.registry.store_artefact(task.name, task.sha256, self.artefact_key.id, payload):
+                self.counts["artefacts_stored"] += 1
+        except (RegistryUnavailable, OSError, ValueError) as exc:
+            log.warning("task %s: computed features not stored (%s); other replicas will compute them", task.name,
+                        exc)
 
     def publish(self, name: str, data: bytes) -> ActiveTask:
         """Make `data` the new active version of `name`, or raise and leave the old one serving."""
@@ -101,6 +233,7 @@ class TaskManager:
             task = dataclasses.replace(candidate, version=stored.version, activated_at=time.time())
             self._stored.setdefault(name, {})[stored.version] = task.sha256
             self._swap(task)
+            self._store_artefact(task)
         log.info("task %s: version %d active (%d classes)", name, stored.version, len(task.manifest.classnames))
         return task, stored.created
 
@@ -130,7 +263,8 @@ class TaskManager:
     def activate(self, name: str, version: int) -> ActiveTask:
         """Make a stored version active (rollback): prepared before the swap, so a failure leaves the old one."""
         with self._task_locks[name]:
-            candidate = self._active[name] if self._serves(name, version) else self._prepared_version(name, version)
+            current = self._active.get(name)
+            candidate = current if current and self._serves(name, version) else self._prepared_version(name, version)
             self.registry.activate(name, version)
             self._generation[name] += 1
             task = dataclasses.replace(candidate, activated_at=time.time())
@@ -153,7 +287,8 @@ class TaskManager:
 
     def ready(self, name: str, version: int) -> ActiveTask | None:
         """The task at `version` if it costs nothing to answer with (active or prepared), else None."""
-        return self._active[name] if self._serves(name, version) else self._cached(name, version)
+        current = self._active.get(name)
+        return current if current and self._serves(name, version) else self._cached(name, version)
 
     def pinned(self, name: str, ref: str) -> ActiveTask:
         """The task at a given version or alias, prepared on demand (and kept prepared), without touching the
@@ -214,8 +349,7 @@ class TaskManager:
         and the generation it was read at: one snapshot read, however many tasks (a restore after a start
         starts from nothing). Tasks whose registry entry is damaged are recorded as failures."""
         generations = dict(self._generation)  # before the read: a write after it makes the state stale
-        snapshot = self.registry.snapshot()
-        damage = self.registry.damaged_tasks()
+        snapshot, damage = self.registry.index()
         for name, reason in damage.items():
             if name not in snapshot and self.restore_failures.get(name) != reason:
                 self._record_failure(name, "damaged", reason)
@@ -226,21 +360,26 @@ class TaskManager:
         for name in [n for n in self.restore_failures if n not in damage and n not in snapshot and n not in
                      self._active]:
             self._clear_failure(name)  # the registry no longer holds it (removed by hand)
-        names = set(snapshot) | set(self._active) | set(self._aliases) | set(self.waiting)
+        names = set(snapshot) | set(self._index) | set(self._active) | set(self._aliases) | set(self.waiting)
         return [(name, snapshot.get(name), generations.get(name, 0)) for name in sorted(names)
                 if not self._matches(name, snapshot.get(name))]
 
     def _matches(self, name: str, state: TaskState | None) -> bool:
         if state is None:
-            return name not in self._active and name not in self._aliases and name not in self.waiting
+            return not any(name in known for known in (self._index, self._active, self._aliases, self.waiting))
         return (self._settled(name, state) and self._aliases.get(name) == state.aliases
                 and not self._stale_prepared(name, state))
 
     def _settled(self, name: str, state: TaskState) -> bool:
         """Serving the active version with no failure left to clear, or already failed to prepare it."""
-        sha256 = state.stored.get(state.active, "")
+        sha256 = state.active_sha256
         if self._failed_versions.get(name) == (state.active, sha256):
             return True
+        if name not in self._active:  # cold: listed at this version, nothing to retry
+            listed = self._index.get(name)
+            return (listed is not None and (listed.active, listed.active_sha256) == (state.active, sha256)
+                    and listed.method == state.method and name not in self.restore_failures
+                    and name not in self.waiting)
         return self._serves(name, state.active, sha256) and name not in self.restore_failures
 
     def _serves(self, name: str, version: int, sha256: str = "") -> bool:
@@ -255,12 +394,15 @@ class TaskManager:
     def _apply(self, name: str, state: TaskState | None) -> bool:
         """Make this replica match `state`; True if it swapped in a new active version."""
         if state is None:
-            self._active.pop(name, None)
+            self._index.pop(name, None)
+            self._uses.pop(name, None)
+            self._evict(name)
             self._aliases.pop(name, None)
             self._stored.pop(name, None)
             self._clear_failure(name)
             self._forget_prepared(name, lambda _version, _sha: True)
             return False
+        self._index[name] = state
         self._aliases[name] = dict(state.aliases)
         self._stored[name] = dict(state.stored)
         # Whatever was pruned, deleted or replaced (same number, other bytes) is no longer answerable here.
@@ -274,9 +416,17 @@ class TaskManager:
             return False
         if self._failed_versions.get(name) == (state.active, sha256):
             return False
+        if name not in self._active:  # cold: it activates this version when it is next used
+            self._clear_failure(name)
+            return True
+        return self._load_active(name, state)
+
+    def _load_active(self, name: str, state: TaskState) -> bool:
+        """Prepare the registry's active version of `name` and swap it in; False (recorded) if it cannot serve."""
+        sha256 = state.active_sha256
         current = self._active.get(name)
         try:
-            task = self._prepared_version(name, state.active, sha256)
+            task = self._prepared_version(name, state.active, sha256, keep=False)
         except (RegistryUnavailable, UnknownTask) as exc:  # not now: retried, never recorded as damage
             self._record_failure(name, "waiting", f"version {state.active} could not be loaded yet: {exc}")
             log.warning("task %s: version %d could not be loaded, will retry: %s", name, state.active, exc)
@@ -290,9 +440,12 @@ class TaskManager:
             return False
         recovered = name in self.waiting
         self._swap(task)
-        self._forget_prepared(name, stale)  # the version swapped out may be gone from the registry too
-        log.info("task %s: version %d applied from the registry%s", name, state.active,
-                 " (recovered)" if recovered else "")
+        self._forget_prepared(name, lambda version, sha: state.stored.get(version) != sha)  # e.g. the one swapped out
+        if current is None:  # a cold task's first use: routine at scale
+            log.debug("task %s: version %d activated", name, state.active)
+        else:
+            log.info("task %s: version %d applied from the registry%s", name, state.active,
+                     " (recovered)" if recovered else "")
         return True
 
     def _record_failure(self, name: str, kind: str, reason: str) -> None:
@@ -320,15 +473,42 @@ class TaskManager:
         return counts
 
     def _swap(self, task: ActiveTask) -> None:
-        """Make `task` active; the one it replaces stays prepared, so rolling back costs nothing."""
-        previous = self._active.get(task.name)
-        self._active[task.name] = task
+        """Make `task` active (and warm, most recently used); the one it replaces stays prepared, so rolling back
+        costs nothing. Beyond the memory budget, the least recently used other tasks are evicted."""
+        with self._warm_lock:
+            previous = self._active.pop(task.name, None)
+            self._active[task.name] = task
+            self.warm_bytes += task.held_bytes - (previous.held_bytes if previous else 0)
+            evicted = []
+            while self.feature_memory_bytes and self.warm_bytes > self.feature_memory_bytes and len(self._active) > 1:
+                _, coldest = self._active.popitem(last=False)
+                self.warm_bytes -= coldest.held_bytes
+                evicted.append(coldest.name)
+        if task.name not in self._index:  # a local write: the listing follows it at once
+            self._index[task.name] = TaskState(task.version, self.aliases(task.name), dict(self._stored.get(
+                task.name, {task.version: task.sha256})), time.time(), task.manifest.method)
+        elif (self._index[task.name].active, self._index[task.name].active_sha256) != (task.version, task.sha256):
+            listed = self._index[task.name]
+            self._index[task.name] = dataclasses.replace(listed, active=task.version, method=task.manifest.method,
+                                                         stored=dict(self._stored.get(task.name, listed.stored)),
+                                                         changed_at=time.time())
         self._clear_failure(task.name)
         if previous is not None:
             self._remember(previous)
+        if evicted:
+            self.counts["evictions"] += len(evicted)
+            log.info("evicted %d task(s) beyond the feature memory budget (%d bytes): %s", len(evicted),
+                     self.feature_memory_bytes, ", ".join(evicted[:5]))
 
-    def _prepared_version(self, name: str, version: int, sha256: str = "") -> ActiveTask:
-        """Version `version` of `name` prepared (from the cache if its content matches `sha256`, when given).
+    def _evict(self, name: str) -> None:
+        with self._warm_lock:
+            task = self._active.pop(name, None)
+            if task is not None:
+                self.warm_bytes -= task.held_bytes
+
+    def _prepared_version(self, name: str, version: int, sha256: str = "", keep: bool = True) -> ActiveTask:
+        """Version `version` of `name` prepared (from the cache if its content matches `sha256`, when given), and
+        kept prepared unless `keep` is False (a version about to be active: its memory counts there).
         Concurrent requests for one version share one preparation; other versions and tasks never wait for it."""
         task = self._cached(name, version, sha256)
         if task is not None:
@@ -336,8 +516,11 @@ class TaskManager:
         with self._preparing((name, version)):
             task = self._cached(name, version, sha256)
             if task is None:
-                task = self.prepare(name, version, self.registry.load(name, version))
-                self._remember(task)
+                data = self.registry.load(name, version)
+                task = self.prepare(name, version, data, self._stored_artefact(name, sha256 or bundle_sha256(data)))
+                self._store_artefact(task)
+                if keep:
+                    self._remember(task)
             return task
 
     @contextmanager

@@ -43,7 +43,7 @@ def test_health_and_tasks_read_the_running_service(cli):
     assert code == 0 and out.splitlines()[0].split() == ["TASK", "METHOD", "VERSION", "CLASSES"]
     assert {"shapes zeroshot 1 16", "colours zeroshot 1 16"} <= {" ".join(line.split()) for line in out.splitlines()}
     code, out, _ = cli("tasks", "--json")
-    assert {"name": "shapes", "method": "zeroshot", "version": 1, "num_classes": 16} in json.loads(out)
+    assert {"name": "shapes", "method": "zeroshot", "version": 1, "num_classes": 16, "warm": True} in json.loads(out)
 
 
 def test_classify_names_each_samples_shape_and_colour(cli):

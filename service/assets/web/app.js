@@ -67,7 +67,7 @@ async function loadTasks() {
     element("label", {},
       Object.assign(element("input", { type: "checkbox", value: task.name, "data-task": task.name }), { checked: true }),
       ` ${task.name} `,
-      element("span", { class: "muted" }, `${task.method} · ${task.num_classes} classes · v${task.version}`)))));
+      element("span", { class: "muted" }, `${task.method} · ${task.num_classes ?? "?"} classes · v${task.version}`)))));
   if (!tasks.length) list.append(element("li", { class: "muted" }, "no tasks yet: upload a bundle"));
 }
 

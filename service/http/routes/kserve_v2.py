@@ -34,7 +34,16 @@ from fastapi.routing import APIRoute
 from pydantic import BaseModel, Field, ValidationError
 
 from service import __version__
-from service.http.deps import CLASSIFY_ERRORS, READ_ERRORS, AppState, ClassifyAccess, State, TaskName, pinned_task
+from service.http.deps import (
+    CLASSIFY_ERRORS,
+    READ_ERRORS,
+    AppState,
+    ClassifyAccess,
+    State,
+    TaskName,
+    active_task,
+    pinned_task,
+)
 from service.http.errors import WITH_BODY, error_body, error_responses, summarize_errors
 from service.http.jsonbody import parse_json, read_body
 from service.http.observability import note_versions
@@ -134,7 +143,7 @@ async def model_version(task: TaskName, request: Request, state: State) -> Activ
     version answers the whole request."""
     version = request.path_params.get("version")
     if version is None:
-        return state.tasks.get(task)
+        return await active_task(state, task)
     if not re.fullmatch(VERSION_REF_PATTERN, version):
         raise ServiceError(404, "unknown_version", f"task '{task}' has no version {version!r}")
     return await pinned_task(request, state, task, version)
@@ -150,13 +159,13 @@ VERSION_PARAMETER = {"parameters": [{"name": "version", "in": "path", "required"
 @router.get("/models/stats", summary="Inference statistics of every model (Triton's statistics extension)",
             dependencies=ClassifyAccess, responses=error_responses(*READ_ERRORS, v2=True))
 async def all_stats(state: State) -> dict[str, Any]:
-    return {"model_stats": [entry for task in state.tasks.all() for entry in _model_stats(state, task.name)]}
+    return {"model_stats": [entry for task in state.tasks.names() for entry in _model_stats(state, task)]}
 
 
 @router.get("/models/{task}/stats", summary="Inference statistics of a model's versions", dependencies=ClassifyAccess,
             responses=GUARDED_MODEL_ERRORS)
 async def model_stats(task: TaskName, state: State) -> dict[str, Any]:
-    state.tasks.get(task)  # 404 for an unknown task
+    state.tasks.listed(task)  # 404 for an unknown task
     return {"model_stats": _model_stats(state, task)}
 
 
@@ -169,8 +178,8 @@ async def version_stats(active: Model, state: State) -> dict[str, Any]:
 def _model_stats(state: AppState, task: str, only: int | None = None) -> list[dict[str, Any]]:
     """Triton's statistics entries: every version that answered (and the active one, at zero, if it has not)."""
     recorded = state.pipeline.stats.of(task)
-    active = state.tasks.get(task).version
-    versions = [only] if only is not None else sorted({*recorded, active})
+    active = state.tasks.active_version(task)
+    versions = [only] if only is not None else sorted({*recorded, *([] if active is None else [active])})
     return [_stats_entry(task, version, recorded.get(version, VersionStats())) for version in versions]
 
 
@@ -239,7 +248,9 @@ async def model_ready(active: Model) -> dict[str, Any]:
 @router.post("/repository/index", summary="The models (tasks) this server holds", dependencies=ClassifyAccess,
              responses=error_responses(*READ_ERRORS, *WITH_BODY, v2=True))
 async def repository_index(state: State) -> list[dict[str, str]]:
-    return [{"name": t.name, "version": str(t.version), "state": "READY"} for t in state.tasks.all()]
+    # a cold task is READY too: it answers its first request after a bounded activation
+    return [{"name": name, "version": str(state.tasks.active_version(name)), "state": "READY"}
+            for name in state.tasks.names()]
 
 
 INFER_ERRORS = error_responses(*CLASSIFY_ERRORS, 429, v2=True)

@@ -5,6 +5,7 @@ Thin: they check input, call the task manager or the classify pipeline, and shap
 
 from __future__ import annotations
 
+import bisect
 from typing import Annotated
 
 import anyio
@@ -21,6 +22,7 @@ from service.http.deps import (
     ClassifyAccess,
     State,
     TaskName,
+    active_task,
     pinned_task,
 )
 from service.http.errors import WITH_BODY, error_responses, storage_error
@@ -76,8 +78,11 @@ async def readyz(state: State, response: Response, require_registry: RequireRegi
     health = state.propagation.health
     reason = state.not_ready_reason(require_registry=require_registry, require_tasks=require_tasks)
     response.status_code = 200 if reason is None else 503
-    return Readiness(ready=reason is None, reason=reason, registry=vars(health), tasks=len(state.tasks.all()),
-                     failed_tasks=state.tasks.failed_tasks(), waiting_tasks=state.tasks.waiting,
+    tasks = state.tasks
+    return Readiness(ready=reason is None, reason=reason, registry=vars(health), tasks=len(tasks.names()),
+                     warm_tasks=len(tasks.all()), feature_memory_bytes=tasks.warm_bytes,
+                     feature_memory_budget_bytes=tasks.feature_memory_bytes,
+                     failed_tasks=tasks.failed_tasks(), waiting_tasks=tasks.waiting,
                      backbone=state.backbone.describe())
 
 
@@ -91,17 +96,26 @@ Cursor = Annotated[str | None, Query(pattern=TASK_NAME_PATTERN, description="the
             responses={200: {"description": "a page of tasks", "links": task_version_links("/tasks/0")},
                        **error_responses(*READ_ERRORS, 422)})
 async def list_tasks(state: State, limit: PageSize = 100, cursor: Cursor = None) -> TaskList:
-    after = [t for t in state.tasks.all() if cursor is None or t.name > cursor]
+    names = state.tasks.names()
+    after = names[bisect.bisect_right(names, cursor):] if cursor is not None else names
     page = after[:limit]
-    return TaskList(tasks=[TaskSummary(name=t.name, method=t.manifest.method, version=t.version,
-                                       num_classes=len(t.manifest.classnames)) for t in page],
-                    next_cursor=page[-1].name if len(after) > limit else None)
+    return TaskList(tasks=[_summary(state, name) for name in page],
+                    next_cursor=page[-1] if len(after) > limit else None)
+
+
+def _summary(state: AppState, name: str) -> TaskSummary:
+    """From memory for a warm task; from the registry's index for a cold one (its class count unknown here)."""
+    listed, warm = state.tasks.listed(name), state.tasks.in_memory(name)
+    if warm is not None and warm.version == listed.active:
+        return TaskSummary(name=name, method=warm.manifest.method, version=warm.version,
+                           num_classes=len(warm.manifest.classnames), warm=True)
+    return TaskSummary(name=name, method=listed.method, version=listed.active, num_classes=None, warm=False)
 
 
 @router.get("/v1/tasks/{task}", tags=["tasks"], summary="Describe a task's active version",
             dependencies=ClassifyAccess, responses=error_responses(*READ_ERRORS, 404, 422))
 async def get_task(task: TaskName, state: State) -> TaskDetail:
-    return TaskDetail.of(state.tasks.get(task))
+    return TaskDetail.of(await active_task(state, task))
 
 
 @router.post("/v1/tasks/{task}/versions", tags=["tasks"], status_code=201, dependencies=AdminOnly,
@@ -154,7 +168,6 @@ async def _store(state: AppState, task: str, data: bytes, response: Response) ->
         raise ServiceError(422, "invalid_bundle", str(exc), field=exc.field) from exc
     except OSError as exc:  # storing failed: nothing was activated
         raise storage_error(exc) from exc
-    state.refresh_task_gauges()
     response.status_code = 201 if created else 200
     return TaskDetail.of(active)
 
@@ -170,7 +183,6 @@ async def delete_task(task: TaskName, state: State) -> Response:
     state.tasks.forget_failure(task)
     state.metrics.forget_task(task)
     state.pipeline.stats.forget(task)
-    state.refresh_task_gauges()
     return Response(status_code=204)
 
 
@@ -190,7 +202,7 @@ TaskNames = Annotated[list[Annotated[str, StringConstraints(pattern=TASK_REF_PAT
 async def classify(task: TaskName, request: Request, state: State, top_k: TopK = 5,
                    version: PinnedVersion = None) -> Response:
     # this one version answers every image of the request
-    active = state.tasks.get(task) if version is None else await pinned_task(request, state, task, version)
+    active = await active_task(state, task) if version is None else await pinned_task(request, state, task, version)
     filenames, (probabilities,) = await _classify(request, state, (active,), top_k)
 
     def answer() -> Response:
@@ -223,7 +235,7 @@ async def classify_many(request: Request, state: State, tasks: TaskNames, top_k:
 async def _task_ref(request: Request, state: AppState, ref: str) -> ActiveTask:
     """`name` (the active version), or `name@alias` / `name:N` (that version)."""
     name, _, version = ref.replace(":", "@", 1).partition("@")
-    return await pinned_task(request, state, name, version) if version else state.tasks.get(name)
+    return await pinned_task(request, state, name, version) if version else await active_task(state, name)
 
 
 def _json(model: ClassifyResponse | MultiClassifyResponse) -> Response:

@@ -41,7 +41,7 @@ T = TypeVar("T")
 async def list_versions(task: TaskName, state: State) -> VersionList:
     versions = await anyio.to_thread.run_sync(state.tasks.versions, task)
     aliases = state.tasks.aliases(task)
-    active = next((t.version for t in state.tasks.all() if t.name == task), None)
+    active = state.tasks.active_version(task)
     return VersionList(task=task, active=active, aliases=aliases, versions=[
         VersionEntry(version=v.version, sha256=v.sha256, size=v.size, created=v.created, method=v.method,
                      active=v.version == active, aliases=sorted(a for a, n in aliases.items() if n == v.version))
@@ -55,7 +55,6 @@ async def list_versions(task: TaskName, state: State) -> VersionList:
 async def activate_version(task: TaskName, ref: VersionRef, state: State) -> TaskDetail:
     """The version is prepared before the swap: if it cannot be served, the active one keeps serving."""
     active = await _in_activation_worker(state, _activate, state, task, ref)
-    state.refresh_task_gauges()
     return TaskDetail.of(active)
 
 
@@ -66,7 +65,7 @@ def _activate(state: AppState, task: str, ref: str) -> ActiveTask:
 @router.get("/v1/tasks/{task}/aliases", summary="A task's aliases", dependencies=ClassifyAccess,
             responses=error_responses(*READ_ERRORS, 404, 422))
 async def list_aliases(task: TaskName, state: State) -> AliasList:
-    state.tasks.get(task)  # 404 for an unknown task
+    state.tasks.listed(task)  # 404 for an unknown task
     return AliasList(task=task, aliases=state.tasks.aliases(task))
 
 

@@ -103,7 +103,7 @@ async def test_unexpected_errors_answer_json_500_and_are_logged(backbone, tmp_pa
         def broken() -> list:
             raise RuntimeError("a bug, not a client's fault")
 
-        monkeypatch.setattr(state.tasks, "all", broken)
+        monkeypatch.setattr(state.tasks, "names", broken)
         transport = httpx.ASGITransport(app=client._transport.app, raise_app_exceptions=False)
         async with httpx.AsyncClient(transport=transport, base_url="http://test") as raw:
             response = await raw.get("/v1/tasks")

@@ -124,7 +124,7 @@ async def test_failed_upload_keeps_the_previous_version_serving(
         answer = (await classify(client, "t", [png()])).json()
         assert answer["version"] == 1 and answer["results"][0]["predictions"][0]["label"].startswith("old")
     stored = sorted(p.name for p in (tmp_path / "registry" / "t").iterdir())
-    assert stored == ["00000001.bundle", "00000001.json", "ACTIVE"]
+    assert stored == ["00000001.bundle", "00000001.json", "ACTIVE", "artefacts"]
 
 
 async def test_upload_needs_the_admin_token(client, backbone, make_coop_bundle):

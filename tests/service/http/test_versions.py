@@ -161,11 +161,11 @@ async def test_an_upload_never_waits_behind_a_pin_being_prepared(backbone, tmp_p
         tasks, release, preparing = client._transport.app.state.promptserve.tasks, threading.Event(), threading.Event()
         real_prepare = tasks.prepare
 
-        def slow_for_the_pin(name, version, data):
+        def slow_for_the_pin(name, version, data, artefact=None):
             if version == 1:  # the pinned version; an upload prepares its candidate as version 0
                 preparing.set()
                 release.wait(10)
-            return real_prepare(name, version, data)
+            return real_prepare(name, version, data, artefact)
 
         tasks.prepare = slow_for_the_pin
         async with anyio.create_task_group() as group:
