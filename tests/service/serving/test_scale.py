@@ -155,7 +155,8 @@ async def test_a_request_arriving_during_a_cold_activation_waits_for_it(backbone
     settings = settings_for(tmp_path, startup_warmup_s=0, background_warmup=False)
     async with running(backbone, settings) as client:
         for name in ("t", "u"):
-            assert (await upload(client, name, make_coop_bundle(backbone, [f"{name} a", f"{name} b"]))).status_code == 201
+            uploaded = await upload(client, name, make_coop_bundle(backbone, [f"{name} a", f"{name} b"]))
+            assert uploaded.status_code == 201
     loading, release = threading.Event(), threading.Event()
     real_load = DirectoryRegistry.load
 
