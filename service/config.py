@@ -55,7 +55,7 @@ class Settings(BaseSettings):
     pin_preparations_per_minute: int = Field(6, ge=0, description="versions that `?version=` pins may have "
                                              "prepared on demand a minute, per client and per task (prepared "
                                              "ones are free); beyond, 429. 0: only prepared versions can be pinned")
-    feature_memory_bytes: int = Field(1024 * MiB, ge=0, description="memory the warm tasks' heads (class text "
+    feature_memory_bytes: int = Field(256 * MiB, ge=0, description="memory the warm tasks' heads (class text "
                                       "features, prompts) may hold together; beyond, the least recently used are "
                                       "evicted and reload from their stored artefacts on next use. 0: no limit")
     startup_warmup_s: float = Field(5.0, ge=0, description="at start, after the registry's index is read, tasks are "

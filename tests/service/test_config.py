@@ -20,8 +20,9 @@ def _container_memory_limit() -> int:
 
 
 def test_the_default_limits_fit_the_default_container_memory():
-    """In-flight bodies × parse factor (capped by the body budget) + decoding + the process: docs/serving.md."""
-    worst = PROCESS_BYTES + Settings().request_memory_bound()
+    """In-flight bodies × parse factor (capped by the body budget) + decoding + the process + the warm tasks'
+    features: docs/serving.md."""
+    worst = PROCESS_BYTES + Settings().request_memory_bound() + Settings().feature_memory_bytes
     assert worst <= _container_memory_limit(), f"{worst / 2**30:.2f} GiB"
 
 
