@@ -87,6 +87,8 @@ async def pinned_task(request: Request, state: AppState, task: str, ref: str) ->
     ready = state.tasks.ready(task, version)
     if ready is not None:
         return ready
+    if version == state.tasks.active_version(task):  # the active version of a cold task: a cold start, not a pin
+        return await active_task(state, task)
     client = request.client.host if request.client else "unknown"
     try:
         state.pins.take(client, task, state.pin_worker.queued)

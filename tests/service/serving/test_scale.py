@@ -210,3 +210,14 @@ async def test_a_cold_activation_past_the_timeout_answers_503_and_the_retry_find
             while (await client.get("/readyz")).json()["warm_tasks"] != 1:  # the activation went on
                 await anyio.sleep(0.05)
         assert (await classify(client, "t", [png()])).status_code == 200
+
+
+@pytest.mark.anyio
+async def test_pinning_a_cold_tasks_active_version_is_a_cold_start_not_a_pin(backbone, tmp_path, make_coop_bundle):
+    settings = settings_for(tmp_path, startup_warmup_s=0, background_warmup=False, pin_preparations_per_minute=0)
+    async with running(backbone, settings) as client:
+        assert (await upload(client, "t", make_coop_bundle(backbone, ["a", "b"]))).status_code == 201
+    async with running(backbone, settings) as client:
+        pinned = await client.post("/v1/tasks/t/classify", params={"version": "1"},
+                                   files=[("images", ("a.png", png(), "image/png"))])
+        assert pinned.status_code == 200 and pinned.json()["version"] == 1  # no pin budget spent or needed
