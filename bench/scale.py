@@ -1,11 +1,13 @@
-"""Tasks at scale: with T tasks × C classes in a directory registry, how long a replica takes to be ready, the first
-request to a cold task and requests to warm ones (p50/p99), the features' memory against the budget, and a second
-replica's start on the same registry (which must compute no feature).
+"""Tasks at scale: with T tasks × C classes in a registry (a directory, or PostgreSQL), how long a replica takes to
+be ready, the first request to a cold task and requests to warm ones (p50/p99), the features' memory against the
+budget, and a second replica's start on the same registry (which must compute no feature).
 
     PYTHONPATH=. .venv/bin/python bench/scale.py --tasks 10000 --classes 100
     PYTHONPATH=. .venv/bin/python bench/scale.py --tasks 1000 --classes 100 --model ViT-B-32 --random-weights
+    PYTHONPATH=. .venv/bin/python bench/scale.py --tasks 10000 --postgres postgresql://postgres@127.0.0.1:5432
 
-The registry is seeded once per (model, tasks, classes) under --registry and reused: zero-shot bundles whose classes
+The registry is seeded once per (model, tasks, classes) under --registry (with --postgres: in a database of that
+server named after them) and reused: zero-shot bundles whose classes
 are drawn from a vocabulary, each stored and activated with its class text features stored beside it as the replica
 that activated it would (computed once for the vocabulary: a class's features do not depend on the other classes).
 Baseline, in the same run: the same replica's start on an empty registry. Both replicas run with the background
@@ -29,8 +31,8 @@ from prometheus_client.parser import text_string_to_metric_families
 from bench.process import ServiceProcess
 from service.bundle.codec import decode_bundle
 from service.core.backbone import Backbone, BackboneSpec, load_backbone
+from service.registry import open_registry
 from service.registry.base import bundle_sha256
-from service.registry.directory import DirectoryRegistry
 from service.serving.artefacts import ArtefactKey, encode_features
 from service.serving.text_features import text_features
 from service.serving.zero_shot import zero_shot_bundle
@@ -41,19 +43,23 @@ TEMPLATES = ["a photo of a {}."]
 VOCABULARY = 2000  # class names drawn from; also the service's default class limit per bundle
 
 
-def seed_registry(root: Path, backbone: Backbone, tasks: int, classes: int) -> None:
-    """T zero-shot tasks with their stored features, written once (a marker names what the directory holds)."""
-    marker = root / ".seeded"
+def seed_registry(location: str, backbone: Backbone, tasks: int, classes: int) -> None:
+    """T zero-shot tasks with their stored features, written once (a directory's marker file, or the task count of
+    the benchmark's own database, says it is done)."""
+    marker = Path(location) / ".seeded"
     want = f"{backbone.spec.model} {backbone.spec.pretrained} {tasks}x{classes}"
-    if marker.exists() and marker.read_text() == want:
+    if location.startswith("postgresql://"):
+        if len(open_registry(location).active_versions()) == tasks:
+            return
+    elif marker.exists() and marker.read_text() == want:
         return
-    if root.exists() and any(root.iterdir()):
-        sys.exit(f"{root} holds another registry; pass an empty or new --registry")
+    elif marker.parent.exists() and any(marker.parent.iterdir()):
+        sys.exit(f"{location} holds another registry; pass an empty or new --registry")
     names = [f"class {i:04d}" for i in range(VOCABULARY)]
     started = time.monotonic()
     vocabulary = text_features(decode_bundle(zero_shot_bundle(backbone, names, TEMPLATES)), backbone)
     print(f"seeding: vocabulary features ({VOCABULARY} classes) in {time.monotonic() - started:.1f} s", flush=True)
-    registry, key, rng = DirectoryRegistry(root), ArtefactKey.of(backbone), random.Random(0)
+    registry, key, rng = open_registry(location), ArtefactKey.of(backbone), random.Random(0)
     for t in range(tasks):
         chosen = rng.sample(range(VOCABULARY), classes)
         data = zero_shot_bundle(backbone, [names[i] for i in chosen], TEMPLATES)
@@ -62,10 +68,23 @@ def seed_registry(root: Path, backbone: Backbone, tasks: int, classes: int) -> N
                                 encode_features(vocabulary[chosen], bundle_sha256(data), key))
         if (t + 1) % max(1, tasks // 10) == 0:
             print(f"seeding: {t + 1}/{tasks} tasks ({time.monotonic() - started:.0f} s)", flush=True)
-    marker.write_text(want)
+    if not location.startswith("postgresql://"):
+        marker.write_text(want)
 
 
-def start(registry: Path, settings: dict[str, str]) -> tuple[ServiceProcess, float, dict]:
+def postgres_database(server: str, name: str, *, fresh: bool) -> str:
+    """The URL of database `name` on `server` (created if missing; emptied first when `fresh`)."""
+    import psycopg  # only this path needs the driver
+
+    with psycopg.connect(f"{server}/postgres", autocommit=True) as admin:
+        if fresh:
+            admin.execute(f'DROP DATABASE IF EXISTS "{name}"')
+        if admin.execute("SELECT 1 FROM pg_database WHERE datname = %s", (name,)).fetchone() is None:
+            admin.execute(f'CREATE DATABASE "{name}"')
+    return f"{server}/{name}"
+
+
+def start(registry: str, settings: dict[str, str]) -> tuple[ServiceProcess, float, dict]:
     started = time.monotonic()
     service = ServiceProcess(registry, **settings)
     ready = service.wait_ready(timeout=600)
@@ -118,15 +137,19 @@ def main() -> None:
     parser.add_argument("--model", default="promptserve-tiny")
     parser.add_argument("--pretrained", default="world-v1")
     parser.add_argument("--random-weights", action="store_true", help="seeded random weights (no --pretrained)")
-    parser.add_argument("--registry", type=Path, help="where the seeded registry is kept between runs")
+    parser.add_argument("--registry", help="directory where the seeded registry is kept between runs")
+    parser.add_argument("--postgres", help="a PostgreSQL server URL (no database): the registry is a database there")
     parser.add_argument("--budget-mib", type=float, default=8, help="PROMPTSERVE_FEATURE_MEMORY_BYTES, in MiB")
     parser.add_argument("--startup-warmup-s", default="5")
     parser.add_argument("--requests", type=int, default=200, help="cold (then warm) requests, one task each")
     args = parser.parse_args()
     pretrained = None if args.random_weights else args.pretrained
     backbone = load_backbone(BackboneSpec(args.model, pretrained, device="cpu"))
-    default = Path(tempfile.gettempdir()) / f"promptserve-scale-{args.model}-{args.tasks}x{args.classes}"
-    registry = args.registry or default
+    label = f"promptserve-scale-{args.model}-{args.tasks}x{args.classes}"
+    if args.postgres:
+        registry = postgres_database(args.postgres, label.lower().replace("-", "_"), fresh=False)
+    else:
+        registry = args.registry or str(Path(tempfile.gettempdir()) / label)
     print(f"registry: {registry}", flush=True)
     seed_registry(registry, backbone, args.tasks, args.classes)
     budget = int(args.budget_mib * 2**20)
@@ -135,7 +158,9 @@ def main() -> None:
                 "background_warmup": "false", "cold_start_timeout_s": "60"}
 
     with tempfile.TemporaryDirectory() as empty:
-        baseline, baseline_ready, _ = start(Path(empty), settings)
+        empty_registry = postgres_database(args.postgres, "promptserve_scale_empty", fresh=True) if args.postgres \
+            else empty
+        baseline, baseline_ready, _ = start(empty_registry, settings)
         baseline.stop()
     first, first_ready, readiness = start(registry, settings)
     try:
@@ -156,7 +181,8 @@ def main() -> None:
     finally:
         first.stop()
 
-    shape = f"{args.tasks} tasks x {args.classes} classes, {args.model}"
+    kind = "PostgreSQL" if args.postgres else "directory"
+    shape = f"{args.tasks} tasks x {args.classes} classes, {args.model}, {kind} registry"
     print(f"\n{shape}; feature budget {budget / 2**20:g} MiB")
     print(f"ready: empty registry {baseline_ready:5.1f} s | {args.tasks} tasks {first_ready:5.1f} s "
           f"(+{first_ready - baseline_ready:.1f} s; {warm_at_ready} warm at ready) | "
