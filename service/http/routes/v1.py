@@ -45,7 +45,7 @@ from service.http.schemas import (
 )
 from service.http.uploads import JSON_IMAGES_SCHEMA, media_type, read_image_uploads
 from service.methods import BundleError
-from service.registry.base import TASK_NAME_PATTERN, VERSION_REF_PATTERN
+from service.registry.base import TASK_NAME_PATTERN, VERSION_REF_PATTERN, UnknownTask
 from service.serving.activation import ActiveTask
 from service.serving.errors import ServiceError
 from service.serving.zero_shot import zero_shot_bundle
@@ -99,13 +99,18 @@ async def list_tasks(state: State, limit: PageSize = 100, cursor: Cursor = None)
     names = state.tasks.names()
     after = names[bisect.bisect_right(names, cursor):] if cursor is not None else names
     page = after[:limit]
-    return TaskList(tasks=[_summary(state, name) for name in page],
-                    next_cursor=page[-1] if len(after) > limit else None)
+    summaries = [summary for name in page if (summary := _summary(state, name)) is not None]
+    return TaskList(tasks=summaries, next_cursor=page[-1] if len(after) > limit else None)
 
 
-def _summary(state: AppState, name: str) -> TaskSummary:
-    """From memory for a warm task; from the registry's index for a cold one (its class count unknown here)."""
-    listed, warm = state.tasks.listed(name), state.tasks.in_memory(name)
+def _summary(state: AppState, name: str) -> TaskSummary | None:
+    """From memory for a warm task; from the registry's index for a cold one (its class count unknown here); None
+    for one deleted since the page was cut."""
+    try:
+        listed = state.tasks.listed(name)
+    except UnknownTask:
+        return None
+    warm = state.tasks.in_memory(name)
     if warm is not None and warm.version == listed.active:
         return TaskSummary(name=name, method=warm.manifest.method, version=warm.version,
                            num_classes=len(warm.manifest.classnames), warm=True)
