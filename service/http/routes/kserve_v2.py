@@ -249,8 +249,9 @@ async def model_ready(active: Model) -> dict[str, Any]:
              responses=error_responses(*READ_ERRORS, *WITH_BODY, v2=True))
 async def repository_index(state: State) -> list[dict[str, str]]:
     # a cold task is READY too: it answers its first request after a bounded activation
-    return [{"name": name, "version": str(state.tasks.active_version(name)), "state": "READY"}
-            for name in state.tasks.names()]
+    versions = {name: state.tasks.active_version(name) for name in state.tasks.names()}
+    return [{"name": name, "version": str(version), "state": "READY"} for name, version in versions.items()
+            if version is not None]  # None: deleted meanwhile
 
 
 INFER_ERRORS = error_responses(*CLASSIFY_ERRORS, 429, v2=True)
