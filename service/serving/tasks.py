@@ -24,6 +24,7 @@ import time
 from collections import Counter, OrderedDict, defaultdict
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
+from dataclasses import dataclass
 
 from service.core.backbone import Backbone
 from service.methods import BundleError
@@ -46,6 +47,21 @@ log = logging.getLogger(__name__)
 FAILURE_KINDS = ("bundle", "damaged", "waiting")
 
 
+@dataclass(frozen=True)
+class Listing:
+    """What a replica knows of a task's active version without preparing it (the registry's index, or its own
+    write): enough to list the task, activate it later, and tell whether the registry has moved on."""
+
+    version: int
+    sha256: str
+    method: str
+    changed_at: float | None
+
+    @classmethod
+    def of(cls, state: TaskState) -> Listing:
+        return cls(state.active, state.active_sha256, state.method, state.changed_at)
+
+
 class TaskManager:
     """Holds the active task of every name; swaps are single dict assignments, so readers see one version."""
 
@@ -58,7 +74,7 @@ class TaskManager:
         # Warm tasks (the active version prepared, in memory), least recently used first, and what they hold; the
         # registry's state of every task this replica serves, warm or cold.
         self._active: OrderedDict[str, ActiveTask] = OrderedDict()
-        self._index: dict[str, TaskState] = {}
+        self._index: dict[str, Listing] = {}
         self._warm_lock = threading.Lock()
         self.warm_bytes = 0
         self.feature_memory_bytes = feature_memory_bytes  # 0: no budget
@@ -104,18 +120,18 @@ class TaskManager:
                 self._active.move_to_end(name)
         return task
 
-    def listed(self, name: str) -> TaskState:
-        """The registry's state of a task this replica serves (warm or cold), else UnknownTask."""
-        state = self._index.get(name)
-        if state is None:
+    def listed(self, name: str) -> Listing:
+        """The active version of a task this replica serves (warm or cold), else UnknownTask."""
+        listing = self._index.get(name)
+        if listing is None:
             raise UnknownTask(f"no task named {name!r}")
-        return state
+        return listing
 
     def active_version(self, name: str) -> int | None:
         """The version this replica answers `name` with: the warm one's (which keeps serving while a newer one
         cannot be prepared), else the registry's; None for a task it does not serve."""
-        warm, state = self._active.get(name), self._index.get(name)
-        return warm.version if warm is not None else None if state is None else state.active
+        warm, listing = self._active.get(name), self._index.get(name)
+        return warm.version if warm is not None else None if listing is None else listing.version
 
     def in_memory(self, name: str) -> ActiveTask | None:
         """The task's active version if it is warm (not marked as used: for listings)."""
@@ -140,10 +156,10 @@ class TaskManager:
             task = self._active.get(name)
             if task is not None:
                 return task
-            state = self.listed(name)
-            if self._failed_versions.get(name) == (state.active, state.active_sha256):
+            listing = self.listed(name)
+            if self._failed_versions.get(name) == (listing.version, listing.sha256):
                 raise UnknownTask(f"task {name!r} cannot be served here: {self.restore_failures.get(name, '')}")
-            self._load_active(name, state)
+            self._load_active(name, listing.version, listing.sha256)
             task = self._active.get(name)
             if task is None:
                 raise UnknownTask(f"task {name!r} cannot be served here: {self.restore_failures.get(name, '')}")
@@ -153,7 +169,7 @@ class TaskManager:
 
     def cold_names(self) -> list[str]:
         """Cold tasks, in the order a warm-up takes them: most used here first, then most recently changed."""
-        cold = [(name, state) for name, state in list(self._index.items())
+        cold = [(name, listing) for name, listing in list(self._index.items())
                 if name not in self._active and name not in self.restore_failures]
         return [name for name, _ in sorted(cold, key=lambda c: (-self._uses[c[0]], -(c[1].changed_at or 0), c[0]))]
 
@@ -376,9 +392,9 @@ class TaskManager:
         if self._failed_versions.get(name) == (state.active, sha256):
             return True
         if name not in self._active:  # cold: listed at this version, nothing to retry
-            listed = self._index.get(name)
-            return (listed is not None and (listed.active, listed.active_sha256) == (state.active, sha256)
-                    and listed.method == state.method and name not in self.restore_failures
+            listing = self._index.get(name)
+            return (listing is not None and (listing.version, listing.sha256, listing.method) ==
+                    (state.active, sha256, state.method) and name not in self.restore_failures
                     and name not in self.waiting)
         return self._serves(name, state.active, sha256) and name not in self.restore_failures
 
@@ -402,7 +418,7 @@ class TaskManager:
             self._clear_failure(name)
             self._forget_prepared(name, lambda _version, _sha: True)
             return False
-        self._index[name] = state
+        self._index[name] = Listing.of(state)
         self._aliases[name] = dict(state.aliases)
         self._stored[name] = dict(state.stored)
         # Whatever was pruned, deleted or replaced (same number, other bytes) is no longer answerable here.
@@ -419,32 +435,32 @@ class TaskManager:
         if name not in self._active:  # cold: it activates this version when it is next used
             self._clear_failure(name)
             return True
-        return self._load_active(name, state)
+        return self._load_active(name, state.active, sha256)
 
-    def _load_active(self, name: str, state: TaskState) -> bool:
+    def _load_active(self, name: str, version: int, sha256: str) -> bool:
         """Prepare the registry's active version of `name` and swap it in; False (recorded) if it cannot serve."""
-        sha256 = state.active_sha256
         current = self._active.get(name)
         try:
-            task = self._prepared_version(name, state.active, sha256, keep=False)
+            task = self._prepared_version(name, version, sha256, keep=False)
         except (RegistryUnavailable, UnknownTask) as exc:  # not now: retried, never recorded as damage
-            self._record_failure(name, "waiting", f"version {state.active} could not be loaded yet: {exc}")
-            log.warning("task %s: version %d could not be loaded, will retry: %s", name, state.active, exc)
+            self._record_failure(name, "waiting", f"version {version} could not be loaded yet: {exc}")
+            log.warning("task %s: version %d could not be loaded, will retry: %s", name, version, exc)
             raise
         except Exception as exc:  # noqa: BLE001  # whatever one task's files hold, the others still serve
-            self._failed_versions[name] = (state.active, sha256)
+            self._failed_versions[name] = (version, sha256)
             kind = "bundle" if isinstance(exc, BundleError) else "damaged"
-            self._record_failure(name, kind, f"version {state.active} could not be prepared: {exc}")
-            log.error("task %s: version %d could not be prepared, keeping %s: %s", name, state.active,
+            self._record_failure(name, kind, f"version {version} could not be prepared: {exc}")
+            log.error("task %s: version %d could not be prepared, keeping %s: %s", name, version,
                       current.version if current else "none", exc)
             return False
         recovered = name in self.waiting
         self._swap(task)
-        self._forget_prepared(name, lambda version, sha: state.stored.get(version) != sha)  # e.g. the one swapped out
+        stored = self._stored.get(name, {})
+        self._forget_prepared(name, lambda number, sha: stored.get(number) != sha)  # e.g. the one swapped out
         if current is None:  # a cold task's first use: routine at scale
-            log.debug("task %s: version %d activated", name, state.active)
+            log.debug("task %s: version %d activated", name, version)
         else:
-            log.info("task %s: version %d applied from the registry%s", name, state.active,
+            log.info("task %s: version %d applied from the registry%s", name, version,
                      " (recovered)" if recovered else "")
         return True
 
@@ -484,14 +500,10 @@ class TaskManager:
                 _, coldest = self._active.popitem(last=False)
                 self.warm_bytes -= coldest.held_bytes
                 evicted.append(coldest.name)
-        if task.name not in self._index:  # a local write: the listing follows it at once
-            self._index[task.name] = TaskState(task.version, self.aliases(task.name), dict(self._stored.get(
-                task.name, {task.version: task.sha256})), time.time(), task.manifest.method)
-        elif (self._index[task.name].active, self._index[task.name].active_sha256) != (task.version, task.sha256):
-            listed = self._index[task.name]
-            self._index[task.name] = dataclasses.replace(listed, active=task.version, method=task.manifest.method,
-                                                         stored=dict(self._stored.get(task.name, listed.stored)),
-                                                         changed_at=time.time())
+        listing = self._index.get(task.name)
+        if listing is None or (listing.version, listing.sha256) != (task.version, task.sha256):
+            # a local write (upload, rollback): the listing follows it at once
+            self._index[task.name] = Listing(task.version, task.sha256, task.manifest.method, time.time())
         self._clear_failure(task.name)
         if previous is not None:
             self._remember(previous)

@@ -111,10 +111,10 @@ def _summary(state: AppState, name: str) -> TaskSummary | None:
     except UnknownTask:
         return None
     warm = state.tasks.in_memory(name)
-    if warm is not None and warm.version == listed.active:
+    if warm is not None and warm.version == listed.version:
         return TaskSummary(name=name, method=warm.manifest.method, version=warm.version,
                            num_classes=len(warm.manifest.classnames), warm=True)
-    return TaskSummary(name=name, method=listed.method, version=listed.active, num_classes=None, warm=False)
+    return TaskSummary(name=name, method=listed.method, version=listed.version, num_classes=None, warm=False)
 
 
 @router.get("/v1/tasks/{task}", tags=["tasks"], summary="Describe a task's active version",
